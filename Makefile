@@ -1,0 +1,26 @@
+# One entry point for set-up, tests and the demo. Every target creates .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install test test-all clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+## make test: install if needed, then run the default (fast, offline, CPU) test suite
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
+
+## make test-all: include the slow end-to-end tests
+test-all: $(STAMP)
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) dist .pytest_cache

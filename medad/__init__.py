@@ -1,0 +1,38 @@
+"""medad: MVFA (CVPR 2024) medical anomaly detection with CLIP and multi-level adapters."""
+
+from medad.augment import augment_fewshot
+from medad.backbone import TINY_MODEL_NAME, BackboneSpec, MissingWeightsError, create_clip
+from medad.detector import AnomalyScores, MVFADetector, RawScores, build_detector
+from medad.losses import AlignmentLoss, MVFALosses, focal_loss
+from medad.network import MVFA, AdapterTokens, ResidualAdapter
+from medad.prompts import ORGAN_NAMES, encode_prompt_ensemble, encode_text_features, prompt_name
+from medad.scoring import FusionRange, few_shot_maps, fuse, zero_shot_maps, zero_shot_scores
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ORGAN_NAMES",
+    "TINY_MODEL_NAME",
+    "AdapterTokens",
+    "AlignmentLoss",
+    "AnomalyScores",
+    "BackboneSpec",
+    "FusionRange",
+    "MVFA",
+    "MVFADetector",
+    "MVFALosses",
+    "MissingWeightsError",
+    "RawScores",
+    "ResidualAdapter",
+    "augment_fewshot",
+    "build_detector",
+    "create_clip",
+    "encode_prompt_ensemble",
+    "encode_text_features",
+    "few_shot_maps",
+    "focal_loss",
+    "fuse",
+    "prompt_name",
+    "zero_shot_maps",
+    "zero_shot_scores",
+]

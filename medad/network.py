@@ -1,0 +1,163 @@
+"""The MVFA network: a frozen CLIP visual tower with multi-level residual adapters.
+
+After each chosen transformer block, a segmentation adapter and a detection adapter read the
+residual stream; their 2-layer bottlenecks return a token per position (compared with text
+features and the few-shot memory) and a correction that is mixed back into the stream:
+``x = 0.8 * x + 0.1 * seg_out + 0.1 * det_out`` (Huang et al., CVPR 2024).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+__all__ = ["AdapterTokens", "MVFA", "ResidualAdapter"]
+
+
+class ResidualAdapter(nn.Module):
+    """MVFA's adapter: ``fc1 = Linear(width, bottleneck) + LeakyReLU``, ``fc2`` back to ``width``.
+
+    Module names (``fc1.0``, ``fc2.0``) follow the released MVFA checkpoints.
+    """
+
+    def __init__(self, width: int, bottleneck: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Sequential(nn.Linear(width, bottleneck, bias=False), nn.LeakyReLU())
+        self.fc2 = nn.Sequential(nn.Linear(bottleneck, width, bias=False), nn.LeakyReLU())
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the bottleneck token and the residual correction for the stream."""
+        token = self.fc1(x)
+        return token, self.fc2(token)
+
+
+class AdapterTokens(NamedTuple):
+    """Per-level adapter tokens, each ``(B, 1 + L, E)`` with the class token first."""
+
+    seg: tuple[torch.Tensor, ...]
+    det: tuple[torch.Tensor, ...]
+
+
+class MVFA(nn.Module):
+    """Frozen open_clip ``VisionTransformer`` with seg/det residual adapters after given blocks.
+
+    Args:
+        visual: open_clip ``VisionTransformer`` (``clip.visual``); frozen and kept in eval mode.
+        levels: 1-based indices of the blocks after which adapters sit (MVFA: 6, 12, 18, 24).
+        bottleneck: adapter token size; defaults to the CLIP embedding size so that tokens
+            compare with text features (768 for ViT-L/14).
+        stream_weights: weights of (stream, seg correction, det correction); MVFA: 0.8, 0.1, 0.1.
+
+    ``state_dict`` holds the adapters only: the backbone is frozen and always comes from its own
+    weights (see :func:`medad.create_clip`), so checkpoints stay small and loadable anywhere.
+    """
+
+    def __init__(
+        self,
+        visual: nn.Module,
+        levels: Sequence[int] = (6, 12, 18, 24),
+        bottleneck: int | None = None,
+        stream_weights: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    ) -> None:
+        super().__init__()
+        levels = tuple(int(level) for level in levels)
+        depth = len(visual.transformer.resblocks)
+        if not levels or list(levels) != sorted(set(levels)) or levels[0] < 1 or levels[-1] > depth:
+            raise ValueError(f"levels must be increasing block numbers in 1..{depth}, got {levels}")
+        width = visual.conv1.out_channels
+        bottleneck = int(bottleneck or visual.output_dim)
+        self.visual = visual.requires_grad_(False).eval()
+        self.levels = levels
+        self.stream_weights = tuple(float(w) for w in stream_weights)
+        self.seg_adapters = nn.ModuleList(ResidualAdapter(width, bottleneck) for _ in levels)
+        self.det_adapters = nn.ModuleList(ResidualAdapter(width, bottleneck) for _ in levels)
+        self.register_state_dict_post_hook(_drop_backbone_keys)
+        self.register_load_state_dict_post_hook(_ignore_missing_backbone_keys)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Patch grid of the backbone at its configured image size."""
+        return tuple(self.visual.grid_size)
+
+    def train(self, mode: bool = True) -> MVFA:
+        super().train(mode)
+        self.visual.eval()  # frozen backbone: no dropout or other train-time behaviour
+        return self
+
+    def trunk(self, images: torch.Tensor) -> torch.Tensor:
+        """Residual stream after the first adapted block, ``(B, 1 + L, width)``.
+
+        Nothing before the first adapter is trained, so this runs without autograd; its output
+        can be cached when the same images are seen again (few-shot training).
+        """
+        with torch.no_grad():
+            x = self.visual._embeds(images)  # open_clip: patchify, class token, positions, ln_pre
+            for block in self.visual.transformer.resblocks[: self.levels[0]]:
+                x = block(x)
+        return x
+
+    def adapt(self, x: torch.Tensor) -> AdapterTokens:
+        """Run the adapted part of the network on a :meth:`trunk` output."""
+        blocks = self.visual.transformer.resblocks
+        w_stream, w_seg, w_det = self.stream_weights
+        seg, det = [], []
+        done = self.levels[0]
+        last = len(self.levels) - 1
+        for i, level in enumerate(self.levels):
+            for block in blocks[done:level]:
+                x = block(x)
+            done = level
+            if i == last:
+                # Nothing reads the stream after the last adapter: skip the unused fc2 corrections.
+                seg.append(self.seg_adapters[i].fc1(x))
+                det.append(self.det_adapters[i].fc1(x))
+                break
+            seg_token, seg_out = self.seg_adapters[i](x)
+            det_token, det_out = self.det_adapters[i](x)
+            x = w_stream * x + w_seg * seg_out + w_det * det_out
+            seg.append(seg_token)
+            det.append(det_token)
+        return AdapterTokens(tuple(seg), tuple(det))
+
+    def forward(self, images: torch.Tensor) -> AdapterTokens:
+        """Adapter tokens for images ``(B, 3, S, S)`` in [0, 1] (no CLIP normalisation, as MVFA)."""
+        return self.adapt(self.trunk(images))
+
+    def adapter_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Adapters in the released MVFA checkpoint format ``{'seg_adapters': ..., 'det_adapters': ...}``."""
+        return {
+            "seg_adapters": self.seg_adapters.state_dict(),
+            "det_adapters": self.det_adapters.state_dict(),
+        }
+
+    def load_adapter_state(self, state: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        """Load adapters from the released MVFA format; shapes must match this backbone."""
+        missing = {"seg_adapters", "det_adapters"} - set(state)
+        if missing:
+            raise KeyError(f"adapter checkpoint lacks {sorted(missing)}; has {sorted(state)}")
+        for name in ("seg_adapters", "det_adapters"):
+            _check_shapes(getattr(self, name), state[name], name)
+            getattr(self, name).load_state_dict(state[name], strict=True)
+
+
+def _check_shapes(module: nn.Module, state: Mapping[str, torch.Tensor], name: str) -> None:
+    expected = {key: tuple(value.shape) for key, value in module.state_dict().items()}
+    given = {key: tuple(value.shape) for key, value in state.items()}
+    if expected != given:
+        raise ValueError(
+            f"{name} in the checkpoint do not fit this backbone (wrong backbone or levels?): "
+            f"expected {expected}, got {given}"
+        )
+
+
+def _drop_backbone_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for key in [key for key in state_dict if key.startswith(prefix + "visual.")]:
+        del state_dict[key]
+
+
+def _ignore_missing_backbone_keys(module: nn.Module, incompatible_keys) -> None:
+    missing = incompatible_keys.missing_keys
+    missing[:] = [key for key in missing if ".visual." not in f".{key}"]

@@ -1,0 +1,121 @@
+"""MVFA anomaly scores from adapter tokens: zero-shot (text), few-shot (memory) and their fusion.
+
+All functions take adapter tokens with the class token first, ``(B, 1 + L, E)`` per level, and
+work on whole batches on the tokens' device. Maps are ``(B, S, S)`` at the input size ``S``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "LOGIT_SCALE",
+    "FusionRange",
+    "detection_probability",
+    "few_shot_maps",
+    "fuse",
+    "segmentation_probabilities",
+    "text_logits",
+    "zero_shot_maps",
+    "zero_shot_scores",
+]
+
+#: CLIP's logit scale, fixed at 100 in MVFA.
+LOGIT_SCALE = 100.0
+
+
+def _patches(tokens: torch.Tensor) -> torch.Tensor:
+    """Patch tokens without the class token."""
+    return tokens[:, 1:, :]
+
+
+def _to_grid(values: torch.Tensor) -> torch.Tensor:
+    """``(B, L, C)`` per-patch values to ``(B, C, g, g)``."""
+    batch, length, channels = values.shape
+    side = math.isqrt(length)
+    if side * side != length:
+        raise ValueError(f"expected a square patch grid, got {length} patches")
+    return values.permute(0, 2, 1).reshape(batch, channels, side, side)
+
+
+def _upsample(grid: torch.Tensor, size: int) -> torch.Tensor:
+    return F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=True)
+
+
+def text_logits(tokens: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    """Per-patch (normal, abnormal) logits ``(B, L, 2)``.
+
+    ``text_features`` is ``(E, 2)`` for the whole batch or ``(B, E, 2)`` per sample.
+    """
+    patches = F.normalize(_patches(tokens), dim=-1)
+    text_features = text_features.to(patches.dtype)
+    if text_features.dim() == 2:
+        return LOGIT_SCALE * patches @ text_features
+    return LOGIT_SCALE * torch.bmm(patches, text_features)
+
+
+def segmentation_probabilities(tokens: torch.Tensor, text_features: torch.Tensor, size: int) -> torch.Tensor:
+    """One level's 2-channel map ``(B, 2, S, S)``: logits upsampled, then softmax over channels."""
+    return torch.softmax(_upsample(_to_grid(text_logits(tokens, text_features)), size), dim=1)
+
+
+def detection_probability(tokens: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    """One level's image score ``(B,)``: abnormal probability averaged over patches."""
+    return torch.softmax(text_logits(tokens, text_features), dim=-1)[..., 1].mean(dim=-1)
+
+
+def zero_shot_maps(seg_tokens: Sequence[torch.Tensor], text_features: torch.Tensor, size: int) -> torch.Tensor:
+    """Zero-shot anomaly maps ``(B, S, S)``: abnormal probability summed over levels."""
+    return sum(segmentation_probabilities(tokens, text_features, size)[:, 1] for tokens in seg_tokens)
+
+
+def zero_shot_scores(det_tokens: Sequence[torch.Tensor], text_features: torch.Tensor) -> torch.Tensor:
+    """Zero-shot image scores ``(B,)``: mean abnormal probability summed over levels."""
+    return sum(detection_probability(tokens, text_features) for tokens in det_tokens)
+
+
+def few_shot_maps(
+    tokens: Sequence[torch.Tensor], memory: Sequence[torch.Tensor], size: int, chunk: int = 4096
+) -> torch.Tensor:
+    """Few-shot maps ``(B, S, S)``: per level, the cosine distance of each patch to its nearest
+    memory token (memory ``(M, E)``, L2-normalised), upsampled and summed over levels.
+
+    The memory is scanned in chunks of ``chunk`` tokens so that the similarity matrix never
+    exceeds ``B x L x chunk`` values.
+    """
+    total = 0
+    for level_tokens, level_memory in zip(tokens, memory, strict=True):
+        patches = F.normalize(_patches(level_tokens), dim=-1)
+        level_memory = level_memory.to(patches.dtype)
+        nearest = torch.cat(
+            [(1 - patches @ part.T).amin(dim=-1, keepdim=True) for part in level_memory.split(chunk)], dim=-1
+        ).amin(dim=-1)
+        total = total + _upsample(_to_grid(nearest.unsqueeze(-1)), size)[:, 0]
+    return total
+
+
+@dataclass
+class FusionRange:
+    """Min and max of a score over a reference set, for min-max normalisation."""
+
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values: torch.Tensor) -> FusionRange:
+        """The range of ``values`` (for the paper's set-level fusion, the whole evaluated set)."""
+        return cls(float(values.min()), float(values.max()))
+
+    def normalise(self, values: torch.Tensor) -> torch.Tensor:
+        span = self.high - self.low
+        return (values - self.low) / (span if span > 0 else 1.0)
+
+
+def fuse(zero: torch.Tensor, few: torch.Tensor, zero_range: FusionRange, few_range: FusionRange) -> torch.Tensor:
+    """MVFA's fusion ``0.5 * minmax(zero) + 0.5 * minmax(few)`` with given normalisation ranges."""
+    return 0.5 * zero_range.normalise(zero) + 0.5 * few_range.normalise(few)

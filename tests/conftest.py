@@ -1,0 +1,56 @@
+"""Shared fixtures: the MVFA golden tensors and a detector built on their tiny CLIP."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import medad
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def golden() -> dict[str, torch.Tensor]:
+    return load_file(DATA / "mvfa_tiny_golden.safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> dict:
+    return json.loads((DATA / "mvfa_tiny_config.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> dict:
+    """Paths of the fixture's CLIP (an open_clip safetensors checkpoint) and MVFA adapters
+    (a released-format ``.pth``), both float32."""
+    weights = load_file(DATA / "mvfa_tiny_weights.safetensors")
+    folder = tmp_path_factory.mktemp("tiny_weights")
+    clip_path = folder / "clip.safetensors"
+    save_file({k.removeprefix("clip/"): v.float() for k, v in weights.items() if k.startswith("clip/")}, clip_path)
+    adapters = {"seg_adapters": {}, "det_adapters": {}}
+    for key, value in weights.items():
+        if key.startswith("adapters/"):
+            kind, name = key.removeprefix("adapters/").split(".", 1)
+            adapters[kind][name] = value.float()
+    adapter_path = folder / "adapters.pth"
+    torch.save(adapters, adapter_path)
+    return {"clip": clip_path, "adapters": adapter_path}
+
+
+@pytest.fixture()
+def tiny_detector(tiny_config, tiny_weights) -> medad.MVFADetector:
+    """A detector with the golden fixture's CLIP and adapter weights."""
+    return medad.build_detector(
+        datasets=[tiny_config["object"]],
+        target=tiny_config["object"],
+        model_name=medad.TINY_MODEL_NAME,
+        image_size=tiny_config["image_size"],
+        pretrained=tiny_weights["clip"],
+        levels=tiny_config["features"],
+        checkpoint=tiny_weights["adapters"],
+    )

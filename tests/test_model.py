@@ -1,0 +1,125 @@
+"""Network, backbone loading and checkpoint behaviour beyond the golden numbers."""
+
+from __future__ import annotations
+
+import open_clip
+import pytest
+import torch
+from open_clip.model import resize_pos_embed
+
+import medad
+
+
+def test_batch_equals_one_image_at_a_time(tiny_detector, golden):
+    images = golden["images"]
+    with torch.no_grad():
+        tiny_detector.set_memory(tiny_detector.encoder(golden["support_images"]))
+        batch = tiny_detector.raw_scores(images)
+        singles = [tiny_detector.raw_scores(images[i : i + 1]) for i in range(len(images))]
+    for field in batch._fields:
+        stacked = torch.cat([getattr(single, field) for single in singles])
+        torch.testing.assert_close(getattr(batch, field), stacked, rtol=0, atol=1e-5)
+
+    loss = medad.AlignmentLoss()
+    tokens = tiny_detector.encoder(images)
+    text = tiny_detector.text_features_for()
+    batch_losses = loss(tokens.seg, tokens.det, text, golden["masks"], golden["labels"])
+    for i in range(len(images)):
+        one = tiny_detector.encoder(images[i : i + 1])
+        single = loss(one.seg, one.det, text, golden["masks"][i : i + 1], golden["labels"][i : i + 1])
+        torch.testing.assert_close(batch_losses.seg[i : i + 1], single.seg, rtol=0, atol=1e-5)
+        torch.testing.assert_close(batch_losses.det[i : i + 1], single.det, rtol=0, atol=1e-5)
+
+
+def test_clip_is_frozen_and_only_adapters_get_gradients(tiny_detector, golden):
+    encoder = tiny_detector.encoder.train()
+    assert not encoder.visual.training, "the frozen backbone stays in eval mode"
+    assert all(not p.requires_grad for p in encoder.visual.parameters())
+    tokens = encoder(golden["images"][:2])
+    losses = medad.AlignmentLoss()(
+        tokens.seg, tokens.det, tiny_detector.text_features_for(), golden["masks"][:2], golden["labels"][:2]
+    )
+    (losses.seg + losses.det).mean().backward()
+    assert all(p.grad is None for p in encoder.visual.parameters())
+    trainable = {name for name, p in tiny_detector.named_parameters() if p.requires_grad}
+    assert trainable == {name for name, _ in tiny_detector.named_parameters() if "_adapters." in name}
+    assert all(p.grad is not None for name, p in encoder.named_parameters() if "fc1" in name)
+
+
+def test_state_dict_excludes_backbone_and_round_trips(tiny_detector, golden, tmp_path, tiny_weights, tiny_config):
+    with torch.no_grad():
+        tiny_detector.set_memory(tiny_detector.encoder(golden["support_images"]))
+        tiny_detector.set_calibration(tiny_detector.raw_scores(golden["images"]))
+    state = tiny_detector.state_dict()
+    assert not any(".visual." in f".{key}" for key in state)
+    path = tmp_path / "model.pt"
+    torch.save(state, path)
+
+    fresh = medad.build_detector(
+        [tiny_config["object"]],
+        tiny_config["object"],
+        model_name=medad.TINY_MODEL_NAME,
+        image_size=tiny_config["image_size"],
+        pretrained=tiny_weights["clip"],
+        levels=tiny_config["features"],
+        checkpoint=path,
+    )
+    assert fresh.has_memory and fresh.is_calibrated
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(golden["images"]), tiny_detector(golden["images"]))
+
+
+def test_released_adapter_checkpoint_round_trip(tiny_detector, tmp_path):
+    path = tmp_path / "Brain.pth"
+    torch.save(tiny_detector.encoder.adapter_state(), path)
+    encoder = tiny_detector.encoder
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    with torch.no_grad():
+        for p in encoder.parameters():
+            if p.requires_grad:
+                p.zero_()
+    tiny_detector.load_checkpoint(path)
+    for key, value in encoder.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_checkpoint_for_another_backbone_is_refused(tiny_detector, tmp_path):
+    two_levels = medad.MVFA(open_clip.create_model(medad.TINY_MODEL_NAME, force_image_size=60).visual, levels=(1, 2))
+    path = tmp_path / "two_levels.pth"
+    torch.save(two_levels.adapter_state(), path)
+    with pytest.raises(ValueError, match="do not fit this backbone"):
+        tiny_detector.load_checkpoint(path)
+
+    state = tiny_detector.state_dict()
+    state["_extra_state"] = {**state["_extra_state"], "backbone": {**state["_extra_state"]["backbone"], "image_size": 224}}
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="image_size=224"):
+        tiny_detector.load_checkpoint(path)
+
+
+def test_missing_weights_are_refused_with_instructions(tmp_path):
+    with pytest.raises(medad.MissingWeightsError, match="random_init=True"):
+        medad.create_clip(medad.TINY_MODEL_NAME, 60, pretrained=None)
+    with pytest.raises(medad.MissingWeightsError, match="ViT-L-14-336px.pt"):
+        medad.create_clip(medad.TINY_MODEL_NAME, 60, pretrained=str(tmp_path / "missing.pt"))
+    model = medad.create_clip(medad.TINY_MODEL_NAME, 60, pretrained=None, random_init=True)
+    assert model.visual.grid_size == (4, 4)
+
+
+def test_openai_torchscript_archive_loads_with_resized_positions(tmp_path):
+    torch.manual_seed(0)
+    # An OpenAI-style archive: a traced CLIP at a larger resolution (6x6 patches).
+    source = open_clip.create_model(medad.TINY_MODEL_NAME, force_image_size=84).eval()
+    traced = torch.jit.trace(source, (torch.rand(1, 3, 84, 84), torch.randint(0, 49408, (1, 77))), check_trace=False)
+    archive = tmp_path / "ViT-tiny.pt"
+    traced.save(str(archive))
+    assert medad.backbone.is_torchscript_archive(archive)
+
+    model = medad.create_clip(medad.TINY_MODEL_NAME, 60, pretrained=archive)
+    expected = dict(source.state_dict())
+    resize_pos_embed(expected, model)
+    loaded = model.state_dict()
+    assert loaded["visual.positional_embedding"].shape == (17, 64)
+    for key, value in expected.items():
+        torch.testing.assert_close(loaded[key], value, rtol=0, atol=0, msg=key)
+    assert not isinstance(model.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
