@@ -8,9 +8,10 @@ the frozen backbone weights, which always come from their own file or tag.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import open_clip
 import torch
@@ -22,7 +23,9 @@ from medad.network import MVFA, AdapterTokens
 from medad.prompts import encode_text_features
 from medad.scoring import FusionRange, few_shot_maps, fuse, zero_shot_maps, zero_shot_scores
 
-__all__ = ["AnomalyScores", "MVFADetector", "RawScores", "build_detector"]
+__all__ = ["AnomalyScores", "MVFADetector", "RawScores", "build_detector", "read_checkpoint", "unwrap"]
+
+logger = logging.getLogger(__name__)
 
 _FORMAT_VERSION = 1
 # Rows of the calibration buffer: the (low, high) range of each raw score.
@@ -55,6 +58,9 @@ class MVFADetector(nn.Module):
         backbone: description of the backbone, checked when a checkpoint is loaded.
         image_score_from_map: for few-shot scoring, take the image score as the maximum of the
             fused map (MVFA's rule for data sets with masks) instead of the fused detection score.
+
+    Loading a checkpoint merges its text features with those already held (the checkpoint's
+    win for the data sets it knows) and takes its target, memory bank and calibration.
     """
 
     def __init__(
@@ -66,15 +72,14 @@ class MVFADetector(nn.Module):
         image_score_from_map: bool = True,
     ) -> None:
         super().__init__()
-        if target not in text_features:
-            raise ValueError(f"no text features for target {target!r}; have {sorted(text_features)}")
         self.encoder = encoder
         self.backbone = backbone
         self.target = target
         self.image_score_from_map = image_score_from_map
+        levels, embed = len(encoder.levels), encoder.seg_adapters[0].fc1[0].out_features
         self.datasets = list(text_features)
-        self.register_buffer("text_features", torch.stack([text_features[name] for name in self.datasets]))
-        levels, embed = len(encoder.levels), self.text_features.shape[1]
+        self.register_buffer("text_features", torch.zeros(0, embed, 2))
+        self._set_text_features(text_features)
         self.register_buffer("memory_seg", torch.zeros(levels, 0, embed))
         self.register_buffer("memory_det", torch.zeros(levels, 0, embed))
         self.register_buffer("calibration", torch.full((len(_CALIBRATION_ROWS), 2), float("nan")))
@@ -115,13 +120,25 @@ class MVFADetector(nn.Module):
         self.target = state["target"]
         self.image_score_from_map = bool(state["image_score_from_map"])
 
+    def _set_text_features(self, text_features: Mapping[str, torch.Tensor]) -> None:
+        self.datasets = list(text_features)
+        if self.datasets:
+            self.text_features = torch.stack([text_features[name] for name in self.datasets]).to(self.text_features)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        # Text features and memory vary in size with the data sets and shots: take the saved shapes.
-        for name in ("text_features", "memory_seg", "memory_det"):
+        # Memory varies in size with the shots: take the saved shapes.
+        for name in ("memory_seg", "memory_det"):
             saved = state_dict.get(prefix + name)
             if saved is not None:
-                current = getattr(self, name)
-                setattr(self, name, current.new_empty(saved.shape))
+                setattr(self, name, getattr(self, name).new_empty(saved.shape))
+        # Text features: keep the data sets the checkpoint does not know (torch copied state_dict).
+        extra, saved = state_dict.get(prefix + "_extra_state"), state_dict.get(prefix + "text_features")
+        if isinstance(extra, Mapping) and saved is not None:
+            merged = dict(zip(self.datasets, self.text_features))
+            merged.update(zip(extra["datasets"], saved))
+            self._set_text_features(merged)
+            state_dict[prefix + "text_features"] = self.text_features.clone()
+            state_dict[prefix + "_extra_state"] = {**extra, "datasets": list(self.datasets)}
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -131,9 +148,10 @@ class MVFADetector(nn.Module):
 
         Files are read with ``torch.load(weights_only=True)``: no pickled code is executed.
         """
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, Mapping):
-            raise ValueError(f"{path}: not a checkpoint dictionary")
+        self.load_state(read_checkpoint(path))
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Load a detector ``state_dict`` or released MVFA adapters (``seg_adapters``/``det_adapters``)."""
         if {"seg_adapters", "det_adapters"} <= set(state):
             self.encoder.load_adapter_state(state)
         else:
@@ -142,26 +160,36 @@ class MVFADetector(nn.Module):
     def text_features_for(self, datasets: Sequence[str] | None = None) -> torch.Tensor:
         """Text features ``(E, 2)`` of the target, or ``(B, E, 2)`` for per-sample data set names."""
         if datasets is None:
-            return self.text_features[self.datasets.index(self.target)]
+            datasets = [self.target]
         unknown = sorted(set(datasets) - set(self.datasets))
         if unknown:
             raise KeyError(f"no text features for data sets {unknown}; the detector knows {self.datasets}")
+        if len(datasets) == 1:
+            return self.text_features[self.datasets.index(datasets[0])]
         return self.text_features[[self.datasets.index(name) for name in datasets]]
 
     # ----------------------------------------------------------------- few-shot memory and calibration
 
     @torch.no_grad()
-    def set_memory(self, tokens: AdapterTokens) -> None:
-        """Use all adapter tokens (class token included, as MVFA) of normal support images as memory."""
-        self.memory_seg = F.normalize(torch.stack([t.flatten(0, 1) for t in tokens.seg]).float(), dim=-1)
-        self.memory_det = F.normalize(torch.stack([t.flatten(0, 1) for t in tokens.det]).float(), dim=-1)
+    def build_memory(self, normal_images: torch.Tensor, batch_size: int = 8) -> None:
+        """Use all adapter tokens (class token included, as MVFA) of normal support images
+        ``(K, 3, S, S)`` as the few-shot memory bank."""
+        device = self.text_features.device
+        parts = [self.encoder(batch.to(device)) for batch in normal_images.split(batch_size)]
+        for name, field in (("memory_seg", "seg"), ("memory_det", "det")):
+            levels = zip(*(getattr(tokens, field) for tokens in parts))
+            memory = torch.stack([torch.cat(level).flatten(0, 1) for level in levels]).float()
+            setattr(self, name, F.normalize(memory, dim=-1))
 
-    def set_calibration(self, raw: RawScores) -> None:
-        """Store the min-max ranges of raw scores on a calibration set, for single-image fusion."""
-        values = [raw.zero_map, raw.few_map, raw.zero_score, raw.few_score]
-        rows = [
-            [float("nan")] * 2 if v is None else [float(v.min()), float(v.max())] for v in values
-        ]
+    @torch.no_grad()
+    def calibrate(self, images: torch.Tensor, batch_size: int = 8) -> None:
+        """Store the min-max ranges of the raw scores of ``images`` (the support set), so that
+        single images are fused without the rest of a test set."""
+        device = self.text_features.device
+        parts = [self.raw_scores(batch.to(device)) for batch in images.split(batch_size)]
+        raw = RawScores(*(None if values[0] is None else torch.cat(values) for values in zip(*parts)))
+        values = [getattr(raw, name) for name in _CALIBRATION_ROWS]
+        rows = [[float("nan")] * 2 if v is None else [float(v.min()), float(v.max())] for v in values]
         self.calibration = torch.tensor(rows, device=self.calibration.device)
 
     def calibrated_ranges(self) -> dict[str, FusionRange]:
@@ -211,9 +239,27 @@ class MVFADetector(nn.Module):
         return self.finalize(self.raw_scores(images))
 
 
+def unwrap(network: nn.Module) -> MVFADetector:
+    """The detector inside a DistributedDataParallel/DataParallel wrapper (or itself)."""
+    return getattr(network, "module", network)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint dictionary with ``torch.load(weights_only=True)``: no pickled code runs."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for unsafe or corrupt files
+        raise ValueError(f"{path}: not a loadable checkpoint ({type(error).__name__}: {error})") from error
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path}: not a checkpoint dictionary (got {type(state).__name__})")
+    return dict(state)
+
+
 def build_detector(
     datasets: Sequence[str],
-    target: str,
+    target: str | None,
     model_name: str = "ViT-L-14-336",
     image_size: int = 240,
     pretrained: str | os.PathLike | None = None,
@@ -224,15 +270,30 @@ def build_detector(
     checkpoint: str | os.PathLike | None = None,
 ) -> MVFADetector:
     """Build an :class:`MVFADetector`: load CLIP, encode the prompts of ``datasets`` and ``target``
-    once, keep the visual tower with new adapters, and drop the text tower.
+    once (unless ``checkpoint`` already holds them), keep the visual tower with new adapters,
+    and drop the text tower.
 
-    ``checkpoint`` optionally loads a saved detector or a released MVFA adapter checkpoint.
+    ``checkpoint`` optionally loads a saved detector or a released MVFA adapter checkpoint;
+    ``target`` is the data set scored afterwards, also when the checkpoint was made for another
+    (``None``: the checkpoint's own target).
     """
     backbone = BackboneSpec(model_name, int(image_size), bool(quick_gelu))
     clip = create_clip(model_name, image_size, pretrained, quick_gelu, random_init)
-    tokenizer = open_clip.get_tokenizer(model_name)
-    text_features = encode_text_features(clip, tokenizer, [*datasets, target])
+    saved = read_checkpoint(checkpoint) if checkpoint is not None else {}
+    saved_target = saved.get("_extra_state", {}).get("target")
+    target = target or saved_target
+    if target is None:
+        raise ValueError("no target data set given and none stored in the checkpoint")
+    known = saved.get("_extra_state", {}).get("datasets", [])
+    missing = [name for name in dict.fromkeys([*datasets, target]) if name not in known]
+    text_features = encode_text_features(clip, open_clip.get_tokenizer(model_name), missing)
     detector = MVFADetector(MVFA(clip.visual, levels), text_features, target, backbone, image_score_from_map)
     if checkpoint is not None:
-        detector.load_checkpoint(checkpoint)
+        detector.load_state(saved)
+        if detector.target != target and detector.has_memory:
+            logger.warning(
+                "%s holds a few-shot memory of %r but scores %r: its memory and calibration do not "
+                "describe the new target", checkpoint, detector.target, target
+            )
+        detector.target = target
     return detector

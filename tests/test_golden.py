@@ -81,7 +81,7 @@ def test_one_adam_step(tiny_detector, golden):
 
 def test_few_shot_and_fusion(tiny_detector, golden):
     with torch.no_grad():
-        tiny_detector.set_memory(tiny_detector.encoder(golden["support_images"]))
+        tiny_detector.build_memory(golden["support_images"])
         raw = tiny_detector.raw_scores(golden["images"])
     assert tiny_detector.memory_seg.shape[1] == 2 * 17  # class token included, as MVFA
     assert_close(raw.few_map, golden["few_pixel_maps"])
@@ -103,9 +103,8 @@ def test_few_shot_and_fusion(tiny_detector, golden):
 
 def test_calibrated_fusion_equals_set_level_with_the_same_ranges(tiny_detector, golden):
     with torch.no_grad():
-        tiny_detector.set_memory(tiny_detector.encoder(golden["support_images"]))
-        raw = tiny_detector.raw_scores(golden["images"])
-        tiny_detector.set_calibration(raw)
+        tiny_detector.build_memory(golden["support_images"])
+        tiny_detector.calibrate(golden["images"])
         one = tiny_detector.predict(golden["images"][3:4])
     assert_close(one.anomaly_map[0], golden["fused_pixel_maps"][3])
 

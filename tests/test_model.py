@@ -13,7 +13,7 @@ import medad
 def test_batch_equals_one_image_at_a_time(tiny_detector, golden):
     images = golden["images"]
     with torch.no_grad():
-        tiny_detector.set_memory(tiny_detector.encoder(golden["support_images"]))
+        tiny_detector.build_memory(golden["support_images"])
         batch = tiny_detector.raw_scores(images)
         singles = [tiny_detector.raw_scores(images[i : i + 1]) for i in range(len(images))]
     for field in batch._fields:
@@ -48,8 +48,8 @@ def test_clip_is_frozen_and_only_adapters_get_gradients(tiny_detector, golden):
 
 def test_state_dict_excludes_backbone_and_round_trips(tiny_detector, golden, tmp_path, tiny_weights, tiny_config):
     with torch.no_grad():
-        tiny_detector.set_memory(tiny_detector.encoder(golden["support_images"]))
-        tiny_detector.set_calibration(tiny_detector.raw_scores(golden["images"]))
+        tiny_detector.build_memory(golden["support_images"])
+        tiny_detector.calibrate(golden["images"])
     state = tiny_detector.state_dict()
     assert not any(".visual." in f".{key}" for key in state)
     path = tmp_path / "model.pt"

@@ -1,0 +1,165 @@
+"""Data lists for the BMAD layout used by MVFA, and few-shot selection from seed files.
+
+Layout (one folder per data set under ``dataset_dir``)::
+
+    <Name>_AD/{valid,test}/{good,Ungood}/img/<file>
+    <Name>_AD/{valid,test}/Ungood/anomaly_mask/<file>   (or label/<file>, as BMAD names it)
+
+Each item is a dictionary: ``image`` (path), ``mask`` (path, only where a mask exists),
+``label`` (0 normal, 1 abnormal), ``dataset`` (name) and ``has_mask`` (whether the data set
+has pixel annotations, so that its normal images count as all-normal masks).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = [
+    "BMAD_DATASETS",
+    "IMAGE_SUFFIXES",
+    "MASK_FOLDERS",
+    "bmad_datalist",
+    "dataset_has_masks",
+    "fewshot_selection",
+    "image_files",
+    "list_datasets",
+    "read_fewshot_seed",
+    "source_datalist",
+]
+
+#: The six BMAD data sets MVFA uses, in the paper's order.
+BMAD_DATASETS = ("Brain", "Liver", "Retina_RESC", "Retina_OCT2017", "Chest", "Histopathology")
+#: Mask folder names: MVFA's re-packing, then BMAD's own.
+MASK_FOLDERS = ("anomaly_mask", "label")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+_SUFFIX = "_AD"
+
+
+def _dataset_root(dataset_dir: str | os.PathLike, name: str) -> Path:
+    root = Path(dataset_dir) / f"{name}{_SUFFIX}"
+    if not root.is_dir():
+        known = list_datasets(dataset_dir) if Path(dataset_dir).is_dir() else []
+        raise FileNotFoundError(f"data set {name!r} not found: no folder {root} (found: {known})")
+    return root
+
+
+def _images(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _mask_folder(ungood: Path) -> Path | None:
+    return next((ungood / name for name in MASK_FOLDERS if (ungood / name).is_dir()), None)
+
+
+def image_files(folder: str | os.PathLike) -> list[str]:
+    """Image files directly inside ``folder``, sorted (for inference on a folder)."""
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    found = [str(path) for path in _images(Path(folder))]
+    if not found:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    return found
+
+
+def list_datasets(dataset_dir: str | os.PathLike) -> list[str]:
+    """Names of the data sets (``<Name>_AD`` folders) under ``dataset_dir``, sorted."""
+    return sorted(p.name[: -len(_SUFFIX)] for p in Path(dataset_dir).iterdir() if p.is_dir() and p.name.endswith(_SUFFIX))
+
+
+def dataset_has_masks(dataset_dir: str | os.PathLike, name: str) -> bool:
+    """Whether a data set has pixel annotations (a mask folder beside its abnormal images)."""
+    root = _dataset_root(dataset_dir, name)
+    return any(_mask_folder(root / split / "Ungood") is not None for split in ("test", "valid"))
+
+
+def bmad_datalist(dataset_dir: str | os.PathLike, name: str, split: str = "test") -> list[dict]:
+    """All items of one split of one data set: normal images first, then abnormal, each sorted."""
+    root = _dataset_root(dataset_dir, name)
+    has_mask = dataset_has_masks(dataset_dir, name)
+    items = [
+        {"image": str(path), "label": 0, "dataset": name, "has_mask": has_mask}
+        for path in _images(root / split / "good" / "img")
+    ]
+    ungood = root / split / "Ungood"
+    mask_dir = _mask_folder(ungood)
+    for path in _images(ungood / "img"):
+        item = {"image": str(path), "label": 1, "dataset": name, "has_mask": has_mask}
+        if mask_dir is not None:
+            item["mask"] = str(mask_dir / path.name)
+        items.append(item)
+    if not items:
+        raise FileNotFoundError(f"data set {name!r} has no images in split {split!r} under {root / split}")
+    return items
+
+
+def source_datalist(
+    dataset_dir: str | os.PathLike, target: str, sources: Sequence[str] | None = None, split: str = "test"
+) -> list[dict]:
+    """Zero-shot training data: every data set but ``target`` (MVFA trains on their test splits)."""
+    names = [name for name in (sources or list_datasets(dataset_dir)) if name != target]
+    if not names:
+        raise ValueError(f"no source data sets besides the target {target!r} under {dataset_dir}")
+    return [item for name in names for item in bmad_datalist(dataset_dir, name, split)]
+
+
+def read_fewshot_seed(path: str | os.PathLike, index: int) -> tuple[list[str], list[str]]:
+    """Abnormal and normal file names of seed ``index`` in an MVFA seed file.
+
+    Lines read ``a-<index>: f1 f2 ...`` (abnormal) and ``n-<index>: ...`` (normal).
+    """
+    picks: dict[str, list[str]] = {}
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        match = re.fullmatch(r"\s*([an])-(\d+):\s*(.*)", line)
+        if match is None:
+            raise ValueError(f"{path}:{number}: expected 'a-<i>: files' or 'n-<i>: files', got {line!r}")
+        if int(match.group(2)) == index:
+            picks[match.group(1)] = match.group(3).split()
+    if set(picks) != {"a", "n"}:
+        raise ValueError(f"{path}: seed index {index} needs both an 'a-{index}:' and an 'n-{index}:' line")
+    return picks["a"], picks["n"]
+
+
+def fewshot_selection(
+    dataset_dir: str | os.PathLike,
+    name: str,
+    shot: int,
+    seed_file: str | os.PathLike | None = None,
+    seed_index: int = 0,
+    seed: int = 0,
+) -> list[dict]:
+    """The k abnormal and k normal support items of a data set, picked from its ``valid`` split.
+
+    With ``seed_file`` (MVFA's ``<k>-shot.txt``) the listed files are used; otherwise ``shot``
+    of each are drawn at random with ``seed``. Abnormal items come first.
+    """
+    if shot < 1:
+        raise ValueError(f"shot must be positive, got {shot}")
+    valid = bmad_datalist(dataset_dir, name, "valid")
+    by_class = {label: {Path(item["image"]).name: item for item in valid if item["label"] == label} for label in (0, 1)}
+    if seed_file is not None:
+        abnormal, normal = read_fewshot_seed(seed_file, seed_index)
+        chosen = []
+        for label, names in ((1, abnormal), (0, normal)):
+            missing = [n for n in names if n not in by_class[label]]
+            if missing:
+                raise FileNotFoundError(f"{seed_file}: files of seed {seed_index} not in {name}/valid: {missing}")
+            if len(names) != shot:
+                raise ValueError(f"{seed_file}: seed {seed_index} lists {len(names)} files per class, expected {shot}")
+            chosen += [by_class[label][n] for n in names]
+        return chosen
+    rng = random.Random(seed)
+    chosen = []
+    for label in (1, 0):
+        pool = sorted(by_class[label])
+        if len(pool) < shot:
+            raise ValueError(f"{name}/valid has {len(pool)} images of label {label}, fewer than shot={shot}")
+        chosen += [by_class[label][n] for n in rng.sample(pool, shot)]
+    return chosen

@@ -1,0 +1,230 @@
+"""Ignite metrics for MVFA: image AUROC/AP/F1-max and pixel AUROC/AP/F1-max/AUPRO.
+
+The paper fuses zero- and few-shot scores after min-max normalisation over the whole evaluated
+set, so no fused value is known before the last image. :class:`AnomalyEvaluation` therefore
+spills the raw maps of each batch to a temporary file (memory stays bounded by one batch)
+while tracking their ranges, and at the end streams them back in chunks through the fusion
+into histogram accumulators (:mod:`medad.metric_ops`). With ``fusion="calibrated"`` it uses the
+detector's stored ranges instead, as single-image inference does.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from ignite.metrics import Metric, MetricsLambda
+
+from medad.detector import MVFADetector, RawScores, unwrap
+from medad.metric_ops import BinnedScores, PROCurve, image_metrics
+from medad.scoring import FusionRange, fuse
+
+__all__ = ["METRIC_NAMES", "AnomalyEvaluation", "anomaly_metric", "anomaly_metrics"]
+
+#: Names of the values :class:`AnomalyEvaluation` computes.
+METRIC_NAMES = (
+    "image_auroc",
+    "image_ap",
+    "image_f1_max",
+    "pixel_auroc",
+    "pixel_ap",
+    "pixel_f1_max",
+    "aupro",
+    "selection_score",
+)
+_MAPS = ("zero_map", "few_map")
+_SCORES = ("zero_score", "few_score")
+
+
+class _Spill:
+    """Append-only float32 arrays of equal-shaped records on disk, read back in chunks."""
+
+    def __init__(self, directory: str | os.PathLike | None, record_shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.record_shape, self.dtype = record_shape, np.dtype(dtype)
+        handle, self.path = tempfile.mkstemp(prefix="medad-scores-", suffix=".bin", dir=directory)
+        self.file = os.fdopen(handle, "wb")
+        self.count = 0
+
+    def append(self, records: np.ndarray) -> None:
+        self.file.write(np.ascontiguousarray(records, dtype=self.dtype).tobytes())
+        self.count += len(records)
+
+    def chunks(self, size: int):
+        self.file.flush()
+        per_record = math.prod(self.record_shape)
+        with open(self.path, "rb") as handle:
+            for start in range(0, self.count, size):
+                n = min(size, self.count - start)
+                values = np.fromfile(handle, dtype=self.dtype, count=n * per_record)
+                yield values.reshape(n, *self.record_shape)
+
+    def close(self) -> None:
+        self.file.close()
+        Path(self.path).unlink(missing_ok=True)
+
+
+class AnomalyEvaluation(Metric):
+    """Accumulate MVFA's raw scores over an evaluation and compute all anomaly metrics at once.
+
+    Args:
+        detector: the evaluated :class:`medad.MVFADetector` (its fusion and image-score rules).
+        fusion: ``"set"``: min-max over the evaluated set (the paper); ``"calibrated"``: the
+            detector's stored calibration (what single-image inference gets).
+        spill_dir: folder for the temporary score file (default: the system temp folder).
+        bins, pro_thresholds: resolution of the pixel histograms and of the AUPRO curve.
+        output_transform: maps the engine output to a dictionary with ``zero_map``,
+            ``zero_score``, optionally ``few_map``/``few_score``, ``label`` and ``mask``
+            (batched tensors, or a list of per-sample dictionaries).
+
+    ``compute()`` returns a dictionary with :data:`METRIC_NAMES`; pixel metrics are NaN when no
+    image of the set has an annotated anomaly. ``selection_score`` is the authors' model
+    selection criterion: pixel AUROC + image AUROC where masks exist, else image AUROC.
+    """
+
+    def __init__(
+        self,
+        detector: torch.nn.Module,
+        fusion: str = "set",
+        spill_dir: str | os.PathLike | None = None,
+        bins: int = 2**20,
+        pro_thresholds: int = 4096,
+        output_transform: Callable = lambda output: output,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if fusion not in ("set", "calibrated"):
+            raise ValueError(f"fusion must be 'set' or 'calibrated', got {fusion!r}")
+        self.detector: MVFADetector = unwrap(detector)
+        self.fusion = fusion
+        self.spill_dir = spill_dir
+        self.bins, self.pro_thresholds = bins, pro_thresholds
+        self._spills: dict[str, _Spill] = {}
+        super().__init__(output_transform=output_transform, device=device)
+
+    def reset(self) -> None:
+        for spill in self._spills.values():
+            spill.close()
+        self._spills = {}
+        self._ranges: dict[str, list[float]] = {}
+        self._scores: dict[str, list[np.ndarray]] = {"label": [], **{name: [] for name in _SCORES}}
+        self._result: dict[str, float] | None = None
+
+    def iteration_completed(self, engine) -> None:
+        # Ignite would reduce a mapping output to ('y_pred', 'y'); this metric reads several keys.
+        self.update(self._output_transform(engine.state.output))
+
+    def update(self, output: Mapping | Sequence[Mapping]) -> None:
+        batch = _as_batch(output)
+        for name in _MAPS + ("mask",):
+            if name in batch:
+                values = batch[name].detach().float().reshape(len(batch["zero_score"]), *batch[name].shape[-2:])
+                values = values.cpu().numpy()
+                if name not in self._spills:
+                    dtype = np.uint8 if name == "mask" else np.float32
+                    self._spills[name] = _Spill(self.spill_dir, values.shape[1:], dtype)
+                self._spills[name].append(values > 0.5 if name == "mask" else values)
+                if name != "mask":
+                    self._track(name, values)
+        for name in _SCORES:
+            if name in batch:
+                values = batch[name].detach().float().cpu().numpy().reshape(-1)
+                self._scores[name].append(values)
+                self._track(name, values)
+        if "label" in batch:
+            self._scores["label"].append(batch["label"].detach().cpu().numpy().reshape(-1))
+        self._result = None
+
+    def _track(self, name: str, values: np.ndarray) -> None:
+        low, high = float(values.min()), float(values.max())
+        if name in self._ranges:
+            low, high = min(low, self._ranges[name][0]), max(high, self._ranges[name][1])
+        self._ranges[name] = [low, high]
+
+    def compute(self) -> dict[str, float]:
+        if self._result is not None:
+            return self._result
+        if "zero_map" not in self._spills:
+            raise RuntimeError("AnomalyEvaluation must have at least one batch before it can be computed")
+        has_few = "few_map" in self._spills
+        ranges = None
+        if has_few:
+            if self.fusion == "set":
+                ranges = {name: FusionRange(*self._ranges[name]) for name in _MAPS + _SCORES}
+            else:
+                ranges = self.detector.calibrated_ranges()
+        low, high = self._final_map_range(ranges)
+        pixels = BinnedScores(low, high, self.bins)
+        pro = PROCurve(low, high, self.pro_thresholds)
+        scores_seen = {name: np.concatenate(values) for name, values in self._scores.items() if values}
+        image_scores, offset, chunk = [], 0, 64
+        spilled = {name: spill.chunks(chunk) for name, spill in self._spills.items()}
+        has_masks = False
+        for zero_map in spilled["zero_map"]:
+            n = len(zero_map)
+            raw = RawScores(
+                torch.from_numpy(zero_map),
+                torch.from_numpy(scores_seen["zero_score"][offset : offset + n]),
+                torch.from_numpy(next(spilled["few_map"])) if has_few else None,
+                torch.from_numpy(scores_seen["few_score"][offset : offset + n]) if has_few else None,
+            )
+            final = self.detector.finalize(raw, ranges)
+            image_scores.append(final.score.numpy())
+            if "mask" in spilled:
+                masks = torch.from_numpy(next(spilled["mask"]).astype(bool))
+                if bool(masks.any()):
+                    has_masks = True
+                pixels.update(final.anomaly_map, masks)
+                pro.update(final.anomaly_map, masks)
+            offset += n
+        result = {f"image_{key}": value for key, value in image_metrics(np.concatenate(image_scores), scores_seen["label"]).items()}
+        if has_masks:
+            result.update(
+                pixel_auroc=pixels.auroc(), pixel_ap=pixels.average_precision(), pixel_f1_max=pixels.f1_max(), aupro=pro.aupro()
+            )
+            result["selection_score"] = result["pixel_auroc"] + result["image_auroc"]
+        else:
+            result.update({name: float("nan") for name in ("pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro")})
+            result["selection_score"] = result["image_auroc"]
+        self._result = result
+        return result
+
+    def _final_map_range(self, ranges: Mapping[str, FusionRange] | None) -> tuple[float, float]:
+        """Range of the final maps: fusion is increasing in both inputs, so it maps extremes to extremes."""
+        zero = self._ranges["zero_map"]
+        if ranges is None:
+            return zero[0], zero[1]
+        few = self._ranges["few_map"]
+        ends = [
+            float(fuse(torch.tensor(z), torch.tensor(f), ranges["zero_map"], ranges["few_map"]))
+            for z, f in ((zero[0], few[0]), (zero[1], few[1]))
+        ]
+        return ends[0], ends[1]
+
+
+def _as_batch(output: Mapping | Sequence[Mapping]) -> dict[str, torch.Tensor]:
+    """Engine output as batched tensors, whether or not the evaluator decollated it."""
+    if isinstance(output, Mapping):
+        return {key: torch.as_tensor(value) for key, value in output.items() if isinstance(value, torch.Tensor)}
+    keys = [key for key, value in output[0].items() if isinstance(value, torch.Tensor)]
+    return {key: torch.stack([torch.as_tensor(item[key]) for item in output]) for key in keys}
+
+
+def anomaly_metric(source: AnomalyEvaluation, name: str) -> MetricsLambda:
+    """One named value of an :class:`AnomalyEvaluation`, as an Ignite metric.
+
+    Several of these share one ``source``: Ignite updates it once per iteration and the source
+    computes all values once per evaluation.
+    """
+    if name not in METRIC_NAMES:
+        raise ValueError(f"unknown metric {name!r}; choose from {METRIC_NAMES}")
+    return MetricsLambda(lambda result: result[name], source)
+
+
+def anomaly_metrics(source: AnomalyEvaluation, prefix: str = "", exclude: Sequence[str] = ("selection_score",)) -> dict[str, MetricsLambda]:
+    """Every value of ``source`` as a named Ignite metric (``prefix`` + name), e.g. for an evaluator's
+    ``additional_metrics``."""
+    return {prefix + name: anomaly_metric(source, name) for name in METRIC_NAMES if name not in exclude}

@@ -1,0 +1,174 @@
+"""The MONAI bundle end to end: `python -m monai.bundle run ...` on generated data, tiny CLIP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+import medad
+from medad.data import bmad_datalist
+from medad.scoring import FusionRange
+from medad.transforms import mvfa_preprocessing
+
+from synthetic import write_benchmark
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+IMAGE_SIZE = 112
+
+
+def configs(*names: str) -> str:
+    return repr([str(CONFIGS / f"{name}.json") for name in names])
+
+
+def run_bundle(run_id: str, config_names: tuple[str, ...], bundle_root: Path, **overrides) -> str:
+    """Run a bundle workflow in a subprocess; return its log."""
+    command = [
+        sys.executable, "-m", "monai.bundle", "run", run_id,
+        "--config_file", configs(*config_names),
+        "--meta_file", str(CONFIGS / "metadata.json"),
+        "--logging_file", str(CONFIGS / "logging.conf"),
+        "--bundle_root", str(bundle_root),
+    ]
+    for key, value in overrides.items():
+        command += [f"--{key}", str(value)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-6000:]
+    return log
+
+
+@pytest.fixture(scope="module")
+def benchmark(tmp_path_factory) -> Path:
+    return write_benchmark(tmp_path_factory.mktemp("bmad"), size=IMAGE_SIZE)
+
+
+@pytest.fixture(scope="module")
+def backbone(tiny_weights_module) -> dict:
+    return {"clip_model": medad.TINY_MODEL_NAME, "clip_weights": tiny_weights_module, "image_size": IMAGE_SIZE, "levels": "[1,2,3,4]"}
+
+
+@pytest.fixture(scope="module")
+def tiny_weights_module(tmp_path_factory) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(Path(__file__).parent / "data" / "mvfa_tiny_weights.safetensors")
+    path = tmp_path_factory.mktemp("clip") / "tiny_clip.safetensors"
+    save_file({k.removeprefix("clip/"): v.float() for k, v in weights.items() if k.startswith("clip/")}, path)
+    return path
+
+
+def common(benchmark: Path, backbone: dict) -> dict:
+    return {"dataset_dir": benchmark, "target": "Alpha", "num_workers": 0, "batch_size": 4, "eval_batch_size": 8, **backbone}
+
+
+def as_config(settings: dict) -> dict:
+    """CLI overrides as config values (the CLI parses strings, ConfigWorkflow takes objects)."""
+    return {key: [1, 2, 3, 4] if key == "levels" else value for key, value in settings.items()}
+
+
+def missing_properties(files: tuple[str, ...], kind: str, **overrides) -> list[str]:
+    """MONAI's own check of the bundle properties a workflow type requires (it builds them)."""
+    workflow = ConfigWorkflow(
+        config_file=[str(CONFIGS / f"{name}.json") for name in files],
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=str(CONFIGS / "logging.conf"),
+        workflow_type=kind,
+        **{key: str(value) if isinstance(value, Path) else value for key, value in overrides.items()},
+    )
+    workflow.initialize()
+    return workflow.check_properties()
+
+
+def test_default_run_id_is_defined_everywhere():
+    for name, named_id in (("train", "training"), ("evaluate", "evaluating"), ("inference", "inferring")):
+        config = json.loads((CONFIGS / f"{name}.json").read_text())
+        assert "run" in config and config[named_id] == "@run"
+
+
+def _raw_scores(detector: medad.MVFADetector, items: list[dict]) -> tuple[medad.RawScores, np.ndarray, np.ndarray]:
+    preprocess = mvfa_preprocessing(IMAGE_SIZE)
+    loaded = [preprocess(item) for item in items]
+    images = torch.stack([torch.as_tensor(item["image"]) for item in loaded])
+    masks = torch.stack([torch.as_tensor(item["mask"]) for item in loaded])[:, 0].numpy() > 0.5
+    with torch.no_grad():
+        raw = detector.raw_scores(images)
+    return raw, masks, np.array([item["label"] for item in items])
+
+
+def test_zero_shot_then_few_shot_training_evaluation_and_inference(benchmark, backbone, tmp_path):
+    settings = common(benchmark, backbone)
+    zero = tmp_path / "zero"
+    log = run_bundle("training", ("train",), zero, epochs=1, **settings)
+    assert "Saved checkpoint at epoch: 1" in log
+    assert (zero / "models" / "model.pt").is_file()
+
+    # Resuming continues from the saved iteration instead of starting again.
+    log = run_bundle("training", ("train",), zero, epochs=2, **settings)
+    assert "Restored all variables" in log
+    assert "Epoch[2] Complete" in log and "Epoch[1] Complete" not in log
+    assert [p.name for p in (zero / "models").glob("resume_*.pt")] == ["resume_checkpoint_epoch=2.pt"]
+
+    assert missing_properties(("train",), "train", bundle_root=zero, **as_config(settings)) == []
+    assert missing_properties(("train", "evaluate"), "infer", bundle_root=zero, **as_config(settings)) == []
+    run_bundle("evaluating", ("train", "evaluate"), zero, **settings)
+    zero_metrics = json.loads((zero / "eval" / "metrics.json").read_text())
+    assert set(zero_metrics) >= {"val_image_auroc", "val_pixel_auroc", "val_pixel_ap", "val_pixel_f1_max", "val_aupro"}
+
+    few = tmp_path / "few"
+    run_bundle("training", ("train", "fewshot"), few, shot=2, epochs=3, **settings)
+    assert missing_properties(("train", "fewshot"), "train", bundle_root=few, shot=2, **as_config(settings)) == []
+    run_bundle("evaluating", ("train", "fewshot", "evaluate"), few, shot=2, **settings)
+    metrics = json.loads((few / "eval" / "metrics.json").read_text())
+    assert (few / "eval" / "metrics.csv").is_file() and (few / "eval" / "scores.csv").is_file()
+
+    # The metrics equal sklearn on the same scores, fused over the set as the paper does.
+    detector = medad.build_detector(
+        [], None, model_name=medad.TINY_MODEL_NAME, image_size=IMAGE_SIZE, pretrained=backbone["clip_weights"],
+        levels=(1, 2, 3, 4), checkpoint=few / "models" / "model.pt",
+    )
+    assert detector.has_memory and detector.is_calibrated and detector.target == "Alpha"
+    raw, masks, labels = _raw_scores(detector, bmad_datalist(benchmark, "Alpha", "test"))
+    ranges = {name: FusionRange.of(getattr(raw, name)) for name in ("zero_map", "few_map", "zero_score", "few_score")}
+    fused = detector.finalize(raw, ranges)
+    assert metrics["val_image_auroc"] == pytest.approx(roc_auc_score(labels, fused.score.numpy()), abs=1e-6)
+    assert metrics["val_pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), fused.anomaly_map.numpy().ravel()), abs=1e-4)
+    assert metrics["val_pixel_auroc"] >= 0.8, metrics
+
+    # Inference on a folder: one map per image at the image's own size, and a scores table.
+    samples = few / "samples"
+    samples.mkdir()
+    sources = sorted((benchmark / "Alpha_AD" / "test" / "Ungood" / "img").glob("*.png"))[:3]
+    for source in sources:
+        Image.open(source).resize((150, 130)).save(samples / source.name)
+    inference = {k: v for k, v in settings.items() if k not in ("target", "dataset_dir", "eval_batch_size")}
+    assert missing_properties(("inference",), "infer", bundle_root=few, **as_config(inference)) == []
+    run_bundle("inferring", ("inference",), few, **inference)
+    outputs = few / "outputs"
+    maps = sorted(outputs.glob("*_anomaly_map.nii.gz"))
+    assert [m.name for m in maps] == [f"{s.stem}_anomaly_map.nii.gz" for s in sources]
+    assert nib.load(maps[0]).shape[:2] == (130, 150)
+    rows = (outputs / "scores.csv").read_text().splitlines()
+    assert rows[0].startswith("image,score") and len(rows) == 1 + len(sources)
+
+
+def test_tracking_with_mlflow(benchmark, backbone, tmp_path):
+    pytest.importorskip("mlflow", reason="the test extra installs mlflow")
+    run_bundle("training", ("train",), tmp_path, epochs=1, tracking="mlflow", **common(benchmark, backbone))
+    import mlflow
+
+    # MONAI points mlflow at eval/mlruns; mlflow 3 keeps the runs in a database beside it.
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'eval' / 'mlruns.db'}")
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert len(runs) == 1 and "metrics.train_loss" in runs.columns
