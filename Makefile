@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test test-all clean
+.PHONY: install demo test test-all clean
 
 install: $(STAMP)
 
@@ -13,6 +13,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
+
+## make demo: install if needed, then build the demo data and run the whole bundle on it
+demo: $(STAMP)
+	$(BIN)/python scripts/demo.py --output demo
 
 ## make test: install if needed, then run the default (fast, offline, CPU) test suite
 test: $(STAMP)
@@ -23,4 +27,4 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf $(VENV) dist .pytest_cache
+	rm -rf $(VENV) dist demo .pytest_cache

@@ -92,6 +92,8 @@ def create_clip(
     pretrained: str | os.PathLike | None = None,
     quick_gelu: bool = False,
     random_init: bool = False,
+    random_init_seed: int = 0,
+    precision: str = "fp32",
 ) -> torch.nn.Module:
     """Build an open_clip CLIP model for MVFA, in eval mode on the CPU.
 
@@ -103,13 +105,19 @@ def create_clip(
         quick_gelu: use QuickGELU activations. MVFA's model is built without them (default).
         random_init: allow a randomly initialised backbone when ``pretrained`` is empty
             (tests, benchmarks, the demo only; logged as a warning).
+        random_init_seed: seed of that random initialisation, so that every workflow of a bundle
+            builds the same backbone.
+        precision: ``"fp32"``, or ``"bf16"``/``"fp16"``: open_clip's mixed precision (matrix
+            weights in low precision, layer norms in float32), about 2x faster on CPUs and GPUs.
 
     Raises:
         MissingWeightsError: no weights given without ``random_init``, or ``pretrained`` is
             neither a loadable file nor a tag open_clip could download.
     """
     spec = BackboneSpec(model_name, int(image_size), bool(quick_gelu))
-    common = dict(force_image_size=spec.image_size, quick_gelu=spec.quick_gelu)
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}")
+    common = dict(force_image_size=spec.image_size, quick_gelu=spec.quick_gelu, precision=precision)
     if pretrained in (None, ""):
         if not random_init:
             raise MissingWeightsError(f"No CLIP weights given. {_how_to_supply(spec)}")
@@ -118,7 +126,10 @@ def create_clip(
             "(allowed because random_init=True).",
             model_name,
         )
-        model = open_clip.create_model(model_name, pretrained=None, **common)
+        # A fixed seed: training, evaluation and inference must all see the same random backbone.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(random_init_seed)
+            model = open_clip.create_model(model_name, pretrained=None, **common)
     else:
         pretrained = str(pretrained)
         if os.path.isfile(pretrained) and is_torchscript_archive(pretrained):

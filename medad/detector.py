@@ -67,7 +67,7 @@ class MVFADetector(nn.Module):
         self,
         encoder: MVFA,
         text_features: Mapping[str, torch.Tensor],
-        target: str,
+        target: str | None,
         backbone: BackboneSpec,
         image_score_from_map: bool = True,
     ) -> None:
@@ -160,6 +160,8 @@ class MVFADetector(nn.Module):
     def text_features_for(self, datasets: Sequence[str] | None = None) -> torch.Tensor:
         """Text features ``(E, 2)`` of the target, or ``(B, E, 2)`` for per-sample data set names."""
         if datasets is None:
+            if self.target is None:
+                raise RuntimeError("this detector has no target yet: give one or load a trained model")
             datasets = [self.target]
         unknown = sorted(set(datasets) - set(self.datasets))
         if unknown:
@@ -268,6 +270,7 @@ def build_detector(
     levels: Sequence[int] = (6, 12, 18, 24),
     image_score_from_map: bool = True,
     checkpoint: str | os.PathLike | None = None,
+    precision: str = "fp32",
 ) -> MVFADetector:
     """Build an :class:`MVFADetector`: load CLIP, encode the prompts of ``datasets`` and ``target``
     once (unless ``checkpoint`` already holds them), keep the visual tower with new adapters,
@@ -275,17 +278,18 @@ def build_detector(
 
     ``checkpoint`` optionally loads a saved detector or a released MVFA adapter checkpoint;
     ``target`` is the data set scored afterwards, also when the checkpoint was made for another
-    (``None``: the checkpoint's own target).
+    (``None``: the checkpoint's own target, or the target of a ``state_dict`` loaded later).
+    ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"``) is the frozen backbone's (see
+    :func:`medad.create_clip`); adapters, tokens and scores stay in float32.
     """
     backbone = BackboneSpec(model_name, int(image_size), bool(quick_gelu))
-    clip = create_clip(model_name, image_size, pretrained, quick_gelu, random_init)
+    clip = create_clip(model_name, image_size, pretrained, quick_gelu, random_init, precision=precision)
     saved = read_checkpoint(checkpoint) if checkpoint is not None else {}
     saved_target = saved.get("_extra_state", {}).get("target")
     target = target or saved_target
-    if target is None:
-        raise ValueError("no target data set given and none stored in the checkpoint")
     known = saved.get("_extra_state", {}).get("datasets", [])
-    missing = [name for name in dict.fromkeys([*datasets, target]) if name not in known]
+    wanted = [*datasets, target] if target is not None else list(datasets)
+    missing = [name for name in dict.fromkeys(wanted) if name not in known]
     text_features = encode_text_features(clip, open_clip.get_tokenizer(model_name), missing)
     detector = MVFADetector(MVFA(clip.visual, levels), text_features, target, backbone, image_score_from_map)
     if checkpoint is not None:

@@ -57,7 +57,30 @@ class MVFATrainer(SupervisedTrainer):
     averaged over the batch. The seg adapters learn only from samples with masks (both their
     losses, as in MVFA), the det adapters from all; a batch mixing both kinds therefore takes
     two backward passes through the adapted blocks, a uniform batch one.
+
+    Args:
+        cache_trunk: keep the frozen blocks' output before the first adapter for every sample
+            (by its ``index`` key) and reuse it in later epochs: exact for a fixed training set
+            such as the few-shot one, where it saves those blocks' forward pass from epoch 2 on.
+        kwargs: ``SupervisedTrainer``'s arguments.
     """
+
+    def __init__(self, *args: Any, cache_trunk: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cache_trunk = cache_trunk
+        self._trunk_cache: dict[int, torch.Tensor] = {}
+
+    def _trunk(self, encoder: nn.Module, images: torch.Tensor, batchdata: Mapping[str, Any]) -> torch.Tensor:
+        if not self.cache_trunk:
+            return encoder.trunk(images)
+        if "index" not in batchdata:
+            raise KeyError("cache_trunk needs an 'index' key per sample (see medad.fewshot.fewshot_training_data)")
+        indices = [int(i) for i in batchdata["index"]]
+        missing = [n for n, i in enumerate(indices) if i not in self._trunk_cache]
+        if missing:
+            for n, hidden in zip(missing, encoder.trunk(images[missing])):
+                self._trunk_cache[indices[n]] = hidden
+        return torch.stack([self._trunk_cache[i] for i in indices])
 
     def _iteration(self, engine: MVFATrainer, batchdata: Mapping[str, Any]) -> dict:
         if batchdata is None:
@@ -74,7 +97,8 @@ class MVFATrainer(SupervisedTrainer):
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, **engine.amp_kwargs) if engine.amp else nullcontext():
-            tokens = engine.inferer(images, detector.encoder)
+            hidden = engine._trunk(detector.encoder, images, batchdata)
+            tokens = engine.inferer(hidden, detector.encoder.adapt)
             engine.state.output[Keys.PRED] = tokens
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             losses = engine.loss_function(tokens.seg, tokens.det, text, masks, labels)

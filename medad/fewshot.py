@@ -25,8 +25,9 @@ def fewshot_training_data(
 ) -> list[dict]:
     """Preprocessed, augmented few-shot items of ``target`` (abnormal first, then normal).
 
-    Items carry ``image`` (3, S, S), ``mask`` (1, S, S), ``label``, ``dataset`` and ``has_mask``;
-    the normal ones also form the memory bank, all of them the calibration set.
+    Items carry ``image`` (3, S, S), ``mask`` (1, S, S), ``label``, ``dataset``, ``has_mask`` and
+    ``index`` (for caching per item); the normal ones also form the memory bank, all of them the
+    calibration set.
     """
     selected = fewshot_selection(dataset_dir, target, shot, seed_file, seed_index, seed)
     preprocess = mvfa_preprocessing(image_size)
@@ -41,7 +42,7 @@ def fewshot_training_data(
             masks = torch.stack([convert_to_tensor(item["mask"], track_meta=False) for item in group])
         images, masks = augment_fewshot(images, masks)
         items += [
-            {"image": image, "mask": mask, "label": label, "dataset": target, "has_mask": has_mask}
-            for image, mask in zip(images, masks)
+            {"image": image, "mask": mask, "label": label, "dataset": target, "has_mask": has_mask, "index": len(items) + i}
+            for i, (image, mask) in enumerate(zip(images, masks))
         ]
     return items

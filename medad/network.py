@@ -94,7 +94,8 @@ class MVFA(nn.Module):
         can be cached when the same images are seen again (few-shot training).
         """
         with torch.no_grad():
-            x = self.visual._embeds(images)  # open_clip: patchify, class token, positions, ln_pre
+            # open_clip: patchify, class token, positions, ln_pre (in the backbone's precision)
+            x = self.visual._embeds(images.to(self.visual.conv1.weight.dtype))
             for block in self.visual.transformer.resblocks[: self.levels[0]]:
                 x = block(x)
         return x
@@ -102,6 +103,7 @@ class MVFA(nn.Module):
     def adapt(self, x: torch.Tensor) -> AdapterTokens:
         """Run the adapted part of the network on a :meth:`trunk` output."""
         blocks = self.visual.transformer.resblocks
+        block_dtype = x.dtype
         w_stream, w_seg, w_det = self.stream_weights
         seg, det = [], []
         done = self.levels[0]
@@ -110,6 +112,7 @@ class MVFA(nn.Module):
             for block in blocks[done:level]:
                 x = block(x)
             done = level
+            x = x.float()  # adapters, their tokens and the stream mixing stay in float32
             if i == last:
                 # Nothing reads the stream after the last adapter: skip the unused fc2 corrections.
                 seg.append(self.seg_adapters[i].fc1(x))
@@ -117,7 +120,7 @@ class MVFA(nn.Module):
                 break
             seg_token, seg_out = self.seg_adapters[i](x)
             det_token, det_out = self.det_adapters[i](x)
-            x = w_stream * x + w_seg * seg_out + w_det * det_out
+            x = (w_stream * x + w_seg * seg_out + w_det * det_out).to(block_dtype)
             seg.append(seg_token)
             det.append(det_token)
         return AdapterTokens(tuple(seg), tuple(det))

@@ -7,7 +7,9 @@ normalisation. The pipeline is MONAI's (``LoadImaged``, ``EnsureChannelFirstd``,
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,8 +27,11 @@ from monai.transforms import (
 )
 from PIL import Image
 
+from medad.io import atomic_write
+
 __all__ = [
     "BinarizeMaskd",
+    "SaveOverlayd",
     "FillMissingMaskd",
     "ToRGBd",
     "UnitIntensityd",
@@ -143,3 +148,41 @@ def mvfa_preprocessing(image_size: int = 240, image_key: str = "image", mask_key
             FillMissingMaskd(keys=mask_key, like=image_key),
         ]
     return Compose(steps)
+
+
+class SaveOverlayd(MapTransform):
+    """Write ``<output_dir>/<image file stem>_overlay.png``: the anomaly map as a heat map over
+    the model's input image (both at the model's resolution).
+
+    Colours span ``value_range`` (default: each map's own minimum to maximum, which shows where
+    a map is highest, not how high). MONAI's savers write arrays, not blended pictures.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        output_dir: str | os.PathLike,
+        image_key: str = "image",
+        alpha: float = 0.5,
+        value_range: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__(keys)
+        self.output_dir, self.image_key = Path(output_dir), image_key
+        self.alpha, self.value_range = alpha, value_range
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        image = torch.as_tensor(d[self.image_key]).detach().float().cpu()
+        source = getattr(d[self.image_key], "meta", {}).get("filename_or_obj", "image")
+        for key in self.key_iterator(d):
+            heat = torch.as_tensor(d[key]).detach().float().cpu()[0]
+            low, high = self.value_range or (float(heat.min()), float(heat.max()))
+            level = ((heat - low) / max(high - low, 1e-12)).clamp(0, 1)
+            # A black-red-yellow-white ramp ("hot"), computed here to keep matplotlib optional.
+            colour = torch.stack([(3 * level).clamp(0, 1), (3 * level - 1).clamp(0, 1), (3 * level - 2).clamp(0, 1)])
+            blended = (1 - self.alpha) * image[:3] + self.alpha * colour
+            pixels = (blended.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+            path = self.output_dir / f"{Path(str(source)).name.split('.')[0]}_overlay.png"
+            with atomic_write(path, "wb") as handle:
+                Image.fromarray(pixels).save(handle, format="PNG")
+        return d

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
+
+# The tests use a tiny CLIP: its operations are too small to split over threads, and on a shared
+# 2-core machine extra threads mostly wait (measured 10x slower). Set before torch is imported;
+# subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch

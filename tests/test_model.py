@@ -123,3 +123,14 @@ def test_openai_torchscript_archive_loads_with_resized_positions(tmp_path):
     for key, value in expected.items():
         torch.testing.assert_close(loaded[key], value, rtol=0, atol=0, msg=key)
     assert not isinstance(model.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
+
+
+def test_random_backbone_is_the_same_in_every_process_step():
+    torch.manual_seed(1)
+    first = medad.create_clip(medad.TINY_MODEL_NAME, 60, pretrained=None, random_init=True)
+    torch.manual_seed(2)
+    second = medad.create_clip(medad.TINY_MODEL_NAME, 60, pretrained=None, random_init=True)
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
+    other = medad.create_clip(medad.TINY_MODEL_NAME, 60, pretrained=None, random_init=True, random_init_seed=5)
+    assert not torch.equal(other.visual.conv1.weight, first.visual.conv1.weight)

@@ -1,0 +1,324 @@
+"""Speed and memory benchmark of medad's MVFA against the authors' code path, in one run.
+
+Measures, on the full ViT-L-14-336 at 240 px with random weights (allowed for benchmarking):
+
+- inference images/s (forward plus zero-shot and few-shot scoring) at several batch sizes, in
+  float32 and with bf16 weights, and the parity of bf16 with float32;
+- training seconds per image: a zero-shot step and a few-shot epoch over the 88-image augmented
+  set (k = 4) with the trunk cache;
+- the authors' code path for both (batch 1, attention weights materialised, every CLIP
+  parameter requiring gradients), measured in the same run so that ratios are meaningful;
+- the cost of the streaming pixel metrics over 1,000 maps of 240 x 240 (in a fresh process, so
+  that its extra memory is its own);
+- peak memory, the device and the versions.
+
+``--quick`` is sized for a 2-core CPU (a few minutes); the full mode is for a GPU.
+Writes one JSON file (``--output``) and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import platform
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import medad
+from medad.augment import augment_fewshot
+from medad.engines import adapter_parameter_groups
+
+DEFAULT_MODEL = "ViT-L-14-336"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(function: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median seconds of ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        function()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def build(model: str, size: int, precision: str, device: torch.device) -> medad.MVFADetector:
+    levels = (6, 12, 18, 24) if model == DEFAULT_MODEL else (1, 2, 3, 4)
+    detector = medad.build_detector(["Brain"], "Brain", model, size, random_init=True, levels=levels, precision=precision)
+    return detector.to(device).eval()
+
+
+def lesion_images(count: int, seed: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smooth random textures, half of them with a bright disc, and the disc masks."""
+    generator = torch.Generator().manual_seed(seed)
+    images = F.avg_pool2d(torch.rand(count, 3, size, size, generator=generator), 9, 1, 4)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    masks = torch.zeros(count, 1, size, size)
+    radius = size // 10
+    for i in range(count // 2, count):
+        cy, cx = torch.randint(2 * radius, size - 2 * radius, (2,), generator=generator).tolist()
+        masks[i, 0] = (((yy - cy) ** 2 + (xx - cx) ** 2) < radius**2).float()
+    return images * (1 - masks) + 0.95 * masks, masks
+
+
+# ----------------------------------------------------------------------------- the authors' path
+
+
+def reference_tokens(detector: medad.MVFADetector, images: torch.Tensor) -> medad.AdapterTokens:
+    """The authors' forward: every block run with attention weights materialised and returned,
+    and all blocks up to the last adapter, the final pooling included."""
+    encoder, visual = detector.encoder, detector.encoder.visual
+    x = visual._embeds(images)
+    seg, det = [], []
+    for index, block in enumerate(visual.transformer.resblocks, start=1):
+        y = block.ln_1(x)
+        attention, _weights = block.attn(y, y, y, need_weights=True, average_attn_weights=False)
+        x = x + attention
+        x = x + block.mlp(block.ln_2(x))
+        if index in encoder.levels:
+            level = encoder.levels.index(index)
+            seg_token, seg_out = encoder.seg_adapters[level](x)
+            det_token, det_out = encoder.det_adapters[level](x)
+            x = 0.8 * x + 0.1 * seg_out + 0.1 * det_out
+            seg.append(seg_token)
+            det.append(det_token)
+    pooled, _ = visual._global_pool(x)
+    _ = visual.ln_post(pooled) @ visual.proj
+    return medad.AdapterTokens(tuple(seg), tuple(det))
+
+
+def reference_scores(detector: medad.MVFADetector, image: torch.Tensor) -> None:
+    """One image at a time, as the authors' test loop: zero-shot and few-shot scoring."""
+    size = image.shape[-1]
+    with torch.no_grad():
+        tokens = reference_tokens(detector, image)
+        text = detector.text_features_for()
+        medad.zero_shot_maps(tokens.seg, text, size)
+        medad.zero_shot_scores(tokens.det, text)
+        if detector.has_memory:
+            medad.few_shot_maps(tokens.seg, detector.memory_seg, size)
+            medad.few_shot_maps(tokens.det, detector.memory_det, size).mean()
+
+
+def reference_training_step(detector: medad.MVFADetector, image, mask, label, optimizer, loss) -> None:
+    """The authors' training step: batch 1, gradients for every CLIP parameter too."""
+    optimizer.zero_grad()
+    tokens = reference_tokens(detector, image)
+    losses = loss(tokens.seg, tokens.det, detector.text_features_for(), mask, label)
+    (losses.seg + losses.det).sum().backward()
+    optimizer.step()
+
+
+# ----------------------------------------------------------------------------- medad's path
+
+
+def inference(detector: medad.MVFADetector, images: torch.Tensor) -> None:
+    with torch.inference_mode():
+        detector.predict(images)
+
+
+def training_step(detector, images, masks, labels, optimizer, loss, hidden=None) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    encoder = detector.encoder
+    tokens = encoder.adapt(encoder.trunk(images) if hidden is None else hidden)
+    losses = loss(tokens.seg, tokens.det, detector.text_features_for(), masks, labels)
+    (losses.seg + losses.det).mean().backward()
+    optimizer.step()
+
+
+def parity(fp32: medad.MVFADetector, bf16: medad.MVFADetector, device: torch.device, size: int) -> dict:
+    """Maps, scores and AUROCs of bf16 weights against float32 on images with lesions."""
+    from sklearn.metrics import roc_auc_score
+
+    images, masks = lesion_images(16, seed=1, size=size)
+    support, _ = lesion_images(8, seed=2, size=size)
+    results = {}
+    for name, detector in (("fp32", fp32), ("bf16", bf16)):
+        detector.build_memory(support[:4].to(device))
+        detector.calibrate(support.to(device))
+        with torch.inference_mode():
+            results[name] = detector.predict(images.to(device))
+    labels = (masks.flatten(1).amax(1) > 0).numpy()
+    auroc = {
+        name: {
+            "image": roc_auc_score(labels, out.score.float().cpu().numpy()),
+            "pixel": roc_auc_score(masks.flatten().numpy() > 0, out.anomaly_map.float().cpu().flatten().numpy()),
+        }
+        for name, out in results.items()
+    }
+    difference = (results["fp32"].anomaly_map - results["bf16"].anomaly_map).abs()
+    return {
+        "max_abs_map_difference": float(difference.max()),
+        "mean_abs_map_difference": float(difference.mean()),
+        "image_auroc": auroc,
+        "pixel_auroc": {name: value["pixel"] for name, value in auroc.items()},
+        "image_auroc_difference": abs(auroc["fp32"]["image"] - auroc["bf16"]["image"]),
+        "pixel_auroc_difference": abs(auroc["fp32"]["pixel"] - auroc["bf16"]["pixel"]),
+    }
+
+
+def metric_cost(maps: int, size: int, queue) -> None:
+    """Pixel AUROC/AP/F1-max and AUPRO over ``maps`` maps, streamed in batches of 8 (child process)."""
+    from medad.metric_ops import BinnedScores, PROCurve
+
+    torch.set_num_threads(torch.get_num_threads())
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    generator = torch.Generator().manual_seed(0)
+    pixels, pro = BinnedScores(0.0, 1.0), PROCurve(0.0, 1.0)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    start = time.perf_counter()
+    pro_seconds = 0.0
+    for _ in range(maps // 8):
+        scores = torch.rand(8, size, size, generator=generator) * 0.7
+        cy, cx = torch.randint(30, size - 30, (2,), generator=generator).tolist()
+        lesion = ((yy - cy) ** 2 + (xx - cx) ** 2) < 20**2
+        masks = lesion.expand(8, size, size).clone()
+        masks[:4] = False
+        scores[masks] += 0.3
+        pixels.update(scores, masks)
+        tick = time.perf_counter()
+        pro.update(scores, masks)
+        pro_seconds += time.perf_counter() - tick
+    values = {"auroc": pixels.auroc(), "ap": pixels.average_precision(), "f1_max": pixels.f1_max()}
+    tick = time.perf_counter()
+    values["aupro"] = pro.aupro()
+    pro_seconds += time.perf_counter() - tick
+    total = time.perf_counter() - start
+    queue.put({
+        "maps": maps,
+        "size": size,
+        "pixel_auroc_ap_f1_seconds": total - pro_seconds,
+        "aupro_seconds": pro_seconds,
+        "extra_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before,
+        "values": values,
+    })
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="CPU-sized run (a few minutes)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None)
+    parser.add_argument("--output", type=Path, default=Path("benchmark.json"))
+    parser.add_argument("--skip-reference", action="store_true", help="do not time the authors' path")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="open_clip architecture (medad-tiny for a smoke run)")
+    parser.add_argument("--image-size", type=int, default=240)
+    parser.add_argument("--metric-maps", type=int, default=1000)
+    args = parser.parse_args()
+    size = args.image_size
+    device = torch.device(args.device)
+    batch_sizes = args.batch_sizes or ([1, 8] if args.quick else [1, 8, 32, 64])
+    repeats = 2 if args.quick else 10
+    torch.manual_seed(0)
+
+    report: dict = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "cpu_threads": torch.get_num_threads(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "medad": medad.__version__},
+        "model": f"{args.model} at {size} px, random weights",
+        "mode": "quick" if args.quick else "full",
+    }
+    fp32 = build(args.model, size, "fp32", device)
+    bf16 = build(args.model, size, "bf16", device)
+    support, support_masks = lesion_images(8, seed=3, size=size)
+    normal = augment_fewshot(support[:4])[0]  # k = 4 normal images x 11, as MVFA's memory
+    for detector in (fp32, bf16):
+        detector.build_memory(normal.to(device))
+        detector.calibrate(support.to(device))
+
+    # Inference: images per second, forward plus zero- and few-shot scoring.
+    report["inference_images_per_second"] = {}
+    for name, detector in (("fp32", fp32), ("bf16", bf16)):
+        rates = {}
+        for batch in batch_sizes:
+            images = torch.rand(batch, 3, size, size, device=device)
+            rates[str(batch)] = batch / timed(lambda: inference(detector, images), device, repeats)
+        report["inference_images_per_second"][name] = rates
+        print(name, rates, flush=True)
+    if not args.skip_reference:
+        image = torch.rand(1, 3, size, size, device=device)
+        report["reference_inference_seconds_per_image"] = timed(lambda: reference_scores(fp32, image), device, repeats)
+
+    report["bf16_parity"] = parity(fp32, bf16, device, size)
+
+    # Training: seconds per image.
+    loss = medad.AlignmentLoss()
+    train_batch = 1 if args.quick else 8
+    images, masks = lesion_images(train_batch, seed=4, size=size)
+    images, masks = images.to(device), masks.to(device)
+    labels = (masks.flatten(1).amax(1) > 0).float()
+    report["training_seconds_per_image"] = {"batch_size": train_batch}
+    for name, detector in (("fp32", fp32), ("bf16", bf16)):
+        detector.train()
+        optimizer = torch.optim.Adam(adapter_parameter_groups(detector), lr=1e-4, betas=(0.5, 0.999))
+        step = lambda: training_step(detector, images, masks, labels, optimizer, loss)  # noqa: E731
+        report["training_seconds_per_image"][f"zero_shot_{name}"] = timed(step, device, repeats) / train_batch
+    # Few-shot: one epoch over the 88-image augmented set (k = 4), trunk outputs cached.
+    few_images, few_masks = augment_fewshot(support[4:], support_masks[4:])
+    few_images = torch.cat([few_images, normal]).to(device)
+    few_masks = torch.cat([few_masks, torch.zeros_like(few_masks)]).to(device)
+    few_labels = torch.cat([torch.ones(44), torch.zeros(44)]).to(device)
+    if args.quick:
+        few_images, few_masks, few_labels = few_images[::8], few_masks[::8], few_labels[::8]
+    for name, detector in (("fp32", fp32), ("bf16", bf16)):
+        optimizer = torch.optim.Adam(adapter_parameter_groups(detector), lr=1e-3, betas=(0.5, 0.999))
+        cache = torch.cat([detector.encoder.trunk(batch) for batch in few_images.split(8)])
+
+        def epoch() -> None:
+            for index in torch.randperm(len(few_images)).split(train_batch):
+                training_step(detector, few_images[index], few_masks[index], few_labels[index], optimizer, loss, cache[index])
+
+        report["training_seconds_per_image"][f"few_shot_cached_{name}"] = timed(epoch, device, 1, 0) / len(few_images)
+    if not args.skip_reference:
+        for parameter in fp32.encoder.visual.parameters():
+            parameter.requires_grad_(True)  # as the authors' training loop does
+        optimizer = torch.optim.Adam(adapter_parameter_groups(fp32), lr=1e-4, betas=(0.5, 0.999))
+        step = lambda: reference_training_step(fp32, images[:1], masks[:1], labels[:1], optimizer, loss)  # noqa: E731
+        report["reference_training_seconds_per_image"] = timed(step, device, repeats)
+        fp32.encoder.visual.requires_grad_(False)
+    report["peak_memory_mib"] = peak_memory_mib(device)
+
+    if not args.skip_reference:
+        per_image = {k: 1 / v for k, v in report["inference_images_per_second"]["fp32"].items()}
+        report["speedup_vs_reference"] = {
+            "inference_fp32_batch8" if "8" in per_image else "inference_fp32": report["reference_inference_seconds_per_image"] / per_image.get("8", min(per_image.values())),
+            "inference_bf16_best": report["reference_inference_seconds_per_image"] * max(report["inference_images_per_second"]["bf16"].values()),
+            "training_fp32": report["reference_training_seconds_per_image"] / report["training_seconds_per_image"]["zero_shot_fp32"],
+            "training_bf16": report["reference_training_seconds_per_image"] / report["training_seconds_per_image"]["zero_shot_bf16"],
+        }
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=metric_cost, args=(args.metric_maps, 240, queue))
+    child.start()
+    report["metric_cost"] = queue.get()
+    child.join()
+
+    text = json.dumps(report, indent=2)
+    args.output.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
