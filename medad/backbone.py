@@ -18,14 +18,17 @@ from pathlib import Path
 
 import open_clip
 import torch
-from open_clip.model import resize_pos_embed
+from open_clip.model import convert_weights_to_lp, resize_pos_embed
+from open_clip.transformer import LayerNorm, LayerNormFp32
 
 __all__ = [
+    "PRECISIONS",
     "TINY_MODEL_NAME",
     "BackboneSpec",
     "MissingWeightsError",
     "create_clip",
     "is_torchscript_archive",
+    "set_precision",
 ]
 
 logger = logging.getLogger(__name__)
@@ -33,6 +36,10 @@ logger = logging.getLogger(__name__)
 #: A 4-block, width-64 CLIP for tests and the demo (the golden fixture's architecture).
 TINY_MODEL_NAME = "medad-tiny"
 open_clip.add_model_config(Path(__file__).parent / "model_configs")
+
+
+#: Backbone precisions: float32, or open_clip's mixed precision with bf16 or fp16 matrices.
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class MissingWeightsError(RuntimeError):
@@ -93,7 +100,6 @@ def create_clip(
     quick_gelu: bool = False,
     random_init: bool = False,
     random_init_seed: int = 0,
-    precision: str = "fp32",
 ) -> torch.nn.Module:
     """Build an open_clip CLIP model for MVFA, in eval mode on the CPU.
 
@@ -107,17 +113,13 @@ def create_clip(
             (tests, benchmarks, the demo only; logged as a warning).
         random_init_seed: seed of that random initialisation, so that every workflow of a bundle
             builds the same backbone.
-        precision: ``"fp32"``, or ``"bf16"``/``"fp16"``: open_clip's mixed precision (matrix
-            weights in low precision, layer norms in float32), about 2x faster on CPUs and GPUs.
 
     Raises:
         MissingWeightsError: no weights given without ``random_init``, or ``pretrained`` is
             neither a loadable file nor a tag open_clip could download.
     """
     spec = BackboneSpec(model_name, int(image_size), bool(quick_gelu))
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}")
-    common = dict(force_image_size=spec.image_size, quick_gelu=spec.quick_gelu, precision=precision)
+    common = dict(force_image_size=spec.image_size, quick_gelu=spec.quick_gelu)
     if pretrained in (None, ""):
         if not random_init:
             raise MissingWeightsError(f"No CLIP weights given. {_how_to_supply(spec)}")
@@ -141,8 +143,25 @@ def create_clip(
                     # OpenAI's tag is registered with QuickGELU; MVFA deliberately runs without it.
                     warnings.filterwarnings("ignore", message="QuickGELU mismatch")
                     model = open_clip.create_model(model_name, pretrained=pretrained, require_pretrained=True, **common)
-            except RuntimeError as error:
+            except Exception as error:  # open_clip and torch.load raise many types (unsafe pickle, bad file, ...)
                 raise MissingWeightsError(
                     f"Could not load CLIP weights {pretrained!r} for {model_name!r}: {error}. {_how_to_supply(spec)}"
                 ) from error
     return model.eval()
+
+
+def set_precision(module: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """Put a frozen open_clip tower into ``precision``, in place, as open_clip's ``precision``
+    option would have built it: matrix weights in bf16/fp16, layer norms computed in float32.
+
+    Done after construction (not through ``create_model``) so that the text features are still
+    encoded in float32 first: CPUs run the text tower's low-precision path very slowly.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if precision != "fp32":
+        convert_weights_to_lp(module, dtype=PRECISIONS[precision])
+        for layer in module.modules():
+            if type(layer) is LayerNorm:
+                layer.__class__ = LayerNormFp32  # same parameters; casts its input to float32
+    return module

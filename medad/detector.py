@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medad.backbone import BackboneSpec, create_clip
+from medad.backbone import BackboneSpec, create_clip, set_precision
 from medad.network import MVFA, AdapterTokens
 from medad.prompts import encode_text_features
 from medad.scoring import FusionRange, few_shot_maps, fuse, zero_shot_maps, zero_shot_scores
@@ -195,9 +195,11 @@ class MVFADetector(nn.Module):
         self.calibration = torch.tensor(rows, device=self.calibration.device)
 
     def calibrated_ranges(self) -> dict[str, FusionRange]:
-        if not self.is_calibrated:
+        """The stored ranges, as tensors so that tracing and ONNX export record them."""
+        exporting = torch.jit.is_tracing() or torch.compiler.is_exporting()
+        if not exporting and not self.is_calibrated:
             raise RuntimeError("this detector has no calibration: build it with the few-shot workflow first")
-        return {name: FusionRange(*map(float, row)) for name, row in zip(_CALIBRATION_ROWS, self.calibration)}
+        return {name: FusionRange(row[0], row[1]) for name, row in zip(_CALIBRATION_ROWS, self.calibration)}
 
     # ----------------------------------------------------------------- scoring
 
@@ -210,8 +212,10 @@ class MVFADetector(nn.Module):
         zero_score = zero_shot_scores(tokens.det, text)
         if not self.has_memory:
             return RawScores(zero_map, zero_score, None, None)
-        few_map = few_shot_maps(tokens.seg, self.memory_seg, size)
-        few_score = few_shot_maps(tokens.det, self.memory_det, size).mean(dim=(-2, -1))
+        # Memory similarities in the backbone's precision: the bulk of few-shot scoring's work.
+        dtype = self.encoder.visual.conv1.weight.dtype
+        few_map = few_shot_maps(tokens.seg, self.memory_seg, size, dtype=dtype)
+        few_score = few_shot_maps(tokens.det, self.memory_det, size, dtype=dtype).mean(dim=(-2, -1))
         return RawScores(zero_map, zero_score, few_map, few_score)
 
     def finalize(self, raw: RawScores, ranges: Mapping[str, FusionRange] | None = None) -> AnomalyScores:
@@ -283,7 +287,7 @@ def build_detector(
     :func:`medad.create_clip`); adapters, tokens and scores stay in float32.
     """
     backbone = BackboneSpec(model_name, int(image_size), bool(quick_gelu))
-    clip = create_clip(model_name, image_size, pretrained, quick_gelu, random_init, precision=precision)
+    clip = create_clip(model_name, image_size, pretrained, quick_gelu, random_init)
     saved = read_checkpoint(checkpoint) if checkpoint is not None else {}
     saved_target = saved.get("_extra_state", {}).get("target")
     target = target or saved_target
@@ -291,7 +295,8 @@ def build_detector(
     wanted = [*datasets, target] if target is not None else list(datasets)
     missing = [name for name in dict.fromkeys(wanted) if name not in known]
     text_features = encode_text_features(clip, open_clip.get_tokenizer(model_name), missing)
-    detector = MVFADetector(MVFA(clip.visual, levels), text_features, target, backbone, image_score_from_map)
+    visual = set_precision(clip.visual, precision)
+    detector = MVFADetector(MVFA(visual, levels), text_features, target, backbone, image_score_from_map)
     if checkpoint is not None:
         detector.load_state(saved)
         if detector.target != target and detector.has_memory:

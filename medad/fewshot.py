@@ -8,6 +8,7 @@ import torch
 from monai.utils import convert_to_tensor
 
 from medad.augment import augment_fewshot
+from medad.checks import check_items
 from medad.data import fewshot_selection
 from medad.transforms import mvfa_preprocessing
 
@@ -29,7 +30,8 @@ def fewshot_training_data(
     ``index`` (for caching per item); the normal ones also form the memory bank, all of them the
     calibration set.
     """
-    selected = fewshot_selection(dataset_dir, target, shot, seed_file, seed_index, seed)
+    # Every support image matters: a bad one stops the run instead of being left out.
+    selected = check_items(fewshot_selection(dataset_dir, target, shot, seed_file, seed_index, seed))
     preprocess = mvfa_preprocessing(image_size)
     loaded = [preprocess(item) for item in selected]
     has_mask = bool(selected[0]["has_mask"])

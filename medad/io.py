@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "prepare_output_dir"]
 
 
 @contextmanager
@@ -28,3 +28,13 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Ite
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def prepare_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Create an output folder, refusing to mix new results into a non-empty one unless
+    ``overwrite`` (then files are replaced one by one, each atomically)."""
+    path = Path(path)
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"output folder {path} is not empty: choose another one or set overwrite=True")
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -80,31 +80,39 @@ def zero_shot_scores(det_tokens: Sequence[torch.Tensor], text_features: torch.Te
 
 
 def few_shot_maps(
-    tokens: Sequence[torch.Tensor], memory: Sequence[torch.Tensor], size: int, chunk: int = 4096
+    tokens: Sequence[torch.Tensor],
+    memory: Sequence[torch.Tensor],
+    size: int,
+    chunk: int = 4096,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Few-shot maps ``(B, S, S)``: per level, the cosine distance of each patch to its nearest
     memory token (memory ``(M, E)``, L2-normalised), upsampled and summed over levels.
 
     The memory is scanned in chunks of ``chunk`` tokens so that the similarity matrix never
-    exceeds ``B x L x chunk`` values.
+    exceeds ``B x L x chunk`` values. ``dtype`` sets the precision of the similarities (the
+    bulk of few-shot scoring, e.g. bf16 with a bf16 backbone); distances are summed in float32.
     """
     total = 0
     for level_tokens, level_memory in zip(tokens, memory, strict=True):
-        patches = F.normalize(_patches(level_tokens), dim=-1)
+        patches = F.normalize(_patches(level_tokens), dim=-1).to(dtype or level_tokens.dtype)
         level_memory = level_memory.to(patches.dtype)
         nearest = torch.cat(
             [(1 - patches @ part.T).amin(dim=-1, keepdim=True) for part in level_memory.split(chunk)], dim=-1
-        ).amin(dim=-1)
+        ).amin(dim=-1).float()
         total = total + _upsample(_to_grid(nearest.unsqueeze(-1)), size)[:, 0]
     return total
 
 
 @dataclass
 class FusionRange:
-    """Min and max of a score over a reference set, for min-max normalisation."""
+    """Min and max of a score over a reference set, for min-max normalisation.
 
-    low: float
-    high: float
+    Floats, or 0-d tensors (a stored calibration), which keeps the fusion traceable for export.
+    """
+
+    low: float | torch.Tensor
+    high: float | torch.Tensor
 
     @classmethod
     def of(cls, values: torch.Tensor) -> FusionRange:
@@ -113,7 +121,11 @@ class FusionRange:
 
     def normalise(self, values: torch.Tensor) -> torch.Tensor:
         span = self.high - self.low
-        return (values - self.low) / (span if span > 0 else 1.0)
+        if isinstance(span, torch.Tensor):
+            span = torch.where(span > 0, span, torch.ones_like(span))
+        elif span <= 0:
+            span = 1.0
+        return (values - self.low) / span
 
 
 def fuse(zero: torch.Tensor, few: torch.Tensor, zero_range: FusionRange, few_range: FusionRange) -> torch.Tensor:

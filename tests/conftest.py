@@ -62,3 +62,26 @@ def tiny_detector(tiny_config, tiny_weights) -> medad.MVFADetector:
         levels=tiny_config["features"],
         checkpoint=tiny_weights["adapters"],
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_path(tiny_weights) -> Path:
+    """The fixture's tiny CLIP as an open_clip checkpoint file."""
+    return tiny_weights["clip"]
+
+
+@pytest.fixture(scope="session")
+def synthetic_bmad(tmp_path_factory) -> Path:
+    """Three generated data sets in the BMAD layout (two with masks), 112 px."""
+    from helpers import IMAGE_SIZE
+    from synthetic import write_benchmark
+
+    return write_benchmark(tmp_path_factory.mktemp("bmad"), size=IMAGE_SIZE)
+
+
+@pytest.fixture(scope="session")
+def bundle_backbone(tiny_clip_path) -> dict:
+    """Bundle overrides for the tiny fixture CLIP (real weights file, no random init)."""
+    from helpers import IMAGE_SIZE
+
+    return {"clip_model": medad.TINY_MODEL_NAME, "clip_weights": tiny_clip_path, "image_size": IMAGE_SIZE, "levels": "[1,2,3,4]"}

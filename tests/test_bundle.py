@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -21,57 +18,7 @@ from medad.data import bmad_datalist
 from medad.scoring import FusionRange
 from medad.transforms import mvfa_preprocessing
 
-from synthetic import write_benchmark
-
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
-IMAGE_SIZE = 112
-
-
-def configs(*names: str) -> str:
-    return repr([str(CONFIGS / f"{name}.json") for name in names])
-
-
-def run_bundle(run_id: str, config_names: tuple[str, ...], bundle_root: Path, **overrides) -> str:
-    """Run a bundle workflow in a subprocess; return its log."""
-    command = [
-        sys.executable, "-m", "monai.bundle", "run", run_id,
-        "--config_file", configs(*config_names),
-        "--meta_file", str(CONFIGS / "metadata.json"),
-        "--logging_file", str(CONFIGS / "logging.conf"),
-        "--bundle_root", str(bundle_root),
-    ]
-    for key, value in overrides.items():
-        command += [f"--{key}", str(value)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-6000:]
-    return log
-
-
-@pytest.fixture(scope="module")
-def benchmark(tmp_path_factory) -> Path:
-    return write_benchmark(tmp_path_factory.mktemp("bmad"), size=IMAGE_SIZE)
-
-
-@pytest.fixture(scope="module")
-def backbone(tiny_weights_module) -> dict:
-    return {"clip_model": medad.TINY_MODEL_NAME, "clip_weights": tiny_weights_module, "image_size": IMAGE_SIZE, "levels": "[1,2,3,4]"}
-
-
-@pytest.fixture(scope="module")
-def tiny_weights_module(tmp_path_factory) -> Path:
-    from safetensors.torch import load_file, save_file
-
-    weights = load_file(Path(__file__).parent / "data" / "mvfa_tiny_weights.safetensors")
-    path = tmp_path_factory.mktemp("clip") / "tiny_clip.safetensors"
-    save_file({k.removeprefix("clip/"): v.float() for k, v in weights.items() if k.startswith("clip/")}, path)
-    return path
-
-
-def common(benchmark: Path, backbone: dict) -> dict:
-    return {"dataset_dir": benchmark, "target": "Alpha", "num_workers": 0, "batch_size": 4, "eval_batch_size": 8, **backbone}
-
+from helpers import CONFIGS, IMAGE_SIZE, common, run_bundle
 
 def as_config(settings: dict) -> dict:
     """CLI overrides as config values (the CLI parses strings, ConfigWorkflow takes objects)."""
@@ -107,8 +54,8 @@ def _raw_scores(detector: medad.MVFADetector, items: list[dict]) -> tuple[medad.
     return raw, masks, np.array([item["label"] for item in items])
 
 
-def test_zero_shot_then_few_shot_training_evaluation_and_inference(benchmark, backbone, tmp_path):
-    settings = common(benchmark, backbone)
+def test_zero_shot_then_few_shot_training_evaluation_and_inference(synthetic_bmad, bundle_backbone, tmp_path):
+    settings = common(synthetic_bmad, bundle_backbone)
     zero = tmp_path / "zero"
     log = run_bundle("training", ("train",), zero, epochs=1, **settings)
     assert "Saved checkpoint at epoch: 1" in log
@@ -135,11 +82,11 @@ def test_zero_shot_then_few_shot_training_evaluation_and_inference(benchmark, ba
 
     # The metrics equal sklearn on the same scores, fused over the set as the paper does.
     detector = medad.build_detector(
-        [], None, model_name=medad.TINY_MODEL_NAME, image_size=IMAGE_SIZE, pretrained=backbone["clip_weights"],
+        [], None, model_name=medad.TINY_MODEL_NAME, image_size=IMAGE_SIZE, pretrained=bundle_backbone["clip_weights"],
         levels=(1, 2, 3, 4), checkpoint=few / "models" / "model.pt",
     )
     assert detector.has_memory and detector.is_calibrated and detector.target == "Alpha"
-    raw, masks, labels = _raw_scores(detector, bmad_datalist(benchmark, "Alpha", "test"))
+    raw, masks, labels = _raw_scores(detector, bmad_datalist(synthetic_bmad, "Alpha", "test"))
     ranges = {name: FusionRange.of(getattr(raw, name)) for name in ("zero_map", "few_map", "zero_score", "few_score")}
     fused = detector.finalize(raw, ranges)
     assert metrics["val_image_auroc"] == pytest.approx(roc_auc_score(labels, fused.score.numpy()), abs=1e-6)
@@ -149,7 +96,7 @@ def test_zero_shot_then_few_shot_training_evaluation_and_inference(benchmark, ba
     # Inference on a folder: one map per image at the image's own size, and a scores table.
     samples = few / "samples"
     samples.mkdir()
-    sources = sorted((benchmark / "Alpha_AD" / "test" / "Ungood" / "img").glob("*.png"))[:3]
+    sources = sorted((synthetic_bmad / "Alpha_AD" / "test" / "Ungood" / "img").glob("*.png"))[:3]
     for source in sources:
         Image.open(source).resize((150, 130)).save(samples / source.name)
     inference = {k: v for k, v in settings.items() if k not in ("target", "dataset_dir", "eval_batch_size")}
@@ -163,9 +110,9 @@ def test_zero_shot_then_few_shot_training_evaluation_and_inference(benchmark, ba
     assert rows[0].startswith("image,score") and len(rows) == 1 + len(sources)
 
 
-def test_tracking_with_mlflow(benchmark, backbone, tmp_path):
+def test_tracking_with_mlflow(synthetic_bmad, bundle_backbone, tmp_path):
     pytest.importorskip("mlflow", reason="the test extra installs mlflow")
-    run_bundle("training", ("train",), tmp_path, epochs=1, tracking="mlflow", **common(benchmark, backbone))
+    run_bundle("training", ("train",), tmp_path, epochs=1, tracking="mlflow", **common(synthetic_bmad, bundle_backbone))
     import mlflow
 
     # MONAI points mlflow at eval/mlruns; mlflow 3 keeps the runs in a database beside it.

@@ -1,0 +1,165 @@
+"""Data checks before any training or evaluation starts: one report of every problem.
+
+A data set with a truncated file, a mask of the wrong size or a non-binary mask should stop a
+run at once with a list of every such file, not crash hours later in a DataLoader worker or,
+worse, train on a wrong mask. :func:`check_items` opens every image and mask of a data list
+once and either raises :class:`DataCheckError` with the full report, or (``on_error="skip"``)
+drops the bad items and writes the report beside the outputs.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from medad.io import atomic_write
+
+__all__ = ["DataCheckError", "Problem", "check_items", "read_array"]
+
+logger = logging.getLogger(__name__)
+
+# Mask values farther than this from {0, 1} or {0, 255} (after scaling) are "not binary-like";
+# a few anti-aliased border values are tolerated by the fraction below.
+_NON_BINARY_FRACTION = 0.01
+_CHANNELS = (1, 2, 3, 4)
+_PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+class DataCheckError(ValueError):
+    """The data failed its checks; the message lists every problem found."""
+
+
+class Problem(NamedTuple):
+    """One problem of one file."""
+
+    file: str
+    reason: str
+
+
+def read_array(path: str | os.PathLike) -> np.ndarray:
+    """Pixel data of an image file as an array ``(H, W)`` or ``(H, W, C)``.
+
+    Raises ``ValueError`` naming the file for missing, empty, truncated or unreadable files.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError("file not found")
+    if path.stat().st_size == 0:
+        raise ValueError("empty file")
+    if not path.name.lower().endswith(_PIL_SUFFIXES):
+        return _read_with_monai(path)
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode fully: truncated files fail here, not in a worker later
+            if image.mode in ("P", "PA"):
+                image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+            return np.asarray(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"unreadable image ({type(error).__name__}: {error})") from error
+
+
+def _read_with_monai(path: Path) -> np.ndarray:
+    """NIfTI, DICOM and other formats through MONAI's readers, as ``(H, W[, D...])``."""
+    from monai.transforms import LoadImage
+
+    try:
+        return np.asarray(LoadImage(image_only=True)(str(path)))
+    except Exception as error:  # MONAI wraps each reader's own error types
+        raise ValueError(f"unreadable image ({type(error).__name__}: {error})") from error
+
+
+def _check_image(path: str) -> tuple[np.ndarray | None, list[str]]:
+    try:
+        pixels = read_array(path)
+    except ValueError as error:
+        return None, [str(error)]
+    reasons = []
+    channels = 1 if pixels.ndim == 2 else pixels.shape[-1]
+    if pixels.ndim not in (2, 3) or channels not in _CHANNELS:
+        reasons.append(f"unsupported shape {pixels.shape} (expected gray, gray+alpha, RGB or RGBA)")
+    if min(pixels.shape[:2]) < 2:
+        reasons.append(f"image too small: {pixels.shape[:2]}")
+    if np.issubdtype(pixels.dtype, np.floating) and not np.isfinite(pixels).all():
+        reasons.append("non-finite values (NaN or infinity)")
+    return pixels, reasons
+
+
+def _check_mask(path: str, image: np.ndarray | None) -> list[str]:
+    try:
+        mask = read_array(path)
+    except ValueError as error:
+        return [f"mask: {error}"]
+    reasons = []
+    if mask.ndim == 3:
+        mask = mask[..., 0]
+    if image is not None and mask.shape[:2] != image.shape[:2]:
+        reasons.append(f"mask size {mask.shape[:2]} differs from its image's {image.shape[:2]}")
+    values = mask.astype(np.float64)
+    scale = 255.0 if values.max(initial=0) > 1 else 1.0
+    off = np.minimum(np.abs(values), np.abs(values - scale)) > 0.1 * scale
+    if off.mean() > _NON_BINARY_FRACTION:
+        reasons.append(f"mask is not binary-like ({off.mean():.1%} of its pixels are neither 0 nor {scale:g})")
+    return reasons
+
+
+def check_items(
+    items: Sequence[dict],
+    on_error: str = "raise",
+    report_dir: str | os.PathLike | None = None,
+    report_name: str = "data_problems.csv",
+) -> list[dict]:
+    """Check every image (and mask) of a data list before it is used.
+
+    Problems found: missing, empty, truncated or unreadable files; unsupported channel counts;
+    non-finite values; an image and its mask of different sizes; masks that are not
+    binary-like; an abnormal image without its mask in a data set with masks; an empty list.
+
+    Args:
+        items: data list items with ``image`` and optionally ``mask``, ``label``, ``has_mask``.
+        on_error: ``"raise"``: stop with one :class:`DataCheckError` listing every problem;
+            ``"skip"``: drop the bad items, log how many, and write the report.
+        report_dir: where ``report_name`` (file, reason) is written when problems are found.
+
+    Returns:
+        The items that passed (all of them with ``on_error="raise"``).
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if not items:
+        raise DataCheckError("the data list is empty: no images to use")
+    problems: list[Problem] = []
+    kept = []
+    for item in items:
+        image, reasons = _check_image(item["image"])
+        found = [Problem(item["image"], reason) for reason in reasons]
+        if item.get("mask"):
+            found += [Problem(item["mask"], reason) for reason in _check_mask(item["mask"], image)]
+        elif item.get("has_mask") and int(item.get("label", 0)) == 1:
+            found.append(Problem(item["image"], "abnormal image without its mask in a data set with masks"))
+        problems += found
+        if not found:
+            kept.append(item)
+    if not problems:
+        return list(items)
+    report = "\n".join(f"  {p.file}: {p.reason}" for p in problems)
+    if report_dir is not None:
+        with atomic_write(Path(report_dir) / report_name, newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["file", "reason"])
+            writer.writerows(problems)
+    if on_error == "raise":
+        raise DataCheckError(
+            f"{len(problems)} problem(s) in {len(items) - len(kept)} of {len(items)} items "
+            f"(fix them, or set on_error='skip' to leave those items out):\n{report}"
+        )
+    if not kept:
+        raise DataCheckError(f"every item failed its checks:\n{report}")
+    logger.warning("left out %d of %d items with problems (report: %s):\n%s", len(items) - len(kept), len(items), report_dir, report)
+    return kept

@@ -1,0 +1,314 @@
+"""Model-zoo release: the archive of scripts/build_bundle.py, served from a loopback HTTP
+server, downloaded, loaded, run, checked and exported with MONAI's own bundle tools.
+
+The released model is an :class:`medad.MVFADetector` ``state_dict`` built in-process on the
+seeded random-init tiny backbone of ``configs/tiny.json`` (every process builds the same
+backbone), with a few-shot memory bank and calibration so that the fullest state travels.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import threading
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+from monai.apps.utils import HashCheckError
+from monai.bundle import download, download_large_files, load
+from monai.data import load_net_with_metadata
+from PIL import Image
+
+import medad
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+METADATA = json.loads((CONFIGS / "metadata.json").read_text())
+NAME, VERSION = METADATA["name"], METADATA["version"]
+TINY = json.loads((CONFIGS / "tiny.json").read_text())
+IMAGE_SIZE = json.loads((CONFIGS / "inference.json").read_text())["image_size"]
+# network_def arguments that configs/tiny.json sets through its top-level keys, for
+# monai.bundle.load's net_override (which only reaches network_def#...). MONAI drops None
+# overrides, so "no weights" is given as "" (create_clip treats both alike).
+TINY_NET = {
+    "model_name": TINY["clip_model"], "pretrained": "", "random_init": TINY["clip_random_init"], "levels": TINY["levels"],
+}
+TINY_CONFIGS = "['configs/inference.json','configs/tiny.json']"
+
+_spec = importlib.util.spec_from_file_location("build_bundle", ROOT / "scripts" / "build_bundle.py")
+build_bundle = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(build_bundle)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def start_monai(*args: str, cwd: Path) -> subprocess.Popen:
+    """Start ``python -m monai.bundle <args>`` in ``cwd`` (stdout and stderr together)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "monai.bundle", *args], cwd=cwd, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def finish(process: subprocess.Popen) -> str:
+    """Wait for a started command; return its log, failing the test if it failed."""
+    log, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, log[-6000:]
+    return log
+
+
+@dataclass
+class Trained:
+    model: Path  # the detector's state_dict, as training writes models/model.pt
+    images: torch.Tensor  # (3, 3, S, S) reference inputs
+    maps: torch.Tensor  # eager outputs of the detector on them
+
+
+@dataclass
+class Release:
+    archive: Path  # weights packed
+    lite_archive: Path  # weights left to download_large_files
+    base_url: str
+    bundle: Path  # the downloaded and unpacked full archive
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Trained:
+    torch.manual_seed(0)
+    detector = medad.build_detector(
+        ["Brain", "Liver"], "Brain", model_name=TINY["clip_model"], image_size=IMAGE_SIZE,
+        pretrained=TINY["clip_weights"], random_init=TINY["clip_random_init"], levels=TINY["levels"],
+    ).eval()
+    with torch.no_grad():
+        detector.build_memory(torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE))
+        detector.calibrate(torch.rand(4, 3, IMAGE_SIZE, IMAGE_SIZE))
+        images = torch.rand(3, 3, IMAGE_SIZE, IMAGE_SIZE)
+        maps = detector(images)
+    model = tmp_path_factory.mktemp("trained") / "model.pt"
+    torch.save(detector.state_dict(), model)
+    return Trained(model, images, maps)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> Iterator[tuple[Path, str]]:
+    """A folder served over HTTP on 127.0.0.1 only (an ephemeral port), and its base URL."""
+    folder = tmp_path_factory.mktemp("served")
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args) -> None:  # keep test output clean
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.fixture(scope="module")
+def release(trained, served, tmp_path_factory) -> Release:
+    folder, base_url = served
+    (folder / "model.pt").write_bytes(trained.model.read_bytes())
+    common = ["--model", str(trained.model), "--model-url", f"{base_url}/model.pt"]
+    assert build_bundle.main([*common, "--output-dir", str(folder)]) == 0
+    assert build_bundle.main([*common, "--output-dir", str(folder / "lite"), "--exclude-model"]) == 0
+    archive = folder / f"{NAME}_v{VERSION}.zip"
+    bundle_dir = tmp_path_factory.mktemp("downloaded")
+    download(name=NAME, url=f"{base_url}/{archive.name}", bundle_dir=bundle_dir, progress=False)
+    return Release(archive, folder / "lite" / archive.name, base_url, bundle_dir / NAME)
+
+
+# ----------------------------------------------------------------------------- metadata and configs
+
+
+def test_metadata_has_the_fields_the_bundle_schema_and_model_zoo_require():
+    # Required by MONAI's meta_schema_20240725.json, which is the schema that has
+    # required_packages_version (older schemas require optional_packages_version instead).
+    required = ["schema", "version", "monai_version", "pytorch_version", "numpy_version", "required_packages_version",
+                "task", "description", "authors", "copyright", "network_data_format"]
+    assert [key for key in required if key not in METADATA] == []
+    assert METADATA["schema"].endswith("/meta_schema_20240725.json")
+    assert VERSION in METADATA["changelog"], "the model-zoo CI wants the version in the changelog"
+    assert METADATA["required_packages_version"]["medad"] == medad.__version__
+    image = METADATA["network_data_format"]["inputs"]["image"]
+    pred = METADATA["network_data_format"]["outputs"]["pred"]
+    for tensor in (image, pred):
+        assert {"type", "format", "num_channels", "spatial_shape", "dtype", "value_range"} <= set(tensor)
+        assert all(isinstance(v, (int, float)) for v in tensor["value_range"])
+    # What verify_net_in_out and ckpt_export read: the network takes (1, 3, 240, 240) float32 in
+    # [0, 1] and returns a one-channel float32 map at the input size.
+    assert (image["num_channels"], image["spatial_shape"], image["dtype"]) == (3, [IMAGE_SIZE] * 2, "float32")
+    assert image["value_range"] == [0, 1]
+    assert (pred["num_channels"], pred["spatial_shape"], pred["dtype"]) == (1, [IMAGE_SIZE] * 2, "float32")
+    assert build_bundle.metadata_problems(METADATA) == []
+    broken = {k: v for k, v in METADATA.items() if k not in ("authors", "changelog")}
+    problems = build_bundle.metadata_problems(broken)
+    assert "missing field 'authors'" in problems and any("changelog" in p for p in problems)
+
+
+def test_every_config_path_derives_from_bundle_root():
+    for path in sorted(CONFIGS.glob("*.json")):
+        if path.name != "metadata.json":
+            assert build_bundle.config_path_problems(json.loads(path.read_text())) == [], path.name
+    bad = {
+        "bundle_root": "/opt/bundle",
+        "ckpt_dir": "models",
+        "output_dir": "./eval",
+        "handlers": [{"load_path": "$'/abs/model.pt'"}, {"load_path": "$@ckpt_dir + '/model.pt'"}],
+        "dataset_dir": "/workspace/data",  # the user's data may live anywhere
+    }
+    problems = build_bundle.config_path_problems(bad)
+    assert len(problems) == 4 and "handlers#0#load_path" in problems[-1], problems
+
+
+# ----------------------------------------------------------------------------- the archive
+
+
+def test_build_reports_what_is_missing_and_leaves_nothing_behind(trained, tmp_path, capsys):
+    output = tmp_path / "dist"
+    url = ["--model-url", "http://127.0.0.1/model.pt"]
+    assert build_bundle.main(["--model", str(tmp_path / "none.pt"), *url, "--output-dir", str(output)]) == 1
+    assert "none.pt (train a model first" in capsys.readouterr().err
+    assert build_bundle.main(["--model", str(trained.model), "--output-dir", str(output)]) == 1
+    assert "give --model-url" in capsys.readouterr().err
+    resume = tmp_path / "resume_checkpoint_epoch=1.pt"
+    torch.save({"model": torch.load(trained.model, weights_only=True), "optimizer": {}}, resume)
+    assert build_bundle.main(["--model", str(resume), *url, "--output-dir", str(output)]) == 1
+    assert "not a detector state dict" in capsys.readouterr().err
+    assert not output.exists() or list(output.iterdir()) == []
+
+
+def test_archive_has_the_model_zoo_layout(release, trained):
+    with zipfile.ZipFile(release.archive) as archive:
+        names = set(archive.namelist())
+        large_files = yaml.safe_load(archive.read(f"{NAME}/large_files.yml"))
+    assert {name.split("/")[0] for name in names} == {NAME}, "one top folder named after the bundle"
+    expected = {f"configs/{p.name}" for p in CONFIGS.glob("*.json")} | {
+        "configs/logging.conf", "models/model.pt", "docs/README.md", "docs/data_license.txt", "LICENSE", "large_files.yml",
+    }
+    assert {name.removeprefix(f"{NAME}/") for name in names} == expected
+    assert large_files["large_files"] == [
+        {
+            "path": "models/model.pt", "url": f"{release.base_url}/model.pt",
+            "hash_val": sha256(trained.model), "hash_type": "sha256",
+        }
+    ]
+    with zipfile.ZipFile(release.lite_archive) as archive:
+        assert f"{NAME}/models/model.pt" not in archive.namelist()
+        assert f"{NAME}/large_files.yml" in archive.namelist()
+
+
+def test_download_load_and_infer_from_the_released_archive(release, trained, tmp_path):
+    bundle = release.bundle
+    assert (bundle / "configs" / "metadata.json").is_file()
+    assert sha256(bundle / "models" / "model.pt") == sha256(trained.model)
+
+    # The network is built with the checkpoint (its memory bank and text features vary in size,
+    # and load() copies only tensors of matching shapes) and the non-tensor _extra_state is kept
+    # out of load()'s tensor copy: see the model card.
+    network = load(
+        name=NAME, bundle_dir=bundle.parent, workflow_type="inference", device="cpu",
+        net_override={**TINY_NET, "checkpoint": str(bundle / "models" / "model.pt")},
+        copy_model_args={"exclude_vars": "^_extra_state$"},
+    )
+    assert isinstance(network, medad.MVFADetector) and network.has_memory and network.target == "Brain"
+    with torch.no_grad():
+        maps = network.eval()(trained.images)
+    assert maps.shape == (3, 1, IMAGE_SIZE, IMAGE_SIZE)
+    torch.testing.assert_close(maps, trained.maps, rtol=0, atol=1e-5)
+
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    rng = np.random.default_rng(0)
+    for name, (height, width) in {"a": (130, 150), "b": (IMAGE_SIZE, IMAGE_SIZE)}.items():
+        Image.fromarray(rng.integers(0, 256, (height, width), dtype=np.uint8)).save(samples / f"{name}.png")
+    finish(start_monai(
+        "run", "inferring", "--config_file", TINY_CONFIGS, "--dataset_dir", str(samples), "--num_workers", "0", cwd=bundle,
+    ))
+    assert nib.load(bundle / "outputs" / "a_anomaly_map.nii.gz").shape[:2] == (130, 150)
+    assert (bundle / "outputs" / "b_anomaly_map.nii.gz").is_file()
+    assert len((bundle / "outputs" / "scores.csv").read_text().splitlines()) == 3
+
+
+def test_download_large_files_fetches_the_weights_and_checks_their_hash(release, trained, tmp_path):
+    download(name=NAME, url=f"{release.base_url}/lite/{release.lite_archive.name}", bundle_dir=tmp_path, progress=False)
+    bundle = tmp_path / NAME
+    weights = bundle / "models" / "model.pt"
+    assert not weights.exists()
+    download_large_files(bundle_path=str(bundle))
+    assert sha256(weights) == sha256(trained.model)
+
+    # A file that does not match the recorded hash is refused, whether already there or fetched.
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    with pytest.raises(HashCheckError):
+        download_large_files(bundle_path=str(bundle))
+    weights.unlink()
+    listing = bundle / "large_files.yml"
+    config = yaml.safe_load(listing.read_text())
+    config["large_files"][0]["hash_val"] = "0" * 64
+    listing.write_text(yaml.safe_dump(config))
+    with pytest.raises(HashCheckError):
+        download_large_files(bundle_path=str(bundle))
+    assert not weights.exists()
+
+
+# ----------------------------------------------------------------------------- MONAI's checks and exports
+
+
+def test_verify_net_in_out_and_torchscript_export(release, trained):
+    bundle = release.bundle
+    # As the model-zoo CI runs them, from the unpacked bundle (both at once: most of each is
+    # imports). The untrained net needs a target for its text features; a checkpoint brings its own.
+    verify = start_monai(
+        "verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json", "--config_file", TINY_CONFIGS,
+        "--target", "Brain", cwd=bundle,
+    )
+    # open_clip cannot be scripted: trace at the metadata's input shape.
+    export = start_monai(
+        "ckpt_export", "network_def", "--filepath", "models/model.ts", "--ckpt_file", "models/model.pt",
+        "--meta_file", "configs/metadata.json", "--config_file", TINY_CONFIGS,
+        "--use_trace", "True", "--input_shape", f"[1, 3, {IMAGE_SIZE}, {IMAGE_SIZE}]", cwd=bundle,
+    )
+    assert "data shape of network is verified with no error" in finish(verify)
+    finish(export)
+    module, meta, _ = load_net_with_metadata(bundle / "models" / "model.ts", map_location="cpu")
+    assert meta["version"] == VERSION
+    with torch.no_grad():
+        maps = module(trained.images)  # another batch size than the traced one
+    assert (maps - trained.maps).abs().max().item() <= 1e-4
+
+
+def test_onnx_export_matches_eager(trained, tmp_path):
+    ort = pytest.importorskip("onnxruntime", reason="the ONNX check needs onnx, onnxruntime and onnxscript")
+    pytest.importorskip("onnxscript", reason="torch.onnx.export needs onnxscript (pip install onnxscript)")
+    detector = medad.build_detector(
+        [], None, model_name=TINY["clip_model"], image_size=IMAGE_SIZE, pretrained=TINY["clip_weights"],
+        random_init=TINY["clip_random_init"], levels=TINY["levels"], checkpoint=trained.model,
+    ).eval()
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(
+        detector, (trained.images,), str(path), input_names=["image"], output_names=["pred"],
+        dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},),
+    )
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (maps,) = session.run(None, {"image": trained.images.numpy()})
+    assert np.abs(maps - trained.maps.numpy()).max() <= 1e-4
