@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+ML_VENV := .venv-monailabel
+ML_STAMP := $(ML_VENV)/.installed-stamp
 
-.PHONY: install demo test test-all clean
+.PHONY: install demo test test-all monailabel-env monailabel-test clean
 
 install: $(STAMP)
 
@@ -26,5 +28,16 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest
 
+## make monailabel-env: the MONAI Label environment (.venv-monailabel; its pins clash with the main one)
+monailabel-env: $(ML_STAMP)
+
+$(ML_STAMP): pyproject.toml scripts/monailabel_env.sh
+	PYTHON=$(PYTHON) MONAILABEL_VENV=$(ML_VENV) bash scripts/monailabel_env.sh
+	touch $(ML_STAMP)
+
+## make monailabel-test: the MONAI Label app against a real MONAI Label server (both environments)
+monailabel-test: $(STAMP) $(ML_STAMP)
+	$(BIN)/python -m pytest -rs tests/test_monailabel.py
+
 clean:
-	rm -rf $(VENV) dist demo .pytest_cache
+	rm -rf $(VENV) $(ML_VENV) dist demo .pytest_cache

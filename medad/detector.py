@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,8 @@ class MVFADetector(nn.Module):
         self.register_buffer("memory_seg", torch.zeros(levels, 0, embed))
         self.register_buffer("memory_det", torch.zeros(levels, 0, embed))
         self.register_buffer("calibration", torch.full((len(_CALIBRATION_ROWS), 2), float("nan")))
+        #: Decision threshold on final scores, chosen on the support set by :meth:`calibrate`.
+        self.threshold: float | None = None
 
     # ----------------------------------------------------------------- state
 
@@ -107,6 +110,7 @@ class MVFADetector(nn.Module):
             "datasets": list(self.datasets),
             "target": self.target,
             "image_score_from_map": self.image_score_from_map,
+            "threshold": self.threshold,
         }
 
     def set_extra_state(self, state: dict) -> None:
@@ -119,6 +123,7 @@ class MVFADetector(nn.Module):
         self.datasets = list(state["datasets"])
         self.target = state["target"]
         self.image_score_from_map = bool(state["image_score_from_map"])
+        self.threshold = state.get("threshold")  # None in checkpoints made before thresholds
 
     def _set_text_features(self, text_features: Mapping[str, torch.Tensor]) -> None:
         self.datasets = list(text_features)
@@ -184,15 +189,25 @@ class MVFADetector(nn.Module):
             setattr(self, name, F.normalize(memory, dim=-1))
 
     @torch.no_grad()
-    def calibrate(self, images: torch.Tensor, batch_size: int = 8) -> None:
+    def calibrate(self, images: torch.Tensor, batch_size: int = 8, labels: torch.Tensor | None = None) -> None:
         """Store the min-max ranges of the raw scores of ``images`` (the support set), so that
-        single images are fused without the rest of a test set."""
+        single images are fused without the rest of a test set; with ``labels`` (1 abnormal)
+        of both classes, also the decision ``threshold``: the one of highest F1 over the
+        support set's final scores (else ``None``)."""
         device = self.text_features.device
         parts = [self.raw_scores(batch.to(device)) for batch in images.split(batch_size)]
         raw = RawScores(*(None if values[0] is None else torch.cat(values) for values in zip(*parts)))
         values = [getattr(raw, name) for name in _CALIBRATION_ROWS]
         rows = [[float("nan")] * 2 if v is None else [float(v.min()), float(v.max())] for v in values]
         self.calibration = torch.tensor(rows, device=self.calibration.device)
+        self.threshold = None
+        if labels is not None and 0 < int(labels.sum()) < len(labels):
+            from sklearn.metrics import precision_recall_curve
+
+            scores = self.finalize(raw).score.float().cpu().numpy()
+            precision, recall, thresholds = precision_recall_curve(labels.cpu().numpy(), scores)
+            f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+            self.threshold = float(thresholds[int(np.argmax(f1[:-1]))])
 
     def calibrated_ranges(self) -> dict[str, FusionRange]:
         """The stored ranges, as tensors so that tracing and ONNX export record them."""

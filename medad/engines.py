@@ -5,22 +5,29 @@ sets with masks train the seg adapters (focal + Dice) and the det adapters (BCE)
 data sets without masks update only the det adapters; and each sample is aligned with the
 text features of its own data set. The evaluator returns MVFA's raw zero-/few-shot scores
 beside the final map, so that metrics can fuse them over the whole set as the paper does.
+
+The trainer also runs under ``torch.nn.parallel.DistributedDataParallel`` (see
+``configs/multi_gpu_train.json``): its one backward pass routes each adapter set's gradient
+by itself, so DDP's all-reduce averages exactly the gradients of the single-process rule.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from contextlib import nullcontext
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from monai.data import MetaTensor
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils import convert_to_dst_type
 from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
-from medad.detector import unwrap
+from medad.detector import AnomalyScores, unwrap
+from medad.volumes import VolumeScores
 
 __all__ = ["MVFAEvaluator", "MVFATrainer", "adapter_parameter_groups"]
 
@@ -55,8 +62,16 @@ class MVFATrainer(SupervisedTrainer):
 
     Per sample the loss is ``seg + det`` where the data set has masks and ``det`` otherwise,
     averaged over the batch. The seg adapters learn only from samples with masks (both their
-    losses, as in MVFA), the det adapters from all; a batch mixing both kinds therefore takes
-    two backward passes through the adapted blocks, a uniform batch one.
+    losses, as in MVFA), the det adapters from all; a batch without masks leaves the seg
+    adapters out of the step. One backward pass does both (see :func:`_seg_adapters_learn_from`).
+
+    The network may be the detector or the detector wrapped in ``DistributedDataParallel``
+    (``find_unused_parameters=True``: the last level's fc2 is never used, and the seg adapters
+    are unused on a rank whose batch has no mask). The adapted blocks then run inside DDP's
+    forward, so every rank joins every all-reduce, and DDP's mean over ranks of the per-rank
+    batch means is the mean over the global batch when the ranks' batches have equal sizes
+    (``DistributedSampler(even_divisible=True)``). Parameters no rank used keep no gradient, so
+    a global batch without masks skips the seg adapters' Adam step, as a single process does.
 
     Args:
         cache_trunk: keep the frozen blocks' output before the first adapter for every sample
@@ -98,7 +113,8 @@ class MVFATrainer(SupervisedTrainer):
         engine.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, **engine.amp_kwargs) if engine.amp else nullcontext():
             hidden = engine._trunk(detector.encoder, images, batchdata)
-            tokens = engine.inferer(hidden, detector.encoder.adapt)
+            with _adapting(engine.network) as network, _seg_adapters_learn_from(detector.encoder, supervised):
+                tokens = engine.inferer(hidden, network)
             engine.state.output[Keys.PRED] = tokens
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             losses = engine.loss_function(tokens.seg, tokens.det, text, masks, labels)
@@ -107,19 +123,60 @@ class MVFATrainer(SupervisedTrainer):
         engine.state.output.update({Keys.LOSS: loss.detach(), "seg_loss": losses.seg.detach(), "det_loss": losses.det.detach()})
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
 
-        seg_params = [p for p in detector.encoder.seg_adapters.parameters() if p.requires_grad]
-        det_params = [p for p in detector.encoder.det_adapters.parameters() if p.requires_grad]
-        if bool(supervised.all()):
-            loss.backward()
-        else:
-            if bool(supervised.any()):
-                seg_objective = (weight * (losses.seg + losses.det)).mean()
-                torch.autograd.backward(seg_objective, inputs=seg_params, retain_graph=True)
-            torch.autograd.backward(loss, inputs=det_params)
+        loss.backward()
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         engine.optimizer.step()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+
+@contextmanager
+def _adapting(network: nn.Module) -> Iterator[nn.Module]:
+    """``network`` (a detector, or its DDP wrapper) made to run the adapted blocks when called.
+
+    Training runs :meth:`medad.network.MVFA.adapt` on the frozen trunk's (possibly cached)
+    output, not the detector's forward (images to maps). DDP only reduces the gradients of
+    outputs of its own forward, which calls the wrapped module; so the detector's ``forward`` is
+    that step while the block runs.
+    """
+    detector = unwrap(network)
+    detector.forward = detector.encoder.adapt
+    try:
+        yield network
+    finally:
+        del detector.forward
+
+
+@contextmanager
+def _seg_adapters_learn_from(encoder: nn.Module, supervised: torch.Tensor) -> Iterator[None]:
+    """Within the block, the seg adapters' weights learn only from the rows where ``supervised``.
+
+    MVFA's rule: the seg adapters get the gradient of ``mean(w * (seg + det))`` (``w`` = has a
+    mask, the mean over the whole batch), the det adapters that of the loss
+    ``mean(w * seg + det)``. The two differ by the det loss of rows without masks, which must
+    reach the det adapters also through the seg adapters' corrections in the residual stream,
+    but not the seg adapters' weights. So those rows run the seg adapters' linear layers with
+    detached weights: values and the gradient flowing on to the stream are unchanged, and one
+    backward of the loss gives both sets their gradients (rows are independent in the network).
+    A batch without masks leaves the seg weights out of the graph: no gradient, no Adam step.
+    """
+    if bool(supervised.all()):
+        yield
+        return
+    live = supervised.reshape(-1, 1, 1) if bool(supervised.any()) else None
+
+    def route(linear: nn.Linear, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        bias = None if linear.bias is None else linear.bias.detach()
+        frozen = F.linear(args[0], linear.weight.detach(), bias)
+        return frozen if live is None else torch.where(live, output, frozen)
+
+    linears = [module for module in encoder.seg_adapters.modules() if isinstance(module, nn.Linear)]
+    handles = [linear.register_forward_hook(route) for linear in linears]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class MVFAEvaluator(SupervisedEvaluator):
@@ -127,9 +184,12 @@ class MVFAEvaluator(SupervisedEvaluator):
     (B, 1, S, S)), ``score`` (B,), MVFA's raw ``zero_map``, ``zero_score`` and, with a memory
     bank, ``few_map`` and ``few_score``, and ``label``/``mask`` where the data has them.
 
-    The inferer must return :class:`medad.RawScores` (see :class:`medad.inferers.AnomalyInferer`).
-    Final maps use the detector's stored calibration; a detector with a memory bank but no
-    calibration yet leaves ``pred``/``score`` out (set-level metrics only need the raw scores).
+    The inferer returns :class:`medad.RawScores` for images (see
+    :class:`medad.inferers.AnomalyInferer`); final maps use the detector's stored calibration,
+    and a detector with a memory bank but no calibration yet leaves ``pred``/``score`` out
+    (set-level metrics only need the raw scores). For volumes it returns final
+    :class:`medad.volumes.VolumeScores`: ``pred`` is then (B, 1, H, W, D), and ``score_p95``,
+    ``slice_scores`` and ``empty_slices`` are added.
     """
 
     def _iteration(self, engine: MVFAEvaluator, batchdata: Mapping[str, Any]) -> dict:
@@ -146,10 +206,17 @@ class MVFAEvaluator(SupervisedEvaluator):
             with torch.autocast(device.type, **engine.amp_kwargs) if engine.amp else nullcontext():
                 raw = engine.inferer(_plain(images, device, engine.non_blocking), engine.network)
             engine.state.output.update({k: v for k, v in raw._asdict().items() if v is not None})
-            if raw.few_map is None or detector.is_calibrated:
+            final = None
+            if isinstance(raw, VolumeScores):  # fused slice by slice already
+                final = AnomalyScores(raw.anomaly_map, raw.score)
+            elif raw.few_map is None or detector.is_calibrated:
                 final = detector.finalize(raw)
+            if final is not None:
                 # keep the image's meta data (file name, geometry, applied transforms) for saving
                 pred = convert_to_dst_type(final.anomaly_map.unsqueeze(1), images)[0]
+                if isinstance(pred, MetaTensor):
+                    # one channel first, whatever the image's layout was (RGB files: channel last)
+                    pred.meta["original_channel_dim"] = "no_channel"
                 engine.state.output[Keys.PRED] = pred
                 engine.state.output["score"] = final.score
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import re
@@ -10,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from ignite.engine import Engine, Events
 from monai.data import decollate_batch
 from monai.handlers import CheckpointLoader, CheckpointSaver
@@ -53,23 +55,43 @@ class FewShotMemoryHandler:
         was_training = detector.training
         detector.eval()
         detector.build_memory(self.images[self.normal], self.batch_size)
-        detector.calibrate(self.images, self.batch_size)
+        detector.calibrate(self.images, self.batch_size, labels=(~self.normal).long())
         detector.train(was_training)
 
 
 class ScoresWriter:
-    """Write one row per image (``image``, ``score``, ``label`` where known, and ``anomalous`` at
-    ``threshold`` where given) to ``output_dir/filename`` when the evaluator completes."""
+    """Write one row per image or volume (``image``, ``score``, ``label`` where known, the
+    scalar outputs named in ``columns`` where present, e.g. ``score_p95`` of volumes, and
+    ``anomalous`` at ``threshold`` where given) to ``output_dir/filename`` when the evaluator
+    completes. ``threshold="model"`` takes the detector's stored threshold (chosen on its
+    support set, see :meth:`medad.MVFADetector.calibrate`) when the run starts, after
+    ``CheckpointLoader``; a detector without one gets no ``anomalous`` column.
 
-    def __init__(self, output_dir: str | os.PathLike, filename: str = "scores.csv", threshold: float | None = None) -> None:
+    Under ``torch.distributed`` every rank must attach it: rank 0 gathers the rows and alone
+    writes the file."""
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        filename: str = "scores.csv",
+        threshold: float | str | None = None,
+        columns: Sequence[str] = (),
+    ) -> None:
+        if isinstance(threshold, str) and threshold != "model":
+            raise ValueError(f"threshold must be a number, 'model' or None, got {threshold!r}")
         self.path = Path(output_dir) / filename
-        self.threshold = threshold
+        self.threshold, self.columns = threshold, tuple(columns)
+        self._threshold: float | None = None
         self.rows: list[dict] = []
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, lambda _: self.rows.clear())
+        engine.add_event_handler(Events.STARTED, self.start)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
         engine.add_event_handler(Events.COMPLETED, self.write)
+
+    def start(self, engine: Engine) -> None:
+        self.rows.clear()
+        self._threshold = unwrap(engine.network).threshold if self.threshold == "model" else self.threshold
 
     def collect(self, engine: Engine) -> None:
         output = engine.state.output
@@ -81,16 +103,26 @@ class ScoresWriter:
             row = {"image": str(meta.get("filename_or_obj", len(self.rows))), "score": float(item["score"])}
             if Keys.LABEL in item:
                 row["label"] = int(item[Keys.LABEL])
-            if self.threshold is not None:
-                row["anomalous"] = int(row["score"] >= self.threshold)
+            row.update({name: float(item[name]) for name in self.columns if name in item})
+            if self._threshold is not None:
+                row["anomalous"] = int(row["score"] >= self._threshold)
             self.rows.append(row)
 
     def write(self, engine: Engine) -> None:
-        fields = list(dict.fromkeys(key for row in self.rows for key in row))
+        rows = self.rows
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Each rank scored its own shard; rank 0 writes them all. DistributedSampler(shuffle=False)
+            # deals item i to rank i % world size, so interleaving the shards restores the list's order.
+            shards: list = [None] * dist.get_world_size()
+            dist.all_gather_object(shards, self.rows)
+            if dist.get_rank() != 0:
+                return
+            rows = [row for group in itertools.zip_longest(*shards) for row in group if row is not None]
+        fields = list(dict.fromkeys(key for row in rows for key in row))
         with atomic_write(self.path, newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=fields)
             writer.writeheader()
-            writer.writerows(self.rows)
+            writer.writerows(rows)
 
 
 
@@ -146,7 +178,7 @@ class TrainingCheckpoint:
         objects = {**self.save_dict, "trainer": engine}
         newest = latest_checkpoint(self.save_dir, self.file_prefix) if self.resume else None
         if newest is not None:
-            CheckpointLoader(load_path=newest, load_dict=objects).attach(engine)
+            CheckpointLoader(load_path=newest, load_dict=objects, map_location="cpu").attach(engine)
         CheckpointSaver(
             self.save_dir,
             objects,

@@ -1,4 +1,5 @@
-"""The MONAI inferer that turns images into MVFA's raw anomaly scores."""
+"""The MONAI inferer that turns images into MVFA's raw anomaly scores, and volumes into final
+scores slice by slice."""
 
 from __future__ import annotations
 
@@ -9,24 +10,39 @@ from monai.inferers import Inferer
 from torch import nn
 
 from medad.detector import RawScores, unwrap
+from medad.volumes import DEFAULT_SLICE_BATCH, VolumeScores, score_volumes
 
 __all__ = ["AnomalyInferer"]
 
 
 class AnomalyInferer(Inferer):
-    """Run an :class:`medad.MVFADetector` on a batch of images ``(B, 3, S, S)`` in chunks of at
-    most ``batch_size`` images (memory bounded by the chunk, not the batch), returning
-    :class:`medad.RawScores` for the whole batch.
+    """Run an :class:`medad.MVFADetector` in chunks of at most ``batch_size`` images or slices
+    (memory bounded by the chunk, not the batch or the volume).
+
+    - Images ``(B, 3, S, S)`` at the model's size: :class:`medad.RawScores` for the whole batch
+      (fused by the evaluator, over the set or with the stored calibration).
+    - Volumes ``(B, C, H, W, D)`` from ``mvfa_preprocessing(volume=True)``: final
+      :class:`medad.volumes.VolumeScores`, scored slice by slice along the last axis by
+      :func:`medad.volumes.score_volumes` (``batch_size`` slices per forward pass, default
+      :data:`medad.volumes.DEFAULT_SLICE_BATCH`; ``foreground_level`` and ``min_foreground`` set
+      the empty-slice rule).
     """
 
-    def __init__(self, batch_size: int | None = None) -> None:
+    def __init__(
+        self, batch_size: int | None = None, foreground_level: float = 0.05, min_foreground: float = 0.01
+    ) -> None:
         super().__init__()
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.batch_size = batch_size
+        self.foreground_level, self.min_foreground = foreground_level, min_foreground
 
-    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> RawScores:
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> RawScores | VolumeScores:
         detector = unwrap(network)
+        if inputs.dim() == 5:
+            return score_volumes(
+                detector, inputs, self.batch_size or DEFAULT_SLICE_BATCH, self.foreground_level, self.min_foreground
+            )
         chunks = inputs.split(self.batch_size) if self.batch_size else (inputs,)
         parts = [detector.raw_scores(chunk) for chunk in chunks]
         return RawScores(*(None if values[0] is None else torch.cat(values) for values in zip(*parts)))

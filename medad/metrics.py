@@ -6,6 +6,11 @@ spills the raw maps of each batch to a temporary file (memory stays bounded by o
 while tracking their ranges, and at the end streams them back in chunks through the fusion
 into histogram accumulators (:mod:`medad.metric_ops`). With ``fusion="calibrated"`` it uses the
 detector's stored ranges instead, as single-image inference does.
+
+Under ``torch.distributed`` (each rank evaluating its own shard, e.g. with
+``DistributedSampler(even_divisible=False)``), ``compute()`` gives every rank the result of one
+process on the whole set: the raw scores' ranges are all-reduced (min and max) before fusing,
+the histogram counts summed, and the image scores and labels all-gathered.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from ignite.metrics import Metric, MetricsLambda
 
 from medad.detector import MVFADetector, RawScores, unwrap
@@ -149,14 +155,16 @@ class AnomalyEvaluation(Metric):
             return self._result
         if "zero_map" not in self._spills:
             raise RuntimeError("AnomalyEvaluation must have at least one batch before it can be computed")
+        distributed = _world_size() > 1
+        observed = _merge_ranges(_all_gather(self._ranges)) if distributed else self._ranges
         has_few = "few_map" in self._spills
         ranges = None
         if has_few:
             if self.fusion == "set":
-                ranges = {name: FusionRange(*self._ranges[name]) for name in _MAPS + _SCORES}
+                ranges = {name: FusionRange(*observed[name]) for name in _MAPS + _SCORES}
             else:
                 ranges = self.detector.calibrated_ranges()
-        low, high = self._final_map_range(ranges)
+        low, high = _final_map_range(observed, ranges)
         pixels = BinnedScores(low, high, self.bins)
         pro = PROCurve(low, high, self.pro_thresholds)
         scores_seen = {name: np.concatenate(values) for name, values in self._scores.items() if values}
@@ -180,7 +188,16 @@ class AnomalyEvaluation(Metric):
                 pixels.update(final.anomaly_map, masks)
                 pro.update(final.anomaly_map, masks)
             offset += n
-        result = {f"image_{key}": value for key, value in image_metrics(np.concatenate(image_scores), scores_seen["label"]).items()}
+        image_scores, labels = np.concatenate(image_scores), scores_seen["label"]
+        if distributed:
+            # Image metrics do not depend on the order of the images: the shards' concatenation will do.
+            shards = _all_gather((image_scores, labels, has_masks))
+            image_scores = np.concatenate([shard[0] for shard in shards])
+            labels = np.concatenate([shard[1] for shard in shards])
+            has_masks = any(shard[2] for shard in shards)
+            if has_masks:
+                _all_reduce_sum(pixels.counts, pro.pixels.counts, pro.region_weights, pro.regions)
+        result = {f"image_{key}": value for key, value in image_metrics(image_scores, labels).items()}
         if has_masks:
             result.update(
                 pixel_auroc=pixels.auroc(), pixel_ap=pixels.average_precision(), pixel_f1_max=pixels.f1_max(), aupro=pro.aupro()
@@ -192,17 +209,51 @@ class AnomalyEvaluation(Metric):
         self._result = result
         return result
 
-    def _final_map_range(self, ranges: Mapping[str, FusionRange] | None) -> tuple[float, float]:
-        """Range of the final maps: fusion is increasing in both inputs, so it maps extremes to extremes."""
-        zero = self._ranges["zero_map"]
-        if ranges is None:
-            return zero[0], zero[1]
-        few = self._ranges["few_map"]
-        ends = [
-            float(fuse(torch.tensor(z), torch.tensor(f), ranges["zero_map"], ranges["few_map"]))
-            for z, f in ((zero[0], few[0]), (zero[1], few[1]))
-        ]
-        return ends[0], ends[1]
+
+def _final_map_range(observed: Mapping[str, Sequence[float]], ranges: Mapping[str, FusionRange] | None) -> tuple[float, float]:
+    """Range of the final maps, from the ``observed`` (low, high) of the raw maps: fusion is
+    increasing in both inputs, so it maps extremes to extremes."""
+    zero = observed["zero_map"]
+    if ranges is None:
+        return zero[0], zero[1]
+    few = observed["few_map"]
+    ends = [
+        float(fuse(torch.tensor(z), torch.tensor(f), ranges["zero_map"], ranges["few_map"]))
+        for z, f in ((zero[0], few[0]), (zero[1], few[1]))
+    ]
+    return ends[0], ends[1]
+
+
+def _world_size() -> int:
+    """Processes in the default ``torch.distributed`` group (1 when there is none)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_gather(value: object) -> list:
+    """Every rank's ``value`` (any picklable object), in rank order; works with gloo and NCCL."""
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def _merge_ranges(per_rank: Sequence[Mapping[str, Sequence[float]]]) -> dict[str, list[float]]:
+    """The (low, high) of each score over all ranks."""
+    merged: dict[str, list[float]] = {}
+    for ranges in per_rank:
+        for name, (low, high) in ranges.items():
+            if name in merged:
+                low, high = min(low, merged[name][0]), max(high, merged[name][1])
+            merged[name] = [low, high]
+    return merged
+
+
+def _all_reduce_sum(*tensors: torch.Tensor) -> None:
+    """Sum each tensor over the ranks, in place (NCCL reduces on the rank's GPU, gloo on the CPU)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    for tensor in tensors:
+        total = tensor.to(device)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        tensor.copy_(total)
 
 
 def _as_batch(output: Mapping | Sequence[Mapping]) -> dict[str, torch.Tensor]:

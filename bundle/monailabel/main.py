@@ -1,0 +1,56 @@
+"""MONAI Label app serving the medad MVFA bundle: anomaly maps, scores and few-shot adaptation.
+
+Start it (see README.md in this folder)::
+
+    .venv-monailabel/bin/monailabel start_server --app bundle/monailabel --studies <folder> \\
+        --conf bundle_path <bundle root holding models/model.pt> --conf clip_weights <CLIP weights>
+
+It offers one model, ``mvfa``: the infer task (:class:`lib.infer.AnomalyInfer`) and the train
+task (:class:`lib.adapt.NormalAdaptation`, few-shot adaptation to the studies marked normal).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.train import TrainTask
+
+import medad
+
+from lib.adapt import NormalAdaptation
+from lib.infer import LABEL_NAMES, AnomalyInfer
+from lib.store import AppSettings, DetectorStore
+
+logger = logging.getLogger(__name__)
+
+#: The model name of both tasks: ``/infer/mvfa`` and ``/train/mvfa``.
+MODEL_NAME = "mvfa"
+
+
+class MVFAApp(MONAILabelApp):
+    """The app: settings from ``--conf`` (:class:`lib.store.AppSettings`), one shared detector."""
+
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        # Settings first: a missing bundle or a bad value stops the server with its reason.
+        self.store = DetectorStore(AppSettings.from_conf(conf))
+        metadata = self.store.settings.bundle_path / "configs" / "metadata.json"
+        meta = json.loads(metadata.read_text()) if metadata.is_file() else {}
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name=meta.get("name", "medad MVFA anomaly detection"),
+            description=meta.get("task", "MVFA anomaly detection: anomaly maps, image scores, few-shot adaptation"),
+            version=meta.get("version", medad.__version__),
+            labels=LABEL_NAMES,
+        )
+        logger.info("medad %s serving %s", medad.__version__, self.store.settings.model_path)
+
+    def init_infers(self) -> dict[str, InferTask]:
+        return {MODEL_NAME: AnomalyInfer(self.store)}
+
+    def init_trainers(self) -> dict[str, TrainTask]:
+        return {MODEL_NAME: NormalAdaptation(self.store)}

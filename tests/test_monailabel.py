@@ -1,0 +1,299 @@
+"""The MONAI Label app (``bundle/monailabel``) against a real MONAI Label server.
+
+MONAI Label pins numpy<2 and pydicom<3, so it runs from its own environment, ``.venv-monailabel``
+(``scripts/monailabel_env.sh``); without it these tests are skipped. The server is started on
+127.0.0.1 with the tiny fixture CLIP, a bundle holding a zero-shot ``model.pt`` and a generated
+studies folder; the test talks to it over HTTP, as a viewer does, and only reads the bundle's
+``model.pt`` after the adaptation to check what the server saved.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import gzip
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import medad
+
+from helpers import IMAGE_SIZE, ROOT
+from synthetic import head_phantom, write_dataset
+
+APP = ROOT / "bundle" / "monailabel"
+PYTHON = ROOT / ".venv-monailabel" / "bin" / "python"
+MODEL = "mvfa"
+# An oblique-free but permuted and flipped affine: the label must come back with it, not RAS.
+VOLUME_AFFINE = np.array([[0.0, -1.2, 0.0, 10.0], [1.5, 0.0, 0.0, -20.0], [0.0, 0.0, 3.0, 5.0], [0.0, 0.0, 0.0, 1.0]])
+VOLUME_SHAPE = (48, 40, 8)
+CASE_SIZE = (150, 130)  # width, height of the 2D case: not square, not the model's size
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not PYTHON.exists(),
+        reason=f"no MONAI Label environment at {PYTHON.parent.parent}: create it with scripts/monailabel_env.sh",
+    ),
+]
+
+
+# ----------------------------------------------------------------------------- HTTP
+
+
+def _call(method: str, url: str, data: bytes | None = None, content_type: str | None = None, timeout: float = 300) -> tuple[bytes, str]:
+    """Body and content type of an HTTP call; an error status fails with the server's message."""
+    request = urllib.request.Request(url, data=data, method=method)
+    if content_type:
+        request.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.read(), response.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as error:
+        raise AssertionError(f"{method} {url}: HTTP {error.code}: {error.read().decode(errors='replace')[-3000:]}") from None
+
+
+def _form(**fields: str) -> dict[str, Any]:
+    """Form fields (MONAI Label's ``params``/``info``) as a urlencoded body."""
+    return {"data": urllib.parse.urlencode(fields).encode(), "content_type": "application/x-www-form-urlencoded"}
+
+
+def _get_json(url: str) -> Any:
+    return json.loads(_call("GET", url)[0])
+
+
+def _multipart(body: bytes, content_type: str) -> dict[str, bytes]:
+    """The parts of a ``multipart/form-data`` answer (MONAI Label's ``output=all``) by field name."""
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + body
+    )
+    return {part.get_param("name", header="content-disposition"): part.get_payload(decode=True) for part in message.iter_parts()}
+
+
+def infer(url: str, image: str, **params: Any) -> tuple[dict, bytes]:
+    """``POST /infer/mvfa?image=<id>&output=all``: the result JSON and the returned file."""
+    body, content_type = _call("POST", f"{url}/infer/{MODEL}?image={image}&output=all", **_form(params=json.dumps(params)))
+    parts = _multipart(body, content_type)
+    assert set(parts) == {"params", "image"}, f"unexpected answer parts {sorted(parts)}"
+    return json.loads(parts["params"]), parts["image"]
+
+
+def _nifti(data: bytes) -> nib.Nifti1Image:
+    return nib.Nifti1Image.from_bytes(gzip.decompress(data))
+
+
+# ----------------------------------------------------------------------------- server
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Stop the server's process group (the server and any training subprocess of it)."""
+    if process.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@contextmanager
+def monailabel_server(app: Path, studies: Path, conf: dict[str, str], workdir: Path) -> Iterator[str]:
+    """Run ``monailabel start_server`` on a free port of 127.0.0.1 and yield its URL once ``/info/``
+    answers; the server is stopped on leaving, whatever happened."""
+    port = _free_port()
+    command = [str(PYTHON), "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies)]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
+    for key, value in conf.items():
+        command += ["--conf", key, value]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",  # tiny model on a shared CPU: extra threads only wait
+        "PYTHONUNBUFFERED": "1",
+        "MONAI_LABEL_SESSION_PATH": str(workdir / "sessions"),
+    }
+    log = workdir / "server.log"
+    with open(log, "wb") as output:
+        process = subprocess.Popen(command, cwd=workdir, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if process.poll() is not None:
+                raise AssertionError(f"the server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                urllib.request.urlopen(f"{url}/info/", timeout=5).read()
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"the server did not answer within 180 s:\n{log.read_text()[-4000:]}") from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        _stop(process)
+
+
+def wait_for_training(url: str, timeout: float = 600) -> dict:
+    """Poll ``GET /train/`` until the last training task is done; fail with its log on error."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        task = _get_json(f"{url}/train/")
+        if task["status"] == "DONE":
+            return task
+        assert task["status"] in ("SUBMITTED", "RUNNING"), "training failed:\n" + "\n".join(task.get("details", []))
+        time.sleep(1)
+    raise AssertionError(f"training did not finish within {timeout} s")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _write_bundle(folder: Path, tiny_weights: dict) -> Path:
+    """A bundle with a zero-shot ``models/model.pt``: the fixture's CLIP and adapters, target Brain."""
+    detector = medad.build_detector(
+        ["Brain"], "Brain", model_name=medad.TINY_MODEL_NAME, image_size=IMAGE_SIZE,
+        pretrained=tiny_weights["clip"], levels=(1, 2, 3, 4), checkpoint=tiny_weights["adapters"],
+    )
+    (folder / "models").mkdir(parents=True)
+    torch.save(detector.state_dict(), folder / "models" / "model.pt")
+    (folder / "configs").mkdir()
+    shutil.copy(ROOT / "configs" / "metadata.json", folder / "configs")
+    return folder
+
+
+def _write_studies(folder: Path, scratch: Path) -> Path:
+    """Normal references by name (``normal_*``) and one to be marked by its info (``reference``),
+    a 2D case with a lesion and a NIfTI volume with a lesion."""
+    write_dataset(scratch, "Alpha", masks=True, seed=0, size=IMAGE_SIZE, counts={"test": (4, 1)})
+    good = sorted((scratch / "Alpha_AD" / "test" / "good" / "img").glob("*.png"))
+    folder.mkdir()
+    for i, path in enumerate(good[:3]):
+        shutil.copy(path, folder / f"normal_{i:03d}.png")
+    shutil.copy(good[3], folder / "reference.png")
+    lesion = next((scratch / "Alpha_AD" / "test" / "Ungood" / "img").glob("*.png"))
+    Image.open(lesion).resize(CASE_SIZE).save(folder / "case.png")
+    volume, _ = head_phantom(VOLUME_SHAPE, seed=1)
+    nib.save(nib.Nifti1Image(volume, VOLUME_AFFINE), folder / "volume.nii.gz")
+    volume, _ = head_phantom(VOLUME_SHAPE, seed=2, lesion=False)
+    nib.save(nib.Nifti1Image(volume, VOLUME_AFFINE), folder / "normal_volume.nii.gz")
+    return folder
+
+
+# ----------------------------------------------------------------------------- test
+
+
+def _check_common(result: dict, kind: str, mode: str) -> None:
+    assert result["kind"] == kind and result["mode"] == mode and result["target"] == "Brain"
+    assert isinstance(result["score"], float) and np.isfinite(result["score"])
+    assert result["abnormal"] == (result["score"] >= result["score_threshold"])
+    assert result["decision"] == ("abnormal" if result["abnormal"] else "normal")
+    assert result["label_names"] == {"anomaly": 1}
+
+
+def test_server_infers_2d_and_volumes_and_adapts_to_normal_studies(tiny_weights, tmp_path):
+    bundle = _write_bundle(tmp_path / "bundle", tiny_weights)
+    studies = _write_studies(tmp_path / "studies", tmp_path / "scratch")
+    # MONAI Label writes logs/, model/ and bin/ into the app folder: run a copy of it.
+    app = tmp_path / "app"
+    shutil.copytree(APP, app, ignore=shutil.ignore_patterns("logs", "model", "bin", "__pycache__"))
+    conf = {"bundle_path": str(bundle), "clip_weights": str(tiny_weights["clip"]), "device": "cpu"}
+
+    with monailabel_server(app, studies, conf, tmp_path) as url:
+        info = _get_json(f"{url}/info/")
+        assert info["name"] == json.loads((ROOT / "configs" / "metadata.json").read_text())["name"]
+        assert info["models"][MODEL]["labels"] == {"anomaly": 1}
+        assert set(info["models"][MODEL]["config"]) == {"result", "threshold", "score_threshold"}
+        assert MODEL in info["trainers"] and info["train_stats"][MODEL] == {}
+        assert info["datastore"]["total"] == 7
+
+        # 2D: a PNG label at the image's own size (rows, columns), and the score in the JSON.
+        result, label = infer(url, "case")
+        _check_common(result, "image", "zero-shot")
+        assert result["threshold_source"] == {"threshold": "default", "score_threshold": "default"}
+        label = np.asarray(Image.open(io.BytesIO(label)))
+        assert label.shape == (CASE_SIZE[1], CASE_SIZE[0]) and label.dtype == np.uint8
+        assert set(np.unique(label)) <= {0, 1}
+        assert label.mean() == pytest.approx(result["anomalous_fraction"])
+
+        # A bad request is answered with HTTP 400 and the reason.
+        with pytest.raises(AssertionError, match="HTTP 400: .*result must be one of"):
+            infer(url, "case", result="heat")
+        with pytest.raises(AssertionError, match="HTTP 400: .*not in the datastore"):
+            infer(url, "no_such_study")
+
+        # Volume: a NIfTI label with the input's shape and affine; slice scores in file order.
+        result, label = infer(url, "volume")
+        _check_common(result, "volume", "zero-shot")
+        label = _nifti(label)
+        assert label.shape == VOLUME_SHAPE and np.allclose(label.affine, VOLUME_AFFINE, atol=1e-5)
+        assert len(result["slice_scores"]) == VOLUME_SHAPE[2]
+        assert result["empty_slices"] == [0, 1, VOLUME_SHAPE[2] - 2, VOLUME_SHAPE[2] - 1]  # the phantom's air
+        assert result["score"] == pytest.approx(max(result["slice_scores"]))
+
+        # The continuous map on the same grid; a requested threshold gives exactly map >= threshold.
+        result, anomaly_map = infer(url, "volume", result="map")
+        anomaly_map = _nifti(anomaly_map)
+        assert anomaly_map.shape == VOLUME_SHAPE and np.allclose(anomaly_map.affine, VOLUME_AFFINE, atol=1e-5)
+        values = anomaly_map.get_fdata(dtype=np.float32)
+        assert [values.min(), values.max()] == pytest.approx(result["map_range"])
+        threshold = float(np.quantile(values[values > 0], 0.9))
+        result, label = infer(url, "volume", threshold=str(threshold))  # viewers send strings
+        assert result["threshold_source"]["threshold"] == "request" and result["threshold"] == threshold
+        assert np.array_equal(np.asarray(_nifti(label).dataobj), (values >= threshold).astype(np.uint8))
+
+        # Few-shot adaptation: mark one more study normal through the datastore, then train.
+        _call("PUT", f"{url}/datastore/image/info?image=reference", **_form(info=json.dumps({"normal": True})))
+        _call("POST", f"{url}/train/{MODEL}", data=json.dumps({"slices_per_volume": 2}).encode(), content_type="application/json")
+        wait_for_training(url)
+        stats = _get_json(f"{url}/info/")["train_stats"][MODEL]
+        assert stats["normal_studies"] == ["normal_000", "normal_001", "normal_002", "normal_volume", "reference"]
+        assert stats["support_images"] == 4 + 2
+
+        adapted = medad.build_detector(
+            [], None, model_name=medad.TINY_MODEL_NAME, image_size=IMAGE_SIZE, pretrained=tiny_weights["clip"],
+            levels=(1, 2, 3, 4), checkpoint=bundle / "models" / "model.pt",
+        )
+        assert adapted.has_memory and adapted.is_calibrated and adapted.target == "Brain"
+
+        # The server reloads model.pt: few-shot scores with the adaptation's thresholds.
+        result, label = infer(url, "case")
+        _check_common(result, "image", "few-shot")
+        assert result["threshold_source"] == {"threshold": "adaptation", "score_threshold": "adaptation"}
+        assert result["threshold"] == pytest.approx(stats["threshold"])
+        assert np.asarray(Image.open(io.BytesIO(label))).shape == (CASE_SIZE[1], CASE_SIZE[0])
+        result, label = infer(url, "volume")
+        _check_common(result, "volume", "few-shot")
+        assert np.allclose(_nifti(label).affine, VOLUME_AFFINE, atol=1e-5)
+        # A held-out normal image set the thresholds with a smaller memory; with all studies in
+        # the memory its distances can only shrink, so it stays below them.
+        for study in (s for s in stats["held_out_studies"] if s.startswith("normal_0")):
+            result, _ = infer(url, study)
+            assert result["decision"] == "normal" and result["score"] <= stats["score_threshold"] + 1e-5
