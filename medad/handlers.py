@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -13,12 +14,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, DiskSaver, global_step_from_engine
 from monai.data import decollate_batch
-from monai.handlers import CheckpointLoader, CheckpointSaver
+from monai.handlers import CheckpointLoader
 from monai.utils.enums import CommonKeys as Keys
 
 from medad.detector import unwrap
 from medad.io import atomic_write
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["FewShotMemoryHandler", "MetricsJSONWriter", "ScoresWriter", "TrainingCheckpoint", "latest_checkpoint"]
 
@@ -142,8 +146,8 @@ class MetricsJSONWriter:
 
 
 def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "resume") -> str | None:
-    """The newest resume checkpoint (``<prefix>_checkpoint_epoch=N.pt`` as MONAI's CheckpointSaver
-    names it) in ``ckpt_dir``, or None."""
+    """The newest resume checkpoint (``<prefix>_checkpoint_epoch=N.pt`` or ``..._iteration=N.pt``,
+    as ``TrainingCheckpoint`` names them) in ``ckpt_dir``, or None."""
     found = []
     for path in Path(ckpt_dir).glob(f"{prefix}_*.pt"):
         match = re.search(r"(?:epoch|iteration)=(\d+)\.pt$", path.name)
@@ -156,9 +160,11 @@ class TrainingCheckpoint:
     """Checkpoints of the network, optimiser and trainer every ``interval`` epochs (or
     iterations), and resuming from the newest one when training starts again.
 
-    MONAI's ``CheckpointSaver`` and ``CheckpointLoader`` do the work (ignite writes atomically);
-    this handler only adds the trainer itself to what they save, which a bundle config cannot
-    reference from the trainer's own handler list without a cycle.
+    Ignite's ``Checkpoint`` with an atomic ``DiskSaver`` writes them (MONAI's ``CheckpointSaver``
+    writes in place, so a run killed while saving would leave a truncated file to resume
+    from); MONAI's ``CheckpointLoader`` reads them. This handler also adds the trainer itself to
+    what is saved, which a bundle config cannot reference from the trainer's own handler list
+    without a cycle. Files are named ``<prefix>_checkpoint_epoch=N.pt`` (or ``iteration=N``).
     """
 
     def __init__(
@@ -179,18 +185,22 @@ class TrainingCheckpoint:
         newest = latest_checkpoint(self.save_dir, self.file_prefix) if self.resume else None
         if newest is not None:
             CheckpointLoader(load_path=newest, load_dict=objects, map_location="cpu").attach(engine)
-        CheckpointSaver(
-            self.save_dir,
+        unit = "epoch" if self.epoch_level else "iteration"
+        step_event = Events.EPOCH_COMPLETED if self.epoch_level else Events.ITERATION_COMPLETED
+        event = step_event(every=self.interval)
+        saver = Checkpoint(
             objects,
-            file_prefix=self.file_prefix,
-            save_interval=self.interval,
-            epoch_level=self.epoch_level,
+            DiskSaver(self.save_dir, require_empty=False, atomic=True),
+            filename_prefix=self.file_prefix,
+            filename_pattern="{filename_prefix}_{name}_" + unit + "={global_step}.{ext}",
+            global_step_transform=global_step_from_engine(engine, step_event),
             n_saved=1,
-        ).attach(engine)
+        )
+        engine.add_event_handler(event, saver)
+        engine.add_event_handler(event, lambda _: logger.info("Saved resume checkpoint %s", saver.last_checkpoint))
         if newest is not None:
             # The saver only prunes its own files: drop the one resumed from once a newer exists.
-            event = Events.EPOCH_COMPLETED if self.epoch_level else Events.ITERATION_COMPLETED
-            engine.add_event_handler(event(every=self.interval), self._prune, newest)
+            engine.add_event_handler(event, self._prune, newest)
 
     def _prune(self, engine: Engine, resumed_from: str) -> None:
         if latest_checkpoint(self.save_dir, self.file_prefix) != resumed_from:
