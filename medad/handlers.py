@@ -1,11 +1,11 @@
-"""Ignite handlers for MVFA workflows: few-shot memory and calibration, and the scores table."""
+"""Ignite handlers for MVFA workflows: few-shot memory and calibration, the scores table,
+metrics JSON, and atomic (resumable) checkpoints."""
 
 from __future__ import annotations
 
 import csv
 import itertools
 import json
-import logging
 import os
 import re
 from collections.abc import Sequence
@@ -14,17 +14,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
-from ignite.handlers import Checkpoint, DiskSaver, global_step_from_engine
 from monai.data import decollate_batch
-from monai.handlers import CheckpointLoader
+from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.utils.enums import CommonKeys as Keys
 
 from medad.detector import unwrap
 from medad.io import atomic_write
 
-logger = logging.getLogger(__name__)
-
-__all__ = ["FewShotMemoryHandler", "MetricsJSONWriter", "ScoresWriter", "TrainingCheckpoint", "latest_checkpoint"]
+__all__ = [
+    "AtomicCheckpointSaver",
+    "FewShotMemoryHandler",
+    "MetricsJSONWriter",
+    "ScoresWriter",
+    "TrainingCheckpoint",
+    "latest_checkpoint",
+]
 
 
 class FewShotMemoryHandler:
@@ -147,7 +151,7 @@ class MetricsJSONWriter:
 
 def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "resume") -> str | None:
     """The newest resume checkpoint (``<prefix>_checkpoint_epoch=N.pt`` or ``..._iteration=N.pt``,
-    as ``TrainingCheckpoint`` names them) in ``ckpt_dir``, or None."""
+    as MONAI's ``CheckpointSaver`` names them) in ``ckpt_dir``, or None."""
     found = []
     for path in Path(ckpt_dir).glob(f"{prefix}_*.pt"):
         match = re.search(r"(?:epoch|iteration)=(\d+)\.pt$", path.name)
@@ -156,15 +160,28 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "resume") -> st
     return max(found)[1] if found else None
 
 
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` writing every file to a temporary name and renaming it, so a
+    run killed while saving never leaves a truncated ``model.pt`` or resume checkpoint.
+
+    MONAI turns ignite's atomic writes off because they used to leave files readable by their
+    owner only; ignite now adds group and other read permission after the rename.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if checkpoint is not None:
+                checkpoint.save_handler._atomic = True  # ignite's DiskSaver(atomic=True), set after MONAI built it
+
+
 class TrainingCheckpoint:
     """Checkpoints of the network, optimiser and trainer every ``interval`` epochs (or
     iterations), and resuming from the newest one when training starts again.
 
-    Ignite's ``Checkpoint`` with an atomic ``DiskSaver`` writes them (MONAI's ``CheckpointSaver``
-    writes in place, so a run killed while saving would leave a truncated file to resume
-    from); MONAI's ``CheckpointLoader`` reads them. This handler also adds the trainer itself to
-    what is saved, which a bundle config cannot reference from the trainer's own handler list
-    without a cycle. Files are named ``<prefix>_checkpoint_epoch=N.pt`` (or ``iteration=N``).
+    MONAI's ``CheckpointLoader`` and (atomic) ``CheckpointSaver`` do the work; this handler
+    only adds the trainer itself to what they save, which a bundle config cannot reference
+    from the trainer's own handler list without a cycle.
     """
 
     def __init__(
@@ -185,22 +202,18 @@ class TrainingCheckpoint:
         newest = latest_checkpoint(self.save_dir, self.file_prefix) if self.resume else None
         if newest is not None:
             CheckpointLoader(load_path=newest, load_dict=objects, map_location="cpu").attach(engine)
-        unit = "epoch" if self.epoch_level else "iteration"
-        step_event = Events.EPOCH_COMPLETED if self.epoch_level else Events.ITERATION_COMPLETED
-        event = step_event(every=self.interval)
-        saver = Checkpoint(
+        AtomicCheckpointSaver(
+            self.save_dir,
             objects,
-            DiskSaver(self.save_dir, require_empty=False, atomic=True),
-            filename_prefix=self.file_prefix,
-            filename_pattern="{filename_prefix}_{name}_" + unit + "={global_step}.{ext}",
-            global_step_transform=global_step_from_engine(engine, step_event),
+            file_prefix=self.file_prefix,
+            save_interval=self.interval,
+            epoch_level=self.epoch_level,
             n_saved=1,
-        )
-        engine.add_event_handler(event, saver)
-        engine.add_event_handler(event, lambda _: logger.info("Saved resume checkpoint %s", saver.last_checkpoint))
+        ).attach(engine)
         if newest is not None:
             # The saver only prunes its own files: drop the one resumed from once a newer exists.
-            engine.add_event_handler(event, self._prune, newest)
+            event = Events.EPOCH_COMPLETED if self.epoch_level else Events.ITERATION_COMPLETED
+            engine.add_event_handler(event(every=self.interval), self._prune, newest)
 
     def _prune(self, engine: Engine, resumed_from: str) -> None:
         if latest_checkpoint(self.save_dir, self.file_prefix) != resumed_from:

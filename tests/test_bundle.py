@@ -58,7 +58,7 @@ def test_zero_shot_then_few_shot_training_evaluation_and_inference(synthetic_bma
     settings = common(synthetic_bmad, bundle_backbone)
     zero = tmp_path / "zero"
     log = run_bundle("training", ("train",), zero, epochs=1, **settings)
-    assert "Saved resume checkpoint" in log
+    assert "Saved checkpoint at epoch: 1" in log
     assert (zero / "models" / "model.pt").is_file()
     assert (zero / "models" / "resume_checkpoint_epoch=1.pt").is_file()
 

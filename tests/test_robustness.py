@@ -147,6 +147,53 @@ def test_malicious_pickles_are_refused_without_running(tmp_path):
     assert not marker.exists()
 
 
+class _WriteFailed(Exception):
+    pass
+
+
+def _write_half_then_fail(_obj, target, *args, **kwargs) -> None:
+    if isinstance(target, (str, os.PathLike)):
+        Path(target).write_bytes(b"half a file")
+    else:
+        target.write(b"half a file")
+    raise _WriteFailed
+
+
+def test_a_failed_checkpoint_save_leaves_no_half_file(tmp_path, monkeypatch):
+    from ignite.engine import Engine
+
+    from medad.handlers import AtomicCheckpointSaver
+
+    engine = Engine(lambda engine, batch: None)
+    saver = AtomicCheckpointSaver(str(tmp_path), {"model": torch.nn.Linear(2, 2)}, save_final=True, final_filename="model.pt")
+    saver.attach(engine)
+    monkeypatch.setattr(torch, "save", _write_half_then_fail)
+    # MONAI's exception handler then retries and removes the file the failed save never wrote.
+    with pytest.raises((_WriteFailed, FileNotFoundError)):
+        engine.run([0], max_epochs=1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_map_write_keeps_the_previous_map(tmp_path, monkeypatch):
+    from monai.data import MetaTensor, NibabelWriter
+    from monai.transforms import SaveImage
+
+    from medad.io import atomic_image_writer
+
+    save_map = SaveImage(
+        output_dir=tmp_path, output_postfix="anomaly_map", output_ext=".nii.gz", separate_folder=False,
+        writer=atomic_image_writer(NibabelWriter), print_log=False,
+    )
+    anomaly_map = MetaTensor(torch.rand(1, 6, 6, 3), meta={"filename_or_obj": "case.nii.gz"})
+    save_map(anomaly_map)
+    monkeypatch.setattr(nib, "save", _write_half_then_fail)
+    with pytest.raises(RuntimeError):  # MONAI's SaveImage wraps the writer's error
+        save_map(anomaly_map * 2)
+    monkeypatch.undo()
+    assert [path.name for path in tmp_path.iterdir()] == ["case_anomaly_map.nii.gz"]
+    assert np.allclose(nib.load(tmp_path / "case_anomaly_map.nii.gz").get_fdata(), anomaly_map[0].numpy())
+
+
 def test_killed_training_resumes_to_the_same_adapters(synthetic_bmad, bundle_backbone, tmp_path):
     settings = common(synthetic_bmad, bundle_backbone)
     run_bundle("training", ("train",), tmp_path / "straight", epochs=3, **settings)
