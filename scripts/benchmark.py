@@ -90,6 +90,18 @@ def lesion_images(count: int, seed: int, size: int) -> tuple[torch.Tensor, torch
 # ----------------------------------------------------------------------------- the authors' path
 
 
+def attention_with_weights(attn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Self-attention as ``nn.MultiheadAttention(..., need_weights=True)`` runs it in the authors'
+    CLIP: the per-head weight matrices are materialised (and thrown away)."""
+    sequence_first = x.transpose(0, 1)
+    output, _weights = F.multi_head_attention_forward(
+        sequence_first, sequence_first, sequence_first, x.shape[-1], attn.num_heads,
+        attn.in_proj_weight, attn.in_proj_bias, None, None, False, 0.0,
+        attn.out_proj.weight, attn.out_proj.bias, training=False, need_weights=True, average_attn_weights=False,
+    )
+    return output.transpose(0, 1)
+
+
 def reference_tokens(detector: medad.MVFADetector, images: torch.Tensor) -> medad.AdapterTokens:
     """The authors' forward: every block run with attention weights materialised and returned,
     and all blocks up to the last adapter, the final pooling included."""
@@ -97,9 +109,7 @@ def reference_tokens(detector: medad.MVFADetector, images: torch.Tensor) -> meda
     x = visual._embeds(images)
     seg, det = [], []
     for index, block in enumerate(visual.transformer.resblocks, start=1):
-        y = block.ln_1(x)
-        attention, _weights = block.attn(y, y, y, need_weights=True, average_attn_weights=False)
-        x = x + attention
+        x = x + attention_with_weights(block.attn, block.ln_1(x))
         x = x + block.mlp(block.ln_2(x))
         if index in encoder.levels:
             level = encoder.levels.index(index)
