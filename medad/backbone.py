@@ -137,7 +137,7 @@ def create_clip(
             neither a loadable file nor a tag open_clip could download.
     """
     spec = BackboneSpec(model_name, int(image_size), bool(quick_gelu))
-    common = _architecture(spec)
+    architecture = _architecture(spec)
     if pretrained in (None, ""):
         if not random_init:
             raise MissingWeightsError(f"No CLIP weights given. {_how_to_supply(spec)}")
@@ -149,18 +149,18 @@ def create_clip(
         # A fixed seed: training, evaluation and inference must all see the same random backbone.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(random_init_seed)
-            model = open_clip.create_model(model_name, pretrained=None, **common)
+            model = open_clip.create_model(model_name, pretrained=None, **architecture)
     else:
         pretrained = str(pretrained)
         if os.path.isfile(pretrained) and is_torchscript_archive(pretrained):
-            model = open_clip.create_model(model_name, pretrained=None, **common)
+            model = open_clip.create_model(model_name, pretrained=None, **architecture)
             _load_torchscript_archive(model, pretrained)
         else:
             try:
                 with warnings.catch_warnings():
                     # OpenAI's tag is registered with QuickGELU; MVFA deliberately runs without it.
                     warnings.filterwarnings("ignore", message="QuickGELU mismatch")
-                    model = open_clip.create_model(model_name, pretrained=pretrained, require_pretrained=True, **common)
+                    model = open_clip.create_model(model_name, pretrained=pretrained, require_pretrained=True, **architecture)
             except Exception as error:  # open_clip and torch.load raise many types (unsafe pickle, bad file, ...)
                 raise MissingWeightsError(
                     f"Could not load CLIP weights {pretrained!r} for {model_name!r}: {error}. {_how_to_supply(spec)}"

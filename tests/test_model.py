@@ -104,6 +104,8 @@ def test_missing_weights_are_refused_with_instructions(tmp_path):
         medad.create_clip(medad.TINY_MODEL_NAME, 60, pretrained=str(tmp_path / "missing.pt"))
     model = medad.create_clip(medad.TINY_MODEL_NAME, 60, pretrained=None, random_init=True)
     assert model.visual.grid_size == (4, 4)
+    with pytest.raises(ValueError, match="Unknown CLIP architecture 'ViT-L-14-337'"):
+        medad.create_clip("ViT-L-14-337", 240, random_init=True)
 
 
 def test_openai_torchscript_archive_loads_with_resized_positions(tmp_path):
