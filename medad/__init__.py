@@ -2,9 +2,11 @@
 
 from medad.augment import augment_fewshot
 from medad.backbone import TINY_MODEL_NAME, BackboneSpec, MissingWeightsError, create_clip
-from medad.detector import AnomalyScores, MVFADetector, RawScores, build_detector
+from medad.checkpoint import ModelDescription, Thresholds, describe
+from medad.detector import AnomalyScores, MVFADetector, RawScores, build_detector, load_detector
 from medad.losses import AlignmentLoss, MVFALosses, focal_loss
 from medad.network import MVFA, AdapterTokens, ResidualAdapter
+from medad.predict import Prediction, predict_input
 from medad.prompts import ORGAN_NAMES, encode_prompt_ensemble, encode_text_features, prompt_name
 from medad.scoring import FusionRange, few_shot_maps, fuse, zero_shot_maps, zero_shot_scores
 
@@ -22,16 +24,22 @@ __all__ = [
     "MVFADetector",
     "MVFALosses",
     "MissingWeightsError",
+    "ModelDescription",
+    "Prediction",
     "RawScores",
     "ResidualAdapter",
+    "Thresholds",
     "augment_fewshot",
     "build_detector",
     "create_clip",
+    "describe",
     "encode_prompt_ensemble",
     "encode_text_features",
     "few_shot_maps",
     "focal_loss",
+    "load_detector",
     "fuse",
+    "predict_input",
     "prompt_name",
     "zero_shot_maps",
     "zero_shot_scores",

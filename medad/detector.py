@@ -13,22 +13,33 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
-import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medad.backbone import BackboneSpec, create_clip, set_precision
+from medad.backbone import BackboneSpec, MissingWeightsError, create_clip, set_precision
+from medad.checkpoint import (
+    DESCRIPTION_KEY,
+    CheckpointError,
+    ModelDescription,
+    Thresholds,
+    checkpoint_kind,
+    describe,
+    description_tensor,
+    read_checkpoint,
+    stored_description,
+    weights_record,
+)
+from medad.decision import effective_thresholds, f1_best_threshold, pixel_f1_threshold
 from medad.network import MVFA, AdapterTokens
 from medad.prompts import encode_text_features
 from medad.scoring import FusionRange, few_shot_maps, fuse, zero_shot_maps, zero_shot_scores
 
-__all__ = ["AnomalyScores", "MVFADetector", "RawScores", "build_detector", "read_checkpoint", "unwrap"]
+__all__ = ["AnomalyScores", "MVFADetector", "RawScores", "build_detector", "load_detector", "unwrap"]
 
 logger = logging.getLogger(__name__)
 
-_FORMAT_VERSION = 1
 # Rows of the calibration buffer: the (low, high) range of each raw score.
 _CALIBRATION_ROWS = ("zero_map", "few_map", "zero_score", "few_score")
 
@@ -71,9 +82,12 @@ class MVFADetector(nn.Module):
         target: str | None,
         backbone: BackboneSpec,
         image_score_from_map: bool = True,
+        clip_weights: str | None = None,
     ) -> None:
         super().__init__()
         self.encoder = encoder
+        #: The CLIP weights the backbone was built with (:attr:`ModelDescription.clip_weights`).
+        self.clip_weights = clip_weights
         self.backbone = backbone
         self.target = target
         self.image_score_from_map = image_score_from_map
@@ -84,8 +98,9 @@ class MVFADetector(nn.Module):
         self.register_buffer("memory_seg", torch.zeros(levels, 0, embed))
         self.register_buffer("memory_det", torch.zeros(levels, 0, embed))
         self.register_buffer("calibration", torch.full((len(_CALIBRATION_ROWS), 2), float("nan")))
-        #: Decision threshold on final scores, chosen on the support set by :meth:`calibrate`.
-        self.threshold: float | None = None
+        #: Decision thresholds chosen on the support set by :meth:`calibrate` (see :mod:`medad.decision`).
+        self.thresholds = Thresholds()
+        self.register_state_dict_post_hook(_add_description)
 
     # ----------------------------------------------------------------- state
 
@@ -102,48 +117,61 @@ class MVFADetector(nn.Module):
         rows = [0, 2] + ([1, 3] if self.has_memory else [])
         return bool(torch.isfinite(self.calibration[rows]).all())
 
-    def get_extra_state(self) -> dict:
-        return {
-            "format_version": _FORMAT_VERSION,
-            "backbone": self.backbone.to_dict(),
-            "levels": list(self.encoder.levels),
-            "datasets": list(self.datasets),
-            "target": self.target,
-            "image_score_from_map": self.image_score_from_map,
-            "threshold": self.threshold,
-        }
+    @property
+    def description(self) -> ModelDescription:
+        """What ``model.pt`` records about this detector (see :mod:`medad.checkpoint`)."""
+        return ModelDescription(
+            backbone=self.backbone,
+            levels=tuple(self.encoder.levels),
+            datasets=tuple(self.datasets),
+            target=self.target,
+            image_score_from_map=self.image_score_from_map,
+            clip_weights=self.clip_weights,
+            thresholds=self.thresholds,
+        )
 
-    def set_extra_state(self, state: dict) -> None:
-        backbone = BackboneSpec(**state["backbone"])
-        if backbone != self.backbone or list(state["levels"]) != list(self.encoder.levels):
-            raise ValueError(
-                f"checkpoint was made for backbone {backbone} with adapters after blocks {state['levels']}, "
-                f"but this network is {self.backbone} with adapters after blocks {list(self.encoder.levels)}"
-            )
-        self.datasets = list(state["datasets"])
-        self.target = state["target"]
-        self.image_score_from_map = bool(state["image_score_from_map"])
-        self.threshold = state.get("threshold")  # None in checkpoints made before thresholds
+    def effective_thresholds(self) -> Thresholds:
+        """The thresholds every surface applies unless the user gives its own (:mod:`medad.decision`)."""
+        return effective_thresholds(self.thresholds, len(self.encoder.levels), self.has_memory)
 
     def _set_text_features(self, text_features: Mapping[str, torch.Tensor]) -> None:
         self.datasets = list(text_features)
         if self.datasets:
             self.text_features = torch.stack([text_features[name] for name in self.datasets]).to(self.text_features)
 
+    def _apply_description(self, saved: ModelDescription, source: str) -> None:
+        if saved.backbone != self.backbone or list(saved.levels) != list(self.encoder.levels):
+            raise CheckpointError(
+                f"{source} was made for backbone {saved.backbone} with adapters after blocks {list(saved.levels)}, "
+                f"but this network is {self.backbone} with adapters after blocks {list(self.encoder.levels)}"
+            )
+        self.target = saved.target
+        self.image_score_from_map = saved.image_score_from_map
+        self.thresholds = saved.thresholds
+        self.clip_weights = saved.clip_weights if saved.clip_weights is not None else self.clip_weights
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # The description (and format 1's _extra_state) is no parameter or buffer: read it here.
+        saved = stored_description(state_dict, prefix)
+        state_dict.pop(prefix + DESCRIPTION_KEY, None)
+        state_dict.pop(prefix + "_extra_state", None)
+        if saved is None:
+            if strict:
+                missing_keys.append(prefix + DESCRIPTION_KEY)
+        else:
+            self._apply_description(saved, "checkpoint")
         # Memory varies in size with the shots: take the saved shapes.
         for name in ("memory_seg", "memory_det"):
-            saved = state_dict.get(prefix + name)
-            if saved is not None:
-                setattr(self, name, getattr(self, name).new_empty(saved.shape))
+            stored = state_dict.get(prefix + name)
+            if stored is not None:
+                setattr(self, name, getattr(self, name).new_empty(stored.shape))
         # Text features: keep the data sets the checkpoint does not know (torch copied state_dict).
-        extra, saved = state_dict.get(prefix + "_extra_state"), state_dict.get(prefix + "text_features")
-        if isinstance(extra, Mapping) and saved is not None:
+        stored = state_dict.get(prefix + "text_features")
+        if saved is not None and stored is not None:
             merged = dict(zip(self.datasets, self.text_features))
-            merged.update(zip(extra["datasets"], saved))
+            merged.update(zip(saved.datasets, stored))
             self._set_text_features(merged)
             state_dict[prefix + "text_features"] = self.text_features.clone()
-            state_dict[prefix + "_extra_state"] = {**extra, "datasets": list(self.datasets)}
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -153,14 +181,20 @@ class MVFADetector(nn.Module):
 
         Files are read with ``torch.load(weights_only=True)``: no pickled code is executed.
         """
-        self.load_state(read_checkpoint(path))
+        self.load_state(read_checkpoint(path), str(path))
 
-    def load_state(self, state: Mapping[str, Any]) -> None:
-        """Load a detector ``state_dict`` or released MVFA adapters (``seg_adapters``/``det_adapters``)."""
-        if {"seg_adapters", "det_adapters"} <= set(state):
-            self.encoder.load_adapter_state(state)
-        else:
-            self.load_state_dict(state, strict=True)
+    def load_state(self, state: Mapping[str, Any], source: str = "checkpoint") -> None:
+        """Load a detector ``state_dict`` or released MVFA adapters (``seg_adapters``/``det_adapters``);
+        errors name ``source``."""
+        try:
+            if checkpoint_kind(state, source) == "adapters":
+                self.encoder.load_adapter_state(state)
+            else:
+                self.load_state_dict(state, strict=True)
+        except CheckpointError:
+            raise
+        except (KeyError, RuntimeError, ValueError) as error:
+            raise CheckpointError(f"{source}: does not fit this detector: {error}") from error
 
     def text_features_for(self, datasets: Sequence[str] | None = None) -> torch.Tensor:
         """Text features ``(E, 2)`` of the target, or ``(B, E, 2)`` for per-sample data set names."""
@@ -189,25 +223,38 @@ class MVFADetector(nn.Module):
             setattr(self, name, F.normalize(memory, dim=-1))
 
     @torch.no_grad()
-    def calibrate(self, images: torch.Tensor, batch_size: int = 8, labels: torch.Tensor | None = None) -> None:
+    def calibrate(
+        self,
+        images: torch.Tensor,
+        batch_size: int = 8,
+        labels: torch.Tensor | None = None,
+        masks: torch.Tensor | None = None,
+    ) -> None:
         """Store the min-max ranges of the raw scores of ``images`` (the support set), so that
-        single images are fused without the rest of a test set; with ``labels`` (1 abnormal)
-        of both classes, also the decision ``threshold``: the one of highest F1 over the
-        support set's final scores (else ``None``)."""
+        single images are fused without the rest of a test set, and the decision thresholds
+        of :mod:`medad.decision` against the current memory: with ``labels`` (1 abnormal) of
+        both classes the image threshold of highest F1 over the support set's final scores,
+        and with ``masks`` ``(N, 1, S, S)`` (zeros for normal images) the pixel threshold of
+        highest pixel F1; without them, thresholds the rule leaves to its defaults."""
         device = self.text_features.device
         parts = [self.raw_scores(batch.to(device)) for batch in images.split(batch_size)]
         raw = RawScores(*(None if values[0] is None else torch.cat(values) for values in zip(*parts)))
+        self.set_calibration(raw)
+        final = self.finalize(raw)
+        image = None if labels is None else f1_best_threshold(final.score, labels)
+        pixel, pixel_rule = None, "none"
+        if masks is not None and image is not None:
+            pixel = pixel_f1_threshold(final.anomaly_map.float().cpu(), masks.reshape(final.anomaly_map.shape).bool().cpu())
+            pixel_rule = "support_pixel_f1" if pixel is not None else "none"
+        if pixel is None and image is not None and self.image_score_from_map:
+            pixel, pixel_rule = image, "image_threshold"
+        self.thresholds = Thresholds(image, pixel, "support_f1" if image is not None else "none", pixel_rule)
+
+    def set_calibration(self, raw: RawScores) -> None:
+        """Store the min-max ranges of the raw scores of a reference set (the support set)."""
         values = [getattr(raw, name) for name in _CALIBRATION_ROWS]
         rows = [[float("nan")] * 2 if v is None else [float(v.min()), float(v.max())] for v in values]
         self.calibration = torch.tensor(rows, device=self.calibration.device)
-        self.threshold = None
-        if labels is not None and 0 < int(labels.sum()) < len(labels):
-            from sklearn.metrics import precision_recall_curve
-
-            scores = self.finalize(raw).score.float().cpu().numpy()
-            precision, recall, thresholds = precision_recall_curve(labels.cpu().numpy(), scores)
-            f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
-            self.threshold = float(thresholds[int(np.argmax(f1[:-1]))])
 
     def calibrated_ranges(self) -> dict[str, FusionRange]:
         """The stored ranges, as tensors so that tracing and ONNX export record them."""
@@ -259,23 +306,37 @@ class MVFADetector(nn.Module):
         """Final anomaly maps and image scores with the stored calibration."""
         return self.finalize(self.raw_scores(images))
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What ``torch.jit.script(detector)`` compiles (MONAI's ``ckpt_export`` scripts): open_clip's
+        vision tower cannot be scripted, so :meth:`forward` is traced at the model's input size
+        ``(1, 3, S, S)`` (any batch size runs) and wrapped in a scriptable module."""
+        parameter = self.text_features
+        example = torch.rand(1, 3, self.image_size, self.image_size, device=parameter.device)
+        was_training = self.training
+        with torch.no_grad():
+            traced = torch.jit.trace(self.eval(), example)
+        self.train(was_training)
+        return _TracedForward(traced)
+
+
+class _TracedForward(nn.Module):
+    """A traced :meth:`MVFADetector.forward` as a scriptable module (see ``__prepare_scriptable__``)."""
+
+    def __init__(self, traced: torch.jit.ScriptModule) -> None:
+        super().__init__()
+        self.traced = traced
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.traced(images)
+
+
+def _add_description(module: MVFADetector, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    state_dict[prefix + DESCRIPTION_KEY] = description_tensor(module.description)
+
 
 def unwrap(network: nn.Module) -> MVFADetector:
     """The detector inside a DistributedDataParallel/DataParallel wrapper (or itself)."""
     return getattr(network, "module", network)
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a checkpoint dictionary with ``torch.load(weights_only=True)``: no pickled code runs."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for unsafe or corrupt files
-        raise ValueError(f"{path}: not a loadable checkpoint ({type(error).__name__}: {error})") from error
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{path}: not a checkpoint dictionary (got {type(state).__name__})")
-    return dict(state)
 
 
 def build_detector(
@@ -304,20 +365,106 @@ def build_detector(
     backbone = BackboneSpec(model_name, int(image_size), bool(quick_gelu))
     clip = create_clip(model_name, image_size, pretrained, quick_gelu, random_init)
     saved = read_checkpoint(checkpoint) if checkpoint is not None else {}
-    saved_target = saved.get("_extra_state", {}).get("target")
+    saved_description = describe(saved) if checkpoint is not None else None
+    saved_target = saved_description.target if saved_description is not None else None
     target = target or saved_target
-    known = saved.get("_extra_state", {}).get("datasets", [])
+    known = saved_description.datasets if saved_description is not None else ()
     wanted = [*datasets, target] if target is not None else list(datasets)
     missing = [name for name in dict.fromkeys(wanted) if name not in known]
     text_features = encode_text_features(clip, open_clip.get_tokenizer(model_name), missing)
     visual = set_precision(clip.visual, precision)
-    detector = MVFADetector(MVFA(visual, levels), text_features, target, backbone, image_score_from_map)
+    detector = MVFADetector(
+        MVFA(visual, levels), text_features, target, backbone, image_score_from_map, weights_record(pretrained, random_init)
+    )
     if checkpoint is not None:
-        detector.load_state(saved)
+        detector.load_state(saved, str(checkpoint))
         if detector.target != target and detector.has_memory:
             logger.warning(
                 "%s holds a few-shot memory of %r but scores %r: its memory and calibration do not "
                 "describe the new target", checkpoint, detector.target, target
             )
         detector.target = target
+        # the backbone is the one built here, whatever weights the checkpoint recorded
+        detector.clip_weights = weights_record(pretrained, random_init)
     return detector
+
+
+def _weights_for(model: str, description: ModelDescription | None, clip_weights: str | os.PathLike | None) -> tuple[str | None, bool]:
+    """``(pretrained, random_init)`` for loading a trained model: the given weights, else the ones it
+    records (a tag, or the seeded random backbone of tests and the demo)."""
+    recorded = description.clip_weights if description is not None else None
+    if recorded == "random":
+        if clip_weights not in (None, ""):
+            raise CheckpointError(
+                f"{model} was trained on the seeded randomly initialised backbone (a test or demo model): its "
+                f"adapters mean nothing on the CLIP weights {str(clip_weights)!r}; leave clip_weights unset"
+            )
+        logger.warning("%s is a test/demo model: it runs on the seeded RANDOM backbone it was trained on", model)
+        return None, True
+    if clip_weights not in (None, ""):
+        return str(clip_weights), False
+    if recorded is None or recorded.startswith("file:"):
+        name = "its CLIP weights" if recorded is None else f"the CLIP weights file {recorded[5:]!r}"
+        raise MissingWeightsError(
+            f"{model} was trained with {name}: give their path (or an open_clip tag such as 'openai') as clip_weights"
+        )
+    return recorded, False
+
+
+def load_detector(
+    model: str | os.PathLike,
+    clip_weights: str | os.PathLike | None = None,
+    target: str | None = None,
+    precision: str = "fp32",
+    device: str | torch.device = "cpu",
+    expect: Mapping[str, Any] | None = None,
+) -> MVFADetector:
+    """A trained detector from its ``model.pt`` (or released MVFA adapters) and the CLIP weights,
+    in eval mode on ``device``: the architecture comes from the file.
+
+    Args:
+        model: a medad ``model.pt``, or a released MVFA adapter checkpoint (MVFA's defaults:
+            ``ViT-L-14-336`` at 240 px, blocks 6/12/18/24; give ``target``).
+        clip_weights: an open_clip tag, a local OpenAI archive or open_clip checkpoint; ``None``:
+            the weights the model records (an open_clip tag, or the seeded random backbone of a
+            test or demo model).
+        target: the data set to score (default: the model's own).
+        precision: the frozen backbone's precision (``"fp32"``, ``"bf16"``, ``"fp16"``).
+        expect: architecture values a user gave (``model_name``, ``image_size``, ``levels``,
+            ``quick_gelu``; ``None`` values are ignored): any that contradicts the file is an error.
+
+    Raises:
+        FileNotFoundError, CheckpointError: the file is missing, unreadable, foreign, or does not
+            fit the expected architecture (the message names the file and both values).
+        MissingWeightsError: no usable CLIP weights.
+    """
+    model = str(model)
+    description = describe(model)
+    architecture = (
+        {"model_name": "ViT-L-14-336", "image_size": 240, "quick_gelu": False, "levels": (6, 12, 18, 24)}
+        if description is None
+        else {**description.backbone.to_dict(), "levels": tuple(description.levels)}
+    )
+    for key, value in (expect or {}).items():
+        if key not in architecture:
+            raise ValueError(f"unknown architecture key {key!r}; expected one of {sorted(architecture)}")
+        given = tuple(int(v) for v in value) if key == "levels" and value is not None else value
+        if given is not None and given != architecture[key]:
+            raise CheckpointError(
+                f"{model} was made for {key}={architecture[key]!r}, but {key}={value!r} was given: leave {key} "
+                "unset (the model file describes its architecture) or use a model made for that value"
+            )
+    pretrained, random_init = _weights_for(model, description, clip_weights)
+    if description is None and target is None:
+        raise ValueError(f"{model} holds released MVFA adapters, which name no data set: give target")
+    detector = build_detector(
+        datasets=[],
+        target=target,
+        pretrained=pretrained,
+        random_init=random_init,
+        checkpoint=model,
+        precision=precision,
+        image_score_from_map=True if description is None else description.image_score_from_map,
+        **architecture,
+    )
+    return detector.to(device).eval()

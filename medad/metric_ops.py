@@ -168,6 +168,12 @@ class BinnedScores:
         _, _, true_pos, false_pos = self._rates()
         return (2 * true_pos / (true_pos + false_pos + n_pos)).max().item()
 
+    def f1_best_threshold(self) -> float:
+        """The bin edge ``t`` whose rule ``score >= t`` has the highest F1 (the lowest such edge on ties)."""
+        n_pos, _ = self._totals("the F1-best threshold", negatives=False)
+        _, _, true_pos, false_pos = self._rates()
+        return self.edges[int(torch.argmax(2 * true_pos / (true_pos + false_pos + n_pos)))].item()
+
     def fpr_at_thresholds(self, thresholds: Tensor) -> Tensor:
         """False positive rate of ``score >= t`` for each threshold, float64 of the same shape.
 

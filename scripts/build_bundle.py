@@ -163,14 +163,15 @@ def file_hash(path: Path, hash_type: str = HASH_TYPE) -> str:
 
 def check_model(path: Path) -> None:
     """Refuse files that are not a saved :class:`medad.MVFADetector` state dict (``models/model.pt``)."""
-    import torch  # only here: the rest of the script needs no torch
+    from medad.checkpoint import read_checkpoint, stored_description  # only here: the rest needs no torch
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for corrupt or unsafe files
-        raise BundleError(f"{path}: not a loadable checkpoint ({type(error).__name__}: {error})") from error
-    if not isinstance(state, dict) or "format_version" not in state.get("_extra_state", {}):
-        keys = sorted(state)[:5] if isinstance(state, dict) else type(state).__name__
+        state = read_checkpoint(path)
+        described = stored_description(state, source=str(path)) is not None
+    except (OSError, ValueError) as error:
+        raise BundleError(str(error)) from error
+    if not described:
+        keys = sorted(map(str, state))[:5]
         raise BundleError(
             f"{path}: not a detector state dict as training writes to models/model.pt (found {keys}); "
             "resume_checkpoint_*.pt files hold optimiser state too and are not released"

@@ -197,7 +197,7 @@ def test_torchrun_training_and_evaluation_equal_one_process(uneven_bmad, bundle_
     # One process on the same global batches (same seed and sampler) trains the same adapters.
     single = tmp_path / "single"
     _in_process(("train",), single, "train", epochs=2, batch_size=RANKS * BATCH, **settings)
-    trained, reference = (medad.detector.read_checkpoint(root / "models" / "model.pt") for root in (ddp, single))
+    trained, reference = (medad.checkpoint.read_checkpoint(root / "models" / "model.pt") for root in (ddp, single))
     assert trained.keys() == reference.keys()
     for key, value in reference.items():
         if isinstance(value, torch.Tensor):

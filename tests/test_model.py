@@ -91,7 +91,9 @@ def test_checkpoint_for_another_backbone_is_refused(tiny_detector, tmp_path):
         tiny_detector.load_checkpoint(path)
 
     state = tiny_detector.state_dict()
-    state["_extra_state"] = {**state["_extra_state"], "backbone": {**state["_extra_state"]["backbone"], "image_size": 224}}
+    description = medad.describe(state)
+    other = description.replace(backbone=medad.BackboneSpec(description.backbone.model_name, 224))
+    state["description"] = medad.checkpoint.description_tensor(other)
     torch.save(state, path)
     with pytest.raises(ValueError, match="image_size=224"):
         tiny_detector.load_checkpoint(path)

@@ -1,0 +1,227 @@
+"""The one home of medad's model file format (``models/model.pt``): reading, describing, versions.
+
+A trained model is an :class:`medad.MVFADetector` ``state_dict`` of tensors only: the adapters,
+the prompt text features, the few-shot memory bank, the fusion calibration, and ``description``,
+the UTF-8 JSON of a :class:`ModelDescription` as a ``uint8`` tensor: the backbone it was made
+for, the adapted blocks, the data sets and target, which CLIP weights it was trained with, and
+the decision thresholds with the rule that chose each. Tensors only, so that MONAI's tools
+(``monai.bundle.load``, ``ckpt_export``) copy and load it like any network's weights. Released
+MVFA adapter files (``{'seg_adapters': ..., 'det_adapters': ...}``) are read here too.
+
+Everything that opens a model file calls :func:`read_checkpoint` (``torch.load`` with
+``weights_only=True``: no pickled code runs) and :func:`describe`; nothing else parses the
+description.
+
+Format versions: 1 (medad 0.1: an ``_extra_state`` dictionary with a single ``threshold``), 2
+(this one). Older versions load; a newer one is refused with both versions named.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medad.backbone import BackboneSpec
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "ModelDescription",
+    "Thresholds",
+    "DESCRIPTION_KEY",
+    "checkpoint_kind",
+    "describe",
+    "description_tensor",
+    "read_checkpoint",
+    "stored_description",
+    "weights_record",
+]
+
+#: The version :class:`ModelDescription` writes.
+FORMAT_VERSION = 2
+#: The state-dict key of the description tensor (format 2; format 1 had ``_extra_state``).
+DESCRIPTION_KEY = "description"
+_LEGACY_KEY = "_extra_state"
+_ADAPTER_KEYS = {"seg_adapters", "det_adapters"}
+
+
+class CheckpointError(ValueError):
+    """A model file that cannot be used; the message names the file and what it is not."""
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Decision thresholds of a trained model and the rule that chose each.
+
+    ``image``: an image (or volume) is abnormal when its score is at least this; ``pixel``: a
+    pixel is labelled anomalous when its map value is at least this. ``None`` where the model
+    has no threshold of its own (see :func:`medad.decision.thresholds_for`).
+    """
+
+    image: float | None = None
+    pixel: float | None = None
+    image_rule: str = "none"
+    pixel_rule: str = "none"
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """What a ``model.pt`` says about itself (its ``_extra_state``).
+
+    Attributes:
+        backbone: the CLIP architecture, input size and activation the adapters were made for.
+        levels: 1-based blocks after which adapters sit.
+        datasets: the data sets whose prompt text features the model holds.
+        target: the data set it scores by default (``None`` for a bare zero-shot model).
+        image_score_from_map: few-shot image score = maximum of the fused map (data sets with
+            masks) instead of the fused detection score.
+        clip_weights: the CLIP weights it was trained with: an open_clip tag (``"openai"``),
+            ``"file:<name>"`` for a local file (give the path when loading), ``"random"`` for
+            the seeded random backbone of tests and the demo, or ``None`` (unknown, format 1).
+        thresholds: the decision thresholds stored with the model.
+        format_version: the format the file was written in.
+    """
+
+    backbone: BackboneSpec
+    levels: tuple[int, ...]
+    datasets: tuple[str, ...] = ()
+    target: str | None = None
+    image_score_from_map: bool = True
+    clip_weights: str | None = None
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    format_version: int = FORMAT_VERSION
+
+    def to_extra_state(self) -> dict[str, Any]:
+        """The plain dictionary stored as ``_extra_state`` (always in the current format)."""
+        state = asdict(self)
+        state.update(format_version=FORMAT_VERSION, levels=list(self.levels), datasets=list(self.datasets))
+        return state
+
+    @classmethod
+    def from_extra_state(cls, state: Mapping[str, Any], source: str = "checkpoint") -> ModelDescription:
+        """Parse an ``_extra_state`` of any known format version (``source`` names the file)."""
+        version = int(state.get("format_version", 1))
+        if version > FORMAT_VERSION:
+            raise CheckpointError(
+                f"{source}: written in model format version {version}, but this medad reads versions up to "
+                f"{FORMAT_VERSION}: upgrade medad to use it"
+            )
+        try:
+            thresholds = state.get("thresholds")
+            if version == 1:  # one image threshold, chosen as the F1-best on the support set
+                image = state.get("threshold")
+                thresholds = Thresholds(image, None, "support_f1" if image is not None else "none", "none")
+            else:
+                thresholds = Thresholds(**thresholds)
+            return cls(
+                backbone=BackboneSpec(**state["backbone"]),
+                levels=tuple(int(level) for level in state["levels"]),
+                datasets=tuple(state["datasets"]),
+                target=state["target"],
+                image_score_from_map=bool(state["image_score_from_map"]),
+                clip_weights=state.get("clip_weights"),
+                thresholds=thresholds,
+                format_version=version,
+            )
+        except (KeyError, TypeError) as error:
+            raise CheckpointError(f"{source}: its model description is incomplete or malformed ({error!r})") from error
+
+    def replace(self, **changes: Any) -> ModelDescription:
+        return replace(self, **changes)
+
+
+def weights_record(pretrained: str | os.PathLike | None, random_init: bool) -> str | None:
+    """What :attr:`ModelDescription.clip_weights` records for the weights a backbone was built with."""
+    if pretrained in (None, ""):
+        return "random" if random_init else None
+    text = str(pretrained)
+    return f"file:{Path(text).name}" if os.path.exists(text) else text
+
+
+def _refusal(path: str | os.PathLike, error: BaseException) -> CheckpointError:
+    text = str(error)
+    if isinstance(error, pickle.UnpicklingError) and "weights_only" in text.lower().replace(" ", "_"):
+        return CheckpointError(
+            f"{path}: refused: it holds pickled Python objects other than tensors, which could run code when "
+            "loaded; medad model files hold tensors and plain values only"
+        )
+    if not zipfile.is_zipfile(path):  # torch.save writes zip archives: a cut one has no directory
+        return CheckpointError(f"{path}: not a complete PyTorch checkpoint (truncated, or another kind of file)")
+    return CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {text.strip()[:300]})")
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint dictionary with ``torch.load(weights_only=True)``: no pickled code runs.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: an empty, truncated or corrupt file, one with pickled code, or one that
+            does not hold a dictionary; the message names the file.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: model file not found")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes), not a model: was it copied or downloaded completely?")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for unsafe or corrupt files
+        raise _refusal(path, error) from error
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{path}: not a checkpoint dictionary (it holds a {type(state).__name__})")
+    return dict(state)
+
+
+def description_tensor(description: ModelDescription) -> torch.Tensor:
+    """The description as stored in a state dict: its JSON text as a ``uint8`` tensor."""
+    return torch.tensor(list(json.dumps(description.to_extra_state()).encode("utf-8")), dtype=torch.uint8)
+
+
+def _stored_description(state: Mapping[str, Any], prefix: str = "") -> Mapping[str, Any] | None:
+    """The raw description dictionary of a detector state dict (either format), or ``None``."""
+    stored = state.get(prefix + DESCRIPTION_KEY)
+    if isinstance(stored, torch.Tensor) and stored.dtype == torch.uint8:
+        return json.loads(bytes(stored.tolist()).decode("utf-8"))
+    legacy = state.get(prefix + _LEGACY_KEY)
+    return legacy if isinstance(legacy, Mapping) else None
+
+
+def stored_description(state: Mapping[str, Any], prefix: str = "", source: str = "checkpoint") -> ModelDescription | None:
+    """The :class:`ModelDescription` stored under ``prefix`` in a state dict, or ``None``."""
+    raw = _stored_description(state, prefix)
+    return None if raw is None else ModelDescription.from_extra_state(raw, source)
+
+
+def checkpoint_kind(state: Mapping[str, Any], source: str = "checkpoint") -> str:
+    """``"detector"`` (a medad ``model.pt``) or ``"adapters"`` (released MVFA adapters); anything
+    else (a resume checkpoint, another model's state dict) is refused with what it holds."""
+    if _stored_description(state) is not None:
+        return "detector"
+    if _ADAPTER_KEYS <= set(state):
+        return "adapters"
+    keys = sorted(map(str, state))
+    hint = " (a resume checkpoint: use models/model.pt)" if {"model", "optimizer"} <= set(keys) else ""
+    shown = ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "")
+    raise CheckpointError(
+        f"{source}: neither a medad model (models/model.pt) nor released MVFA adapters "
+        f"('seg_adapters'/'det_adapters'){hint}; its keys are: {shown}"
+    )
+
+
+def describe(path_or_state: str | os.PathLike | Mapping[str, Any]) -> ModelDescription | None:
+    """The :class:`ModelDescription` of a model file or state dict; ``None`` for released MVFA
+    adapters, which describe nothing (they fit MVFA's defaults)."""
+    if isinstance(path_or_state, Mapping):
+        state, source = path_or_state, "checkpoint"
+    else:
+        state, source = read_checkpoint(path_or_state), str(path_or_state)
+    if checkpoint_kind(state, source) == "adapters":
+        return None
+    return stored_description(state, source=source)
