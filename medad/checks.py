@@ -20,8 +20,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from medad.io import atomic_write
+from medad.transforms import normalise_pil_mode
 
-__all__ = ["DataCheckError", "Problem", "check_items", "read_array"]
+__all__ = ["DataCheckError", "Problem", "check_items", "check_volume", "read_array"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,28 +55,63 @@ def read_array(path: str | os.PathLike) -> np.ndarray:
     if path.stat().st_size == 0:
         raise ValueError("empty file")
     if not path.name.lower().endswith(_PIL_SUFFIXES):
-        return _read_with_monai(path)
+        raise ValueError(f"not a 2D image file ({', '.join(_PIL_SUFFIXES)})")
     try:
         with Image.open(path) as image:
             image.load()  # decode fully: truncated files fail here, not in a worker later
-            if image.mode in ("P", "PA"):
-                image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-            return np.asarray(image)
+            # the pixel values the pipeline sees (medad.transforms.normalise_pil_mode)
+            return np.asarray(normalise_pil_mode(image))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ValueError(f"unreadable image ({type(error).__name__}: {error})") from error
 
 
-def _read_with_monai(path: Path) -> np.ndarray:
-    """NIfTI, DICOM and other formats through MONAI's readers, as ``(H, W[, D...])``."""
-    from monai.transforms import LoadImage
+def check_volume(path: str | os.PathLike) -> list[str]:
+    """Problems of a volume (NIfTI file, DICOM file or DICOM series folder) that would stop or
+    silently corrupt its scoring: unreadable or empty files, 4D data with several frames (a time
+    series or several channels: which frame to score is not defined), and a singular affine
+    (no voxel-to-world geometry to slice by). Headers only for NIfTI; DICOM through MONAI."""
+    path = Path(path)
+    if not path.exists():
+        return ["file not found"]
+    if path.is_file() and path.stat().st_size == 0:
+        return ["empty file"]
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        import nibabel as nib
 
-    try:
-        return np.asarray(LoadImage(image_only=True)(str(path)))
-    except Exception as error:  # MONAI wraps each reader's own error types
-        raise ValueError(f"unreadable image ({type(error).__name__}: {error})") from error
+        try:
+            header = nib.load(path).header
+            shape, affine = tuple(int(n) for n in header.get_data_shape()), header.get_best_affine()
+        except Exception as error:  # nibabel raises several types for broken headers
+            return [f"unreadable NIfTI ({type(error).__name__}: {error})"]
+    else:
+        from monai.transforms import LoadImage
+
+        try:
+            image = LoadImage(image_only=True)(str(path))
+        except Exception as error:  # MONAI wraps each reader's own error types
+            return [f"unreadable image ({type(error).__name__}: {error})"]
+        shape, affine = tuple(image.shape), np.asarray(image.affine)
+    reasons = []
+    if len(shape) > 3 and any(n > 1 for n in shape[3:]):
+        reasons.append(
+            f"{len(shape)}D data of shape {shape}: several frames or channels per voxel (a time series?); "
+            "medad scores 2D images and 3D volumes: save the frame to score as a 3D volume"
+        )
+    if min(shape[:2], default=0) < 2:
+        reasons.append(f"image too small: {shape}")
+    spatial = np.asarray(affine, dtype=np.float64)[:3, :3]
+    if not np.isfinite(spatial).all() or abs(np.linalg.det(spatial)) < 1e-12:
+        reasons.append("its affine (voxel to world) is singular or not finite: the header's qform/sform needs fixing")
+    return reasons
 
 
-def _check_image(path: str) -> tuple[np.ndarray | None, list[str]]:
+def _check_image(path: str, volumes: bool) -> tuple[np.ndarray | None, list[str]]:
+    from medad.volumes import input_kind
+
+    if input_kind(path) == "volume":
+        if volumes:
+            return None, check_volume(path)
+        return None, ["a volume (NIfTI or DICOM): training and evaluation take 2D images (PNG, JPEG, BMP, TIFF)"]
     try:
         pixels = read_array(path)
     except ValueError as error:
@@ -114,6 +150,8 @@ def check_items(
     on_error: str = "raise",
     report_dir: str | os.PathLike | None = None,
     report_name: str = "data_problems.csv",
+    remedy: str = "fix them, or set on_bad_data to 'skip' to leave those items out",
+    volumes: bool = False,
 ) -> list[dict]:
     """Check every image (and mask) of a data list before it is used.
 
@@ -126,6 +164,9 @@ def check_items(
         on_error: ``"raise"``: stop with one :class:`DataCheckError` listing every problem;
             ``"skip"``: drop the bad items, log how many, and write the report.
         report_dir: where ``report_name`` (file, reason) is written when problems are found.
+        remedy: what the error message tells the user to do.
+        volumes: accept volumes (NIfTI, DICOM; checked by :func:`check_volume`), as inference
+            does; otherwise they are a problem (the 2D pipeline cannot read them).
 
     Returns:
         The items that passed (all of them with ``on_error="raise"``).
@@ -137,7 +178,7 @@ def check_items(
     problems: list[Problem] = []
     kept = []
     for item in items:
-        image, reasons = _check_image(item["image"])
+        image, reasons = _check_image(item["image"], volumes)
         found = [Problem(item["image"], reason) for reason in reasons]
         if item.get("mask"):
             found += [Problem(item["mask"], reason) for reason in _check_mask(item["mask"], image)]
@@ -156,8 +197,7 @@ def check_items(
             writer.writerows(problems)
     if on_error == "raise":
         raise DataCheckError(
-            f"{len(problems)} problem(s) in {len(items) - len(kept)} of {len(items)} items "
-            f"(fix them, or set on_error='skip' to leave those items out):\n{report}"
+            f"{report}\n{len(problems)} problem(s) in {len(items) - len(kept)} of {len(items)} items, listed above: {remedy}"
         )
     if not kept:
         raise DataCheckError(f"every item failed its checks:\n{report}")

@@ -27,7 +27,7 @@ from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
 from medad.detector import AnomalyScores, unwrap
-from medad.volumes import VolumeScores
+from medad.volumes import VolumeScores, predict_images
 
 __all__ = ["MVFAEvaluator", "MVFATrainer", "adapter_parameter_groups"]
 
@@ -73,17 +73,33 @@ class MVFATrainer(SupervisedTrainer):
     (``DistributedSampler(even_divisible=True)``). Parameters no rank used keep no gradient, so
     a global batch without masks skips the seg adapters' Adam step, as a single process does.
 
+    ``amp=True`` runs the forward pass under ``torch.autocast`` (fp16 on CUDA, bf16 on CPUs) and,
+    on CUDA, scales the loss with MONAI's ``GradScaler`` (``self.scaler``) as ``SupervisedTrainer``
+    does, so that the adapters' small fp16 gradients do not underflow.
+
     Args:
         cache_trunk: keep the frozen blocks' output before the first adapter for every sample
             (by its ``index`` key) and reuse it in later epochs: exact for a fixed training set
             such as the few-shot one, where it saves those blocks' forward pass from epoch 2 on.
+        fewshot_memory: a :class:`medad.handlers.FewShotMemoryHandler`, attached before every
+            handler of ``train_handlers``: the memory bank, calibration and thresholds are built
+            before any handler saves the model when training completes.
         kwargs: ``SupervisedTrainer``'s arguments.
     """
 
-    def __init__(self, *args: Any, cache_trunk: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, cache_trunk: bool = False, fewshot_memory: Any = None, **kwargs: Any) -> None:
+        self.fewshot_memory, self._memory_attached = fewshot_memory, False  # see _register_handlers
         super().__init__(*args, **kwargs)
+        if fewshot_memory is not None and not self._memory_attached:  # no handler list at all
+            fewshot_memory.attach(self)
         self.cache_trunk = cache_trunk
         self._trunk_cache: dict[int, torch.Tensor] = {}
+
+    def _register_handlers(self, handlers: Any) -> None:
+        if self.fewshot_memory is not None:
+            self.fewshot_memory.attach(self)  # first: see fewshot_memory
+            self._memory_attached = True
+        super()._register_handlers(handlers)
 
     def _trunk(self, encoder: nn.Module, images: torch.Tensor, batchdata: Mapping[str, Any]) -> torch.Tensor:
         if not self.cache_trunk:
@@ -123,9 +139,14 @@ class MVFATrainer(SupervisedTrainer):
         engine.state.output.update({Keys.LOSS: loss.detach(), "seg_loss": losses.seg.detach(), "det_loss": losses.det.detach()})
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
 
-        loss.backward()
+        scaler = engine.scaler if engine.amp and engine.scaler is not None and engine.scaler.is_enabled() else None
+        (loss if scaler is None else scaler.scale(loss)).backward()
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-        engine.optimizer.step()
+        if scaler is None:
+            engine.optimizer.step()
+        else:
+            scaler.step(engine.optimizer)
+            scaler.update()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
 
@@ -190,7 +211,16 @@ class MVFAEvaluator(SupervisedEvaluator):
     (set-level metrics only need the raw scores). For volumes it returns final
     :class:`medad.volumes.VolumeScores`: ``pred`` is then (B, 1, H, W, D), and ``score_p95``,
     ``slice_scores`` and ``empty_slices`` are added.
+
+    Args:
+        skip_blank: apply the blank rule of :func:`medad.volumes.predict_images` to 2D images
+            (map and score 0; ``blank`` in the output), as volumes' empty slices get (inference).
+        kwargs: ``SupervisedEvaluator``'s arguments.
     """
+
+    def __init__(self, *args: Any, skip_blank: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.skip_blank = skip_blank
 
     def _iteration(self, engine: MVFAEvaluator, batchdata: Mapping[str, Any]) -> dict:
         if batchdata is None:
@@ -209,8 +239,12 @@ class MVFAEvaluator(SupervisedEvaluator):
             final = None
             if isinstance(raw, VolumeScores):  # fused slice by slice already
                 final = AnomalyScores(raw.anomaly_map, raw.score)
+                engine.state.output["blank"] = raw.empty_slices.all(dim=1)
             elif raw.few_map is None or detector.is_calibrated:
                 final = detector.finalize(raw)
+                if engine.skip_blank:
+                    final, blank = predict_images(detector, _plain(images, device), final)
+                    engine.state.output["blank"] = blank
             if final is not None:
                 # keep the image's meta data (file name, geometry, applied transforms) for saving
                 pred = convert_to_dst_type(final.anomaly_map.unsqueeze(1), images)[0]

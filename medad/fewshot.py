@@ -31,7 +31,10 @@ def fewshot_training_data(
     calibration set.
     """
     # Every support image matters: a bad one stops the run instead of being left out.
-    selected = check_items(fewshot_selection(dataset_dir, target, shot, seed_file, seed_index, seed))
+    selected = check_items(
+        fewshot_selection(dataset_dir, target, shot, seed_file, seed_index, seed),
+        remedy="every support image is needed: fix it, or pick other shots (another seed_index, seed_dir or seed)",
+    )
     preprocess = mvfa_preprocessing(image_size)
     loaded = [preprocess(item) for item in selected]
     has_mask = bool(selected[0]["has_mask"])

@@ -31,11 +31,12 @@ from monai.transforms import (
     MapTransform,
     Orientationd,
     Resized,
+    Invertd,
     ScaleIntensityRanged,
 )
 from PIL import Image, ImageDraw
 
-from medad.io import atomic_write
+from medad.io import atomic_write, output_stem
 
 __all__ = [
     "CT_WINDOWS",
@@ -44,6 +45,7 @@ __all__ = [
     "EnsureSliceAxisd",
     "FillMissingMaskd",
     "LoadInputd",
+    "MapToInputGridd",
     "SaveOverlayd",
     "SaveSliceScoresd",
     "ToRGBd",
@@ -85,10 +87,8 @@ def _source(image: object, default: str = "image") -> str:
 
 
 def _case_name(image: object) -> str:
-    """Output file stem of a case as MONAI's ``SaveImage`` makes it (one extension, or two ending
-    in ``.gz``, removed): ``scan`` for ``scan.nii.gz``, the folder name for a DICOM series."""
-    stem, extension = os.path.splitext(Path(_source(image)).name)
-    return os.path.splitext(stem)[0] if extension == ".gz" else stem
+    """Output file stem of a case (:func:`medad.io.output_stem` of its source)."""
+    return output_stem(_source(image))
 
 
 def window_range(window: str | Sequence[float]) -> tuple[float, float]:
@@ -333,6 +333,21 @@ def _heat_overlay(image: torch.Tensor, heat: torch.Tensor, low: float, high: flo
 
 def _to_pil(picture: torch.Tensor) -> Image.Image:
     return Image.fromarray((picture * 255).round().byte().permute(1, 2, 0).numpy())
+
+
+class MapToInputGridd(Invertd):
+    """MONAI's ``Invertd`` for anomaly maps: the map ``(1, S, S)`` (or a volume's) is brought back
+    to the input's pixel or voxel grid by inverting ``transform`` (the preprocessing of
+    ``orig_keys``), and marked as one channel first: ``Invertd`` copies the image's meta data,
+    whose channel layout (RGB files: channel last) is not the map's, and MONAI's writers would
+    otherwise fail on every multi-channel image."""
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = super().__call__(data)
+        for key in self.key_iterator(d):
+            if isinstance(d[key], MetaTensor):
+                d[key].meta["original_channel_dim"] = "no_channel"
+        return d
 
 
 class SaveOverlayd(MapTransform):

@@ -15,6 +15,8 @@ Rules:
   through the network, and its map and score are 0, so that air above a head or padding
   cannot dominate a volume. (With a CT window whose lower end lies below air, such as
   ``lung``, air is not background: only constant slices are skipped.)
+- Blank 2D images follow the same rule (:func:`predict_images`): map and score 0, reported as
+  blank, so that a constant image is not flagged.
 - Volume scores: ``score`` is the maximum of the non-empty slices' scores (as an image's score
   is the maximum of its map); ``score_p95`` is the 95th percentile (linear interpolation) of the
   scores of the non-empty slices, which one odd slice cannot raise. Both are 0 for a volume
@@ -33,7 +35,8 @@ import torch
 from monai.transforms import Resize
 
 from medad.data import IMAGE_SUFFIXES
-from medad.detector import MVFADetector
+from medad.detector import AnomalyScores, MVFADetector
+from medad.io import output_stem
 from medad.transforms import to_rgb
 
 __all__ = [
@@ -47,6 +50,7 @@ __all__ = [
     "input_kind",
     "iter_slice_batches",
     "list_inputs",
+    "predict_images",
     "prepare_slices",
     "score_volumes",
 ]
@@ -117,6 +121,16 @@ def _check_one_series(folder: Path) -> None:
         )
 
 
+def _check_unique_outputs(paths: Sequence[str]) -> None:
+    by_stem: dict[str, list[str]] = defaultdict(list)
+    for path in paths:
+        by_stem[output_stem(path)].append(Path(path).name)
+    clashes = {stem: names for stem, names in by_stem.items() if len(names) > 1}
+    if clashes:
+        listed = "; ".join(f"{' and '.join(names)} -> {stem}_*" for stem, names in sorted(clashes.items()))
+        raise ValueError(f"inputs whose outputs would overwrite each other ({listed}): rename them apart")
+
+
 class ClinicalInputs(NamedTuple):
     """The cases found for inference and their kind (``"image"`` or ``"volume"``)."""
 
@@ -170,6 +184,7 @@ def list_inputs(path: str | os.PathLike, kind: str = "auto") -> ClinicalInputs:
         )
     chosen = kinds.pop() if kind == "auto" and kinds else kind
     paths = [str(p) for p, k in found.items() if k == chosen]
+    _check_unique_outputs(paths)
     if not paths:
         raise FileNotFoundError(
             f"no {'inputs' if kind == 'auto' else kind + 's'} in {root} (2D images: {', '.join(IMAGE_SUFFIXES)}; "
@@ -238,6 +253,16 @@ def prepare_slices(slices: torch.Tensor, image_size: int) -> torch.Tensor:
     resize = Resize((image_size, image_size), mode="bicubic", anti_aliasing=True)
     resized = _plain(resize(slices.reshape(n * channels, height, width)))
     return to_rgb(resized.reshape(n, channels, image_size, image_size).clamp(0, 1), channel_dim=1)
+
+
+def predict_images(detector: MVFADetector, images: torch.Tensor, scores: AnomalyScores | None = None) -> tuple[AnomalyScores, torch.Tensor]:
+    """Final scores of 2D model inputs ``(B, 3, S, S)`` with blank images (:func:`empty_slices`)
+    set to map 0 and score 0, and which were blank ``(B,)``; ``scores``: the final scores
+    already computed for ``images``."""
+    blank = empty_slices(images)
+    scores = detector.predict(images) if scores is None else scores
+    keep = (~blank).to(scores.score.dtype)
+    return AnomalyScores(scores.anomaly_map * keep[:, None, None], scores.score * keep), blank
 
 
 @torch.no_grad()
