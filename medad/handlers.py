@@ -4,11 +4,15 @@ metrics JSON, and atomic (resumable) checkpoints."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import json
+import logging
 import os
 import re
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -18,25 +22,37 @@ from monai.data import decollate_batch
 from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.utils.enums import CommonKeys as Keys
 
+from medad.checkpoint import read_checkpoint
 from medad.detector import unwrap
 from medad.io import atomic_write
+from medad.metrics import AnomalyEvaluation
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "AtomicCheckpointSaver",
     "FewShotMemoryHandler",
     "MetricsJSONWriter",
+    "RunSettings",
     "ScoresWriter",
     "TrainingCheckpoint",
+    "check_resumable",
+    "gather_rows",
     "latest_checkpoint",
 ]
 
 
 class FewShotMemoryHandler:
-    """Build the few-shot memory bank and the fusion calibration on a trainer.
+    """Build the few-shot memory bank, the fusion calibration and the decision thresholds.
 
     MVFA's memory holds the adapter tokens of the augmented normal support images; the
     calibration stores the min-max ranges of the raw scores over the whole augmented support
-    set, so that single images can be fused without the rest of a test set.
+    set, so that single images can be fused without the rest of a test set; the thresholds
+    follow :mod:`medad.decision` against exactly that memory.
+
+    Give it to :class:`medad.engines.MVFATrainer` as ``fewshot_memory`` (not in the handler
+    list): the trainer attaches it before every other handler, so that the memory exists before
+    any handler saves ``model.pt`` when training completes, whatever the order of the list.
 
     Args:
         items: few-shot items (see :func:`medad.fewshot.fewshot_training_data`).
@@ -50,6 +66,13 @@ class FewShotMemoryHandler:
         self.normal = torch.tensor([int(item["label"]) == 0 for item in items])
         if not bool(self.normal.any()):
             raise ValueError("the few-shot items hold no normal image for the memory bank")
+        self.masks = None
+        if all(item.get("has_mask") for item in items):
+            size = self.images.shape[-2:]
+            self.masks = torch.stack([
+                torch.zeros(1, *size) if item.get("mask") is None else torch.as_tensor(item["mask"]).float()
+                for item in items
+            ])
         self.batch_size = batch_size
         self.every = every
 
@@ -62,18 +85,30 @@ class FewShotMemoryHandler:
         detector = unwrap(engine.network)
         was_training = detector.training
         detector.eval()
+        start = time.perf_counter()
         detector.build_memory(self.images[self.normal], self.batch_size)
-        detector.calibrate(self.images, self.batch_size, labels=(~self.normal).long())
+        detector.calibrate(self.images, self.batch_size, labels=(~self.normal).long(), masks=self.masks)
         detector.train(was_training)
+        seconds = time.perf_counter() - start
+        logger.info(
+            "few-shot memory of %d normal images and calibration on %d support images in %.1f s (%.1f images/s); "
+            "thresholds: %s", int(self.normal.sum()), len(self.images), seconds,
+            (int(self.normal.sum()) + len(self.images)) / max(seconds, 1e-9), detector.effective_thresholds(),
+        )
 
 
 class ScoresWriter:
     """Write one row per image or volume (``image``, ``score``, ``label`` where known, the
     scalar outputs named in ``columns`` where present, e.g. ``score_p95`` of volumes, and
-    ``anomalous`` at ``threshold`` where given) to ``output_dir/filename`` when the evaluator
-    completes. ``threshold="model"`` takes the detector's stored threshold (chosen on its
-    support set, see :meth:`medad.MVFADetector.calibrate`) when the run starts, after
-    ``CheckpointLoader``; a detector without one gets no ``anomalous`` column.
+    ``anomalous`` at ``threshold``) to ``output_dir/filename`` when the evaluator completes.
+
+    ``threshold="model"`` takes the detector's image threshold (:mod:`medad.decision`: stored
+    with the model, or the rule's default) when the run starts, after the model is loaded;
+    ``None`` writes no ``anomalous`` column.
+
+    ``evaluation``: the run's :class:`medad.metrics.AnomalyEvaluation`; the scores are then its
+    final scores, fused as its metrics are (``fusion`` column: ``set`` or ``calibrated``), so
+    that the table and ``metrics.json`` agree.
 
     Under ``torch.distributed`` every rank must attach it: rank 0 gathers the rows and alone
     writes the file."""
@@ -84,11 +119,12 @@ class ScoresWriter:
         filename: str = "scores.csv",
         threshold: float | str | None = None,
         columns: Sequence[str] = (),
+        evaluation: AnomalyEvaluation | None = None,
     ) -> None:
         if isinstance(threshold, str) and threshold != "model":
             raise ValueError(f"threshold must be a number, 'model' or None, got {threshold!r}")
         self.path = Path(output_dir) / filename
-        self.threshold, self.columns = threshold, tuple(columns)
+        self.threshold, self.columns, self.evaluation = threshold, tuple(columns), evaluation
         self._threshold: float | None = None
         self.rows: list[dict] = []
 
@@ -99,33 +135,37 @@ class ScoresWriter:
 
     def start(self, engine: Engine) -> None:
         self.rows.clear()
-        self._threshold = unwrap(engine.network).threshold if self.threshold == "model" else self.threshold
+        model = unwrap(engine.network).effective_thresholds().image
+        self._threshold = model if self.threshold == "model" else self.threshold
 
     def collect(self, engine: Engine) -> None:
         output = engine.state.output
         items = output if isinstance(output, list) else decollate_batch(output, detach=True)
         for item in items:
-            if "score" not in item:
+            if "score" not in item and self.evaluation is None:
                 continue  # a few-shot detector before calibration has raw scores only
             meta = getattr(item.get(Keys.IMAGE), "meta", {})
-            row = {"image": str(meta.get("filename_or_obj", len(self.rows))), "score": float(item["score"])}
+            row = {"image": str(meta.get("filename_or_obj", len(self.rows)))}
+            row["score"] = float(item["score"]) if "score" in item else float("nan")
             if Keys.LABEL in item:
                 row["label"] = int(item[Keys.LABEL])
-            row.update({name: float(item[name]) for name in self.columns if name in item})
-            if self._threshold is not None:
-                row["anomalous"] = int(row["score"] >= self._threshold)
+            for name in (name for name in self.columns if name in item):
+                value = torch.as_tensor(item[name])
+                row[name] = int(value) if value.dtype == torch.bool else float(value)
             self.rows.append(row)
 
     def write(self, engine: Engine) -> None:
         rows = self.rows
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # Each rank scored its own shard; rank 0 writes them all. DistributedSampler(shuffle=False)
-            # deals item i to rank i % world size, so interleaving the shards restores the list's order.
-            shards: list = [None] * dist.get_world_size()
-            dist.all_gather_object(shards, self.rows)
-            if dist.get_rank() != 0:
-                return
-            rows = [row for group in itertools.zip_longest(*shards) for row in group if row is not None]
+        if self.evaluation is not None:
+            self.evaluation.compute()  # cached: the metrics computed it already
+            for row, score in zip(rows, self.evaluation.image_scores, strict=True):
+                row.update(score=float(score), fusion=self.evaluation.fusion if unwrap(engine.network).has_memory else "none")
+        for row in rows:
+            if self._threshold is not None:
+                row["anomalous"] = int(row["score"] >= self._threshold)
+        rows = gather_rows(rows)
+        if rows is None:
+            return
         fields = list(dict.fromkeys(key for row in rows for key in row))
         with atomic_write(self.path, newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=fields)
@@ -133,18 +173,41 @@ class ScoresWriter:
             writer.writerows(rows)
 
 
+def gather_rows(rows: list[dict]) -> list[dict] | None:
+    """All ranks' rows on rank 0 in the data list's order (``None`` on the other ranks); ``rows``
+    itself without ``torch.distributed``.
+
+    ``DistributedSampler(shuffle=False)`` deals item i to rank i % world size, so interleaving
+    the shards restores the list's order."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return rows
+    shards: list = [None] * dist.get_world_size()
+    dist.all_gather_object(shards, rows)
+    if dist.get_rank() != 0:
+        return None
+    return [row for group in itertools.zip_longest(*shards) for row in group if row is not None]
+
 
 class MetricsJSONWriter:
-    """Write ``engine.state.metrics`` to ``output_dir/filename`` (JSON) when the engine completes."""
+    """Write ``engine.state.metrics`` to ``output_dir/filename`` (JSON) when the engine completes,
+    with the decision thresholds that apply to the evaluated model (value and rule, see
+    :mod:`medad.decision`) and the fusion of the scores; both are logged too."""
 
-    def __init__(self, output_dir: str | os.PathLike, filename: str = "metrics.json") -> None:
+    def __init__(self, output_dir: str | os.PathLike, filename: str = "metrics.json", fusion: str | None = None) -> None:
         self.path = Path(output_dir) / filename
+        self.fusion = fusion
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        metrics = {name: float(value) for name, value in engine.state.metrics.items()}
+        detector = unwrap(engine.network)
+        metrics: dict = {name: float(value) for name, value in engine.state.metrics.items()}
+        metrics["thresholds"] = dataclasses.asdict(detector.effective_thresholds())
+        metrics["fusion"] = self.fusion if detector.has_memory else "none"
+        logger.info("decision thresholds: %s; fusion of the scores: %s", metrics["thresholds"], metrics["fusion"])
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() > 0:
+            return
         with atomic_write(self.path) as handle:
             json.dump(metrics, handle, indent=2, allow_nan=True)
 
@@ -175,13 +238,64 @@ class AtomicCheckpointSaver(CheckpointSaver):
                 checkpoint.save_handler._atomic = True  # ignite's DiskSaver(atomic=True), set after MONAI built it
 
 
+class RunSettings:
+    """The settings of a training run, saved in its resume checkpoints (as ``settings``): a run
+    resumes only from a checkpoint of the same settings."""
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        # plain JSON values, as they come back from a checkpoint (paths as text, tuples as lists)
+        self.settings = json.loads(json.dumps(dict(settings), default=str))
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.settings)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pass  # checked before resuming (TrainingCheckpoint.attach), nothing to restore
+
+    def differences(self, saved: Mapping[str, Any]) -> list[str]:
+        """``key: saved -> now`` for every setting that differs from ``saved``, except more
+        ``epochs``: a resumed run that trains longer equals an uninterrupted run of that length
+        (the data order of an epoch depends only on the seed and the epoch, the learning rate
+        is constant), so continuing a run for more epochs is allowed."""
+        keys = dict.fromkeys([*saved, *self.settings])
+        longer = lambda key: key == "epochs" and isinstance(saved.get(key), int) and saved[key] <= self.settings.get(key, 0)  # noqa: E731
+        return [
+            f"{key}: {saved.get(key, '(unset)')!r} -> {self.settings.get(key, '(unset)')!r}"
+            for key in keys
+            if saved.get(key) != self.settings.get(key) and not longer(key)
+        ]
+
+
+def check_resumable(
+    save_dir: str | os.PathLike, settings: Mapping[str, Any], resume: bool = True, file_prefix: str = "resume"
+) -> None:
+    """Raise ``ValueError`` when ``save_dir``'s newest resume checkpoint (which a run with
+    ``resume`` would continue) was made with other ``settings``: the message lists the
+    differences and how to start afresh."""
+    newest = latest_checkpoint(save_dir, file_prefix) if resume else None
+    if newest is None:
+        return
+    saved = read_checkpoint(newest).get("settings")
+    now = RunSettings(settings)
+    problems = ["it records no settings (made by an older medad)"] if saved is None else now.differences(saved)
+    if problems:
+        raise ValueError(
+            f"{newest}: cannot resume: this checkpoint was made with other settings than this run's:\n  "
+            + "\n  ".join(problems)
+            + f"\nTo start afresh, delete {Path(save_dir) / (file_prefix + '_*.pt')}, choose another "
+            "bundle_root, or set resume to false; to continue that run, rerun it with its own settings."
+        )
+
+
 class TrainingCheckpoint:
     """Checkpoints of the network, optimiser and trainer every ``interval`` epochs (or
     iterations), and resuming from the newest one when training starts again.
 
     MONAI's ``CheckpointLoader`` and (atomic) ``CheckpointSaver`` do the work; this handler
     only adds the trainer itself to what they save, which a bundle config cannot reference
-    from the trainer's own handler list without a cycle.
+    from the trainer's own handler list without a cycle, and the run's ``settings``: a
+    checkpoint made with other settings (data, target, shots, seed, backbone, learning rate,
+    epochs, ...) is not resumed from but refused, with the differences and how to start afresh.
     """
 
     def __init__(
@@ -192,15 +306,21 @@ class TrainingCheckpoint:
         epoch_level: bool = True,
         resume: bool = True,
         file_prefix: str = "resume",
+        settings: Mapping[str, Any] | None = None,
     ) -> None:
         self.save_dir, self.save_dict = str(save_dir), dict(save_dict)
         self.interval, self.epoch_level = interval, epoch_level
         self.resume, self.file_prefix = resume, file_prefix
+        self.settings = None if settings is None else RunSettings(settings)
 
     def attach(self, engine: Engine) -> None:
         objects = {**self.save_dict, "trainer": engine}
+        if self.settings is not None:
+            objects["settings"] = self.settings
         newest = latest_checkpoint(self.save_dir, self.file_prefix) if self.resume else None
         if newest is not None:
+            if self.settings is not None:
+                check_resumable(self.save_dir, self.settings.settings, self.resume, self.file_prefix)
             CheckpointLoader(load_path=newest, load_dict=objects, map_location="cpu").attach(engine)
         AtomicCheckpointSaver(
             self.save_dir,

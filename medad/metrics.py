@@ -118,6 +118,7 @@ class AnomalyEvaluation(Metric):
         self._ranges: dict[str, list[float]] = {}
         self._scores: dict[str, list[np.ndarray]] = {"label": [], **{name: [] for name in _SCORES}}
         self._result: dict[str, float] | None = None
+        self.image_scores: np.ndarray | None = None
 
     def iteration_completed(self, engine) -> None:
         # Ignite would reduce a mapping output to ('y_pred', 'y'); this metric reads several keys.
@@ -189,6 +190,8 @@ class AnomalyEvaluation(Metric):
                 pro.update(final.anomaly_map, masks)
             offset += n
         image_scores, labels = np.concatenate(image_scores), scores_seen["label"]
+        #: This process's final image scores, in the order it saw the images (for the scores table).
+        self.image_scores = image_scores
         if distributed:
             # Image metrics do not depend on the order of the images: the shards' concatenation will do.
             shards = _all_gather((image_scores, labels, has_masks))

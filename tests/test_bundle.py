@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import nibabel as nib
@@ -18,7 +19,7 @@ from medad.data import bmad_datalist
 from medad.scoring import FusionRange
 from medad.transforms import mvfa_preprocessing
 
-from helpers import CONFIGS, IMAGE_SIZE, common, run_bundle
+from helpers import CONFIGS, IMAGE_SIZE, bundle_command, common, run_bundle
 
 def as_config(settings: dict) -> dict:
     """CLI overrides as config values (the CLI parses strings, ConfigWorkflow takes objects)."""
@@ -62,13 +63,20 @@ def test_zero_shot_then_few_shot_training_evaluation_and_inference(synthetic_bma
     assert (zero / "models" / "model.pt").is_file()
     assert (zero / "models" / "resume_checkpoint_epoch=1.pt").is_file()
 
-    # Resuming continues from the saved iteration instead of starting again.
+    # Rerunning with other settings does not resume the old run: it stops and says how to start afresh.
+    result = subprocess.run(
+        bundle_command("training", ("train",), zero, epochs=2, seed=7, **settings), capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 1
+    assert "cannot resume" in result.stderr and "seed: 111 -> 7" in result.stderr and "epochs" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("To start afresh, delete"), result.stderr[-2000:]
+    # Resuming with the same settings (and more epochs) continues from the saved iteration.
     log = run_bundle("training", ("train",), zero, epochs=2, **settings)
     assert "Restored all variables" in log
     assert "Epoch[2] Complete" in log and "Epoch[1] Complete" not in log
     assert [p.name for p in (zero / "models").glob("resume_*.pt")] == ["resume_checkpoint_epoch=2.pt"]
 
-    assert missing_properties(("train",), "train", bundle_root=zero, **as_config(settings)) == []
+    assert missing_properties(("train",), "train", bundle_root=zero, epochs=2, **as_config(settings)) == []
     assert missing_properties(("train", "evaluate"), "infer", bundle_root=zero, **as_config(settings)) == []
     run_bundle("evaluating", ("train", "evaluate"), zero, **settings)
     zero_metrics = json.loads((zero / "eval" / "metrics.json").read_text())
@@ -76,7 +84,7 @@ def test_zero_shot_then_few_shot_training_evaluation_and_inference(synthetic_bma
 
     few = tmp_path / "few"
     run_bundle("training", ("train", "fewshot"), few, shot=2, epochs=3, **settings)
-    assert missing_properties(("train", "fewshot"), "train", bundle_root=few, shot=2, **as_config(settings)) == []
+    assert missing_properties(("train", "fewshot"), "train", bundle_root=few, shot=2, epochs=3, **as_config(settings)) == []
     run_bundle("evaluating", ("train", "fewshot", "evaluate"), few, shot=2, **settings)
     metrics = json.loads((few / "eval" / "metrics.json").read_text())
     assert (few / "eval" / "metrics.csv").is_file() and (few / "eval" / "scores.csv").is_file()

@@ -39,14 +39,7 @@ CONFIGS = ROOT / "configs"
 METADATA = json.loads((CONFIGS / "metadata.json").read_text())
 NAME, VERSION = METADATA["name"], METADATA["version"]
 TINY = json.loads((CONFIGS / "tiny.json").read_text())
-IMAGE_SIZE = json.loads((CONFIGS / "inference.json").read_text())["image_size"]
-# network_def arguments that configs/tiny.json sets through its top-level keys, for
-# monai.bundle.load's net_override (which only reaches network_def#...). MONAI drops None
-# overrides, so "no weights" is given as "" (create_clip treats both alike).
-TINY_NET = {
-    "model_name": TINY["clip_model"], "pretrained": "", "random_init": TINY["clip_random_init"], "levels": TINY["levels"],
-}
-TINY_CONFIGS = "['configs/inference.json','configs/tiny.json']"
+IMAGE_SIZE = json.loads((CONFIGS / "train.json").read_text())["image_size"]  # MVFA's, as metadata.json says
 
 _spec = importlib.util.spec_from_file_location("build_bundle", ROOT / "scripts" / "build_bundle.py")
 build_bundle = importlib.util.module_from_spec(_spec)
@@ -217,22 +210,20 @@ def test_archive_has_the_model_zoo_layout(release, trained):
         assert f"{NAME}/large_files.yml" in archive.namelist()
 
 
-def test_download_load_and_infer_from_the_released_archive(release, trained, tmp_path):
+def test_download_load_and_infer_from_the_released_archive(release, trained, tmp_path, monkeypatch):
     bundle = release.bundle
+    monkeypatch.chdir(bundle)  # bundle_root ".", as MONAI's bundle commands run
     assert (bundle / "configs" / "metadata.json").is_file()
     assert sha256(bundle / "models" / "model.pt") == sha256(trained.model)
 
-    # The network is built with the checkpoint (its memory bank and text features vary in size,
-    # and load() copies only tensors of matching shapes) and the non-tensor _extra_state is kept
-    # out of load()'s tensor copy: see the model card.
-    network = load(
-        name=NAME, bundle_dir=bundle.parent, workflow_type="inference", device="cpu",
-        net_override={**TINY_NET, "checkpoint": str(bundle / "models" / "model.pt")},
-        copy_model_args={"exclude_vars": "^_extra_state$"},
-    )
+    # MONAI's own loader with no medad-specific argument: the inference config builds the network
+    # from models/model.pt (its architecture, memory and the backbone it records), load() copies
+    # the same tensors into it, and it comes back in eval mode.
+    network = load(name=NAME, bundle_dir=bundle.parent, workflow_type="inference", device="cpu")
     assert isinstance(network, medad.MVFADetector) and network.has_memory and network.target == "Brain"
+    assert not network.training
     with torch.no_grad():
-        maps = network.eval()(trained.images)
+        maps = network(trained.images)
     assert maps.shape == (3, 1, IMAGE_SIZE, IMAGE_SIZE)
     torch.testing.assert_close(maps, trained.maps, rtol=0, atol=1e-5)
 
@@ -242,7 +233,8 @@ def test_download_load_and_infer_from_the_released_archive(release, trained, tmp
     for name, (height, width) in {"a": (130, 150), "b": (IMAGE_SIZE, IMAGE_SIZE)}.items():
         Image.fromarray(rng.integers(0, 256, (height, width), dtype=np.uint8)).save(samples / f"{name}.png")
     finish(start_monai(
-        "run", "inferring", "--config_file", TINY_CONFIGS, "--dataset_dir", str(samples), "--num_workers", "0", cwd=bundle,
+        "run", "inferring", "--config_file", "configs/inference.json", "--dataset_dir", str(samples), "--num_workers", "0",
+        cwd=bundle,
     ))
     assert nib.load(bundle / "outputs" / "a_anomaly_map.nii.gz").shape[:2] == (130, 150)
     assert (bundle / "outputs" / "b_anomaly_map.nii.gz").is_file()
@@ -276,17 +268,16 @@ def test_download_large_files_fetches_the_weights_and_checks_their_hash(release,
 
 def test_verify_net_in_out_and_torchscript_export(release, trained):
     bundle = release.bundle
-    # As the model-zoo CI runs them, from the unpacked bundle (both at once: most of each is
-    # imports). The untrained net needs a target for its text features; a checkpoint brings its own.
+    # Exactly as the model-zoo CI (ci/verify_bundle.py) runs them, from the unpacked bundle, with no
+    # flag of medad's (both at once: most of each is imports). The CI scripts: the detector's
+    # __prepare_scriptable__ traces open_clip's tower, which cannot be scripted.
     verify = start_monai(
-        "verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json", "--config_file", TINY_CONFIGS,
-        "--target", "Brain", cwd=bundle,
+        "verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
+        "--config_file", "configs/inference.json", "--bundle_root", ".", cwd=bundle,
     )
-    # open_clip cannot be scripted: trace at the metadata's input shape.
     export = start_monai(
         "ckpt_export", "network_def", "--filepath", "models/model.ts", "--ckpt_file", "models/model.pt",
-        "--meta_file", "configs/metadata.json", "--config_file", TINY_CONFIGS,
-        "--use_trace", "True", "--input_shape", f"[1, 3, {IMAGE_SIZE}, {IMAGE_SIZE}]", cwd=bundle,
+        "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json", "--bundle_root", ".", cwd=bundle,
     )
     assert "data shape of network is verified with no error" in finish(verify)
     finish(export)

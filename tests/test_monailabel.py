@@ -9,6 +9,7 @@ studies folder; the test talks to it over HTTP, as a viewer does, and only reads
 
 from __future__ import annotations
 
+import csv
 import email.parser
 import email.policy
 import gzip
@@ -36,7 +37,7 @@ from PIL import Image
 
 import medad
 
-from helpers import IMAGE_SIZE, ROOT
+from helpers import IMAGE_SIZE, ROOT, run_bundle
 from synthetic import head_phantom, write_dataset
 
 APP = ROOT / "bundle" / "monailabel"
@@ -199,7 +200,7 @@ def _write_studies(folder: Path, scratch: Path) -> Path:
         shutil.copy(path, folder / f"normal_{i:03d}.png")
     shutil.copy(good[3], folder / "reference.png")
     lesion = next((scratch / "Alpha_AD" / "test" / "Ungood" / "img").glob("*.png"))
-    Image.open(lesion).resize(CASE_SIZE).save(folder / "case.png")
+    Image.open(lesion).convert("RGB").resize(CASE_SIZE).save(folder / "case.png")  # RGB, as real data
     volume, _ = head_phantom(VOLUME_SHAPE, seed=1)
     nib.save(nib.Nifti1Image(volume, VOLUME_AFFINE), folder / "volume.nii.gz")
     volume, _ = head_phantom(VOLUME_SHAPE, seed=2, lesion=False)
@@ -237,7 +238,7 @@ def test_server_infers_2d_and_volumes_and_adapts_to_normal_studies(tiny_weights,
         # 2D: a PNG label at the image's own size (rows, columns), and the score in the JSON.
         result, label = infer(url, "case")
         _check_common(result, "image", "zero-shot")
-        assert result["threshold_source"] == {"threshold": "default", "score_threshold": "default"}
+        assert result["threshold_source"] == {"threshold": "zero_shot_prior", "score_threshold": "zero_shot_prior"}
         label = np.asarray(Image.open(io.BytesIO(label)))
         assert label.shape == (CASE_SIZE[1], CASE_SIZE[0]) and label.dtype == np.uint8
         assert set(np.unique(label)) <= {0, 1}
@@ -286,14 +287,29 @@ def test_server_infers_2d_and_volumes_and_adapts_to_normal_studies(tiny_weights,
         # The server reloads model.pt: few-shot scores with the adaptation's thresholds.
         result, label = infer(url, "case")
         _check_common(result, "image", "few-shot")
-        assert result["threshold_source"] == {"threshold": "adaptation", "score_threshold": "adaptation"}
+        assert result["threshold_source"] == {"threshold": "normal_heldout_max", "score_threshold": "normal_heldout_max"}
         assert result["threshold"] == pytest.approx(stats["threshold"])
-        assert np.asarray(Image.open(io.BytesIO(label))).shape == (CASE_SIZE[1], CASE_SIZE[0])
+        assert result["score_threshold"] == pytest.approx(adapted.effective_thresholds().image)
+        server_case, server_label = result, np.asarray(Image.open(io.BytesIO(label)))
+        assert server_label.shape == (CASE_SIZE[1], CASE_SIZE[0])
         result, label = infer(url, "volume")
         _check_common(result, "volume", "few-shot")
         assert np.allclose(_nifti(label).affine, VOLUME_AFFINE, atol=1e-5)
-        # A held-out normal image set the thresholds with a smaller memory; with all studies in
-        # the memory its distances can only shrink, so it stays below them.
-        for study in (s for s in stats["held_out_studies"] if s.startswith("normal_0")):
+        # Each normal study set the thresholds scored without its own images in the memory; with
+        # them its distances can only shrink, so it stays below them.
+        for study in (s for s in stats["normal_studies"] if s.startswith("normal_0")):
             result, _ = infer(url, study)
             assert result["decision"] == "normal" and result["score"] <= stats["score_threshold"] + 1e-5
+
+    # The same model gives the same answer through Python and the bundle's inferring.
+    python = medad.predict_input(medad.load_detector(bundle / "models" / "model.pt", tiny_weights["clip"]), studies / "case.png")
+    assert python.score == pytest.approx(server_case["score"], abs=1e-5)
+    assert python.anomalous == server_case["abnormal"] and np.array_equal(python.label, server_label)
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    shutil.copy(studies / "case.png", cases)
+    run_bundle("inferring", ("inference",), bundle, dataset_dir=cases, clip_weights=tiny_weights["clip"], num_workers=0)
+    with open(bundle / "outputs" / "scores.csv") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert float(row["score"]) == pytest.approx(server_case["score"], abs=1e-5)
+    assert int(row["anomalous"]) == int(server_case["abnormal"])

@@ -7,20 +7,14 @@ uploading with ``params={"normal": true}``), or, unless its info says ``"normal"
 its image id starts with the ``normal_prefix`` (``normal_`` by default: drop ``normal_*.png``
 or ``normal_*.nii.gz`` into the studies folder).
 
-What it does (MVFA's few-shot memory, with normal studies only):
-
-1. load the normal studies (at most ``max_images`` support images, spread evenly over them): a
-   2D image is one support image, a volume gives ``slices_per_volume`` non-empty slices spread
-   over its extent, prepared as the bundle prepares them;
-2. split the studies in two halves, alternately: a memory half and a held-out half;
-3. build the memory bank from the memory half (augmented x11 as MVFA does, unless
-   ``augment=false``) and calibrate the fusion on all support images; a held-out image is not in
-   the memory, so it shows the memory distances an unseen normal image gets;
-4. take the thresholds as the highest anomaly-map value (label) and the highest score
-   (decision) of the held-out images: above anything seen on normal studies the model had not
-   memorised;
-5. rebuild the memory bank from all support images and save ``models/model.pt`` and the
-   thresholds atomically; the server reloads them on its next request.
+What it does: load the normal studies (at most ``max_images`` support images, spread evenly over
+them: a 2D image is one support image, a volume gives ``slices_per_volume`` non-empty slices
+spread over its extent, prepared as the bundle prepares them), then call the library's
+:func:`medad.adaptation.adapt_to_normal_images` with each image's study as its group: the memory
+holds every support image (augmented x11 as MVFA does, unless ``augment=false``), and the
+calibration and the thresholds come from each study scored against the memory without its own
+images (an image never scores against itself). ``models/model.pt``, which now holds the memory,
+calibration and thresholds, is replaced atomically; the server reloads it on its next request.
 
 The adapters are not trained here: the bundle's few-shot training (``configs/fewshot.json``)
 needs abnormal images with masks as well.
@@ -38,11 +32,11 @@ import torch
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
-from medad import MVFADetector, augment_fewshot
+from medad.adaptation import adapt_to_normal_images
 from medad.volumes import input_kind, iter_slice_batches, prepare_slices
 
 from lib.options import int_option, parse_bool
-from lib.store import DetectorStore, calibration_record
+from lib.store import DetectorStore
 
 logger = logging.getLogger(__name__)
 
@@ -101,16 +95,6 @@ class NormalAdaptation(TrainTask):
         chosen = spread(foreground, slices_per_volume)
         return prepare_slices(image[..., chosen].movedim(-1, 0), image_size)
 
-    def _augmented(self, images: torch.Tensor, augment: bool) -> torch.Tensor:
-        return augment_fewshot(images)[0] if augment else images
-
-    @torch.no_grad()
-    def _held_out_maxima(self, detector: MVFADetector, images: torch.Tensor) -> tuple[float, float]:
-        """Highest map value and highest score of ``images`` with the current memory and calibration."""
-        device, batch_size = self.store.settings.device, self.store.settings.batch_size
-        parts = [detector.predict(batch.to(device)) for batch in images.split(batch_size)]
-        return max(float(p.anomaly_map.max()) for p in parts), max(float(p.score.max()) for p in parts)
-
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         start = time.perf_counter()
         max_images = int_option("max_images", request.get("max_images", self._config["max_images"]), 2)
@@ -138,23 +122,15 @@ class NormalAdaptation(TrainTask):
             studies = list(groups)
             if len(studies) < 2:
                 raise ValueError(f"the support images come from one study ({studies}): raise max_images or mark more studies")
-            memory_studies, held_out_studies = studies[0::2], studies[1::2]
-            memory = torch.stack([image for study in memory_studies for image in groups[study]])
-            held_out = torch.stack([image for study in held_out_studies for image in groups[study]])
-            support = torch.cat([memory, held_out])
-
-            detector.build_memory(self._augmented(memory, augment), batch_size)
-            detector.calibrate(support, batch_size)
-            pixel_threshold, score_threshold = self._held_out_maxima(detector, held_out)
-            detector.build_memory(self._augmented(support, augment), batch_size)
+            support = torch.stack([image for study in studies for image in groups[study]])
+            owners = [study for study in studies for _ in groups[study]]
+            thresholds = adapt_to_normal_images(detector, support, owners, augment, batch_size)
             record = {
-                "threshold": pixel_threshold,
-                "score_threshold": score_threshold,
-                "calibration": calibration_record(detector),
+                "threshold": thresholds.pixel,
+                "score_threshold": thresholds.image,
+                "threshold_rule": thresholds.image_rule,
                 "target": detector.target,
                 "normal_studies": studies,
-                "memory_studies": memory_studies,
-                "held_out_studies": held_out_studies,
                 "support_images": int(support.shape[0]),
                 "augment": augment,
                 "adapted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

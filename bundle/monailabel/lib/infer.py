@@ -1,10 +1,10 @@
 """The infer task: MVFA's anomaly label (or continuous map), image score and decision.
 
-2D images (PNG, JPEG, BMP, TIFF) run through ``medad.transforms.mvfa_preprocessing``; volumes
-(NIfTI, DICOM file or series folder) through its ``volume=True`` pipeline and
-:func:`medad.volumes.score_volumes`, slice by slice along the ``slice_plane`` axis. The map is
-brought back to the input's pixel or voxel grid by inverting the preprocessing (MONAI
-``Invertd``, as the bundle's inference does), so the label overlays the image it came from.
+Scoring is :func:`medad.predict_input`, the library function Python users call, which runs the
+bundle's own steps (``mvfa_preprocessing``, the detector's final scores with the blank rule,
+volumes slice by slice, the map brought back to the input's grid by ``Invertd``): the same input
+and model give the same map, score and decision here, in the bundle's ``inferring`` and in
+Python. The thresholds are the model's (:meth:`medad.MVFADetector.effective_thresholds`).
 """
 
 from __future__ import annotations
@@ -16,17 +16,13 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-import torch
 from fastapi import HTTPException
-from monai.data import MetaTensor
 from monai.data.utils import to_affine_nd
-from monai.transforms import Invertd
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from PIL import Image
 
-from medad import MVFADetector
-from medad.transforms import input_slice_indices
-from medad.volumes import input_kind, score_volumes
+from medad import predict_input
+from medad.volumes import input_kind
 
 from lib.options import choice_option, numeric_option
 from lib.store import DetectorStore
@@ -65,8 +61,8 @@ class AnomalyInfer(InferTask):
       images, NIfTI with the input's affine for volumes); ``"map"`` returns the continuous
       anomaly map (float32 NIfTI on the same grid) for clients that show scalar overlays.
     - ``threshold``: pixel threshold of the label; ``score_threshold``: image (volume) score
-      threshold of the decision. ``"auto"`` takes those of the last few-shot adaptation, or the
-      defaults of :func:`lib.store.default_thresholds`.
+      threshold of the decision. ``"auto"`` takes the model's (stored with it, or the default
+      of medad's threshold rule, :mod:`medad.decision`).
 
     The JSON result holds the score, the decision, the thresholds used and where they come from,
     the map's range and, for volumes, the score of every slice (by its index in the input file).
@@ -88,24 +84,6 @@ class AnomalyInfer(InferTask):
 
     def is_valid(self) -> bool:
         return self.store.settings.model_path.is_file()
-
-    @torch.no_grad()
-    def _score(self, detector: MVFADetector, kind: str, image: MetaTensor) -> tuple[torch.Tensor, float, dict]:
-        """The anomaly map on the preprocessed grid, the score, and per-slice results for volumes."""
-        batch = image.as_tensor()[None].to(self.store.settings.device)
-        if kind == "image":
-            scores = detector.predict(batch)
-            return scores.anomaly_map[0].float().cpu(), float(scores.score[0]), {}
-        scores = score_volumes(detector, batch, self.store.settings.batch_size)
-        axis, indices = input_slice_indices(image)
-        order = sorted(range(len(indices)), key=indices.__getitem__)
-        slices = {
-            "score_p95": float(scores.score_p95[0]),
-            "slice_axis": axis,
-            "slice_scores": [float(scores.slice_scores[0, k]) for k in order],
-            "empty_slices": [indices[k] for k in order if bool(scores.empty_slices[0, k])],
-        }
-        return scores.anomaly_map[0].float().cpu(), float(scores.score[0]), slices
 
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         """Run :meth:`infer`; a bad request or input file is answered with HTTP 400 and the reason
@@ -130,33 +108,25 @@ class AnomalyInfer(InferTask):
         requested_pixel = numeric_option("threshold", request.get("threshold"))
         requested_score = numeric_option("score_threshold", request.get("score_threshold"))
 
+        settings = self.store.settings
         with self.store.detector() as detector:
-            preprocessing = self.store.settings.preprocessing(kind, detector.image_size)
-            data = preprocessing({"image": path})
-            loaded = time.perf_counter()
-            anomaly_map, score, slices = self._score(detector, kind, data["image"])
-            defaults = self.store.thresholds(detector)
+            prediction = predict_input(
+                detector, path, window=settings.window, slice_plane=settings.slice_plane, batch_size=settings.batch_size,
+                image_threshold=requested_score, pixel_threshold=requested_pixel,
+            )
             target, mode = detector.target, "few-shot" if detector.has_memory else "zero-shot"
         scored = time.perf_counter()
 
-        pixel_threshold = defaults.pixel if requested_pixel is None else requested_pixel
-        score_threshold = defaults.image if requested_score is None else requested_score
-        image = data["image"]
-        data["pred"] = MetaTensor(anomaly_map[None])
-        pred = Invertd(keys="pred", transform=preprocessing, orig_keys="image", nearest_interp=False)(data)["pred"]
-        values = np.asarray(pred.array[0], dtype=np.float32)
-        if kind == "volume" and len(image.meta["spatial_shape"]) == 2:
-            values = values[..., 0]  # a 2D NIfTI or DICOM frame ran as a one-slice volume
-        label = (values >= pixel_threshold).astype(np.uint8)
+        values, label = prediction.anomaly_map, prediction.label
         if kind == "volume":
-            affine = to_affine_nd(3, np.asarray(pred.affine, dtype=np.float64))
+            affine = to_affine_nd(3, prediction.meta["affine"])
             output = _write_nifti(values if result == "map" else label, affine)
         elif result == "map":
             output = _write_nifti(values, np.eye(4))  # rows, columns as the bundle's 2D maps
         else:
             output = _write_png(label)
-
-        abnormal = score >= score_threshold
+        score, thresholds = prediction.score, prediction.thresholds
+        abnormal = prediction.anomalous
         done = time.perf_counter()
         return output, {
             "label_names": LABEL_NAMES,
@@ -167,19 +137,19 @@ class AnomalyInfer(InferTask):
             "score": score,
             "decision": "abnormal" if abnormal else "normal",
             "abnormal": abnormal,
-            "score_threshold": score_threshold,
-            "threshold": pixel_threshold,
+            "score_threshold": thresholds.image,
+            "threshold": thresholds.pixel,
             "threshold_source": {
-                "threshold": defaults.source if requested_pixel is None else "request",
-                "score_threshold": defaults.source if requested_score is None else "request",
+                "threshold": "request" if requested_pixel is not None else thresholds.pixel_rule,
+                "score_threshold": "request" if requested_score is not None else thresholds.image_rule,
             },
+            "blank": prediction.blank,
             "map_range": [float(values.min()), float(values.max())],
             "anomalous_fraction": float(label.mean()),
             "shape": list(values.shape),
-            **slices,
+            **prediction.volume,
             "latencies": {
-                "pre": round(loaded - start, 3),
-                "infer": round(scored - loaded, 3),
+                "infer": round(scored - start, 3),
                 "post": round(done - scored, 3),
                 "total": round(done - start, 3),
             },

@@ -1,15 +1,13 @@
-"""The detector behind the app: its settings, its loading and reloading, and its thresholds.
+"""The detector behind the app: its settings, its loading and reloading.
 
-The bundle's ``models/model.pt`` holds the MVFA adapters, prompt features, few-shot memory and
-calibration, and which backbone they were made for (not the frozen CLIP weights, which come from
-``clip_weights``). The detector is built on first use and reloaded whenever ``model.pt`` changes,
-which is how the server picks up a few-shot adaptation run in MONAI Label's training subprocess.
-
-The decision thresholds (pixel threshold of the "anomaly" label, image-score threshold of the
-decision) that an adaptation derives from held-out normal studies are kept beside the model in
-``models/monailabel_thresholds.json``, with the calibration they belong to: a ``model.pt``
-replaced by other means (retraining with the bundle) no longer matches them, and the defaults
-of :func:`default_thresholds` apply again.
+The bundle's ``models/model.pt`` describes itself (:mod:`medad.checkpoint`): the MVFA adapters,
+prompt features, few-shot memory, calibration, the backbone they were made for and the decision
+thresholds with their rules; the frozen CLIP weights come from ``clip_weights`` (or, for a test
+or demo model, the seeded random backbone it records). The detector is loaded with
+:func:`medad.load_detector`, as the bundle's evaluation and inference load it, on first use and
+again whenever ``model.pt`` changes, which is how the server picks up a few-shot adaptation run
+in MONAI Label's training subprocess. Its thresholds are the ones every surface uses
+(:meth:`medad.MVFADetector.effective_thresholds`).
 """
 
 from __future__ import annotations
@@ -26,17 +24,16 @@ from typing import Any
 import torch
 from monai.transforms import Compose
 
-from medad import MVFADetector, build_detector
-from medad.detector import read_checkpoint
+from medad import MVFADetector, load_detector
 from medad.io import atomic_write
 from medad.transforms import SLICE_PLANES, mvfa_preprocessing
 
-from lib.options import int_option, parse_bool, parse_window
+from lib.options import int_option, parse_window
 
 logger = logging.getLogger(__name__)
 
-#: Name of the thresholds file written beside ``model.pt`` by the few-shot adaptation.
-THRESHOLDS_FILE = "monailabel_thresholds.json"
+#: What the last adaptation did (informational: the thresholds themselves live in model.pt).
+ADAPTATION_FILE = "monailabel_adaptation.json"
 
 
 @dataclass(frozen=True)
@@ -44,8 +41,7 @@ class AppSettings:
     """What ``monailabel start_server --conf key value`` sets (see the app's README)."""
 
     bundle_path: Path
-    clip_weights: str
-    clip_random_init: bool
+    clip_weights: str | None
     precision: str
     device: torch.device
     target: str | None
@@ -74,8 +70,7 @@ class AppSettings:
         default_device = "cuda" if torch.cuda.is_available() else "cpu"
         return cls(
             bundle_path=bundle_path,
-            clip_weights=conf.get("clip_weights", "openai"),
-            clip_random_init=parse_bool("--conf clip_random_init", conf.get("clip_random_init", "false")),
+            clip_weights=conf.get("clip_weights") or None,
             precision=conf.get("precision", "fp32"),
             device=torch.device(conf.get("device", default_device)),
             target=conf.get("target") or None,
@@ -99,36 +94,8 @@ class AppSettings:
         return self.bundle_path / "models" / "model.pt"
 
     @property
-    def thresholds_path(self) -> Path:
-        return self.bundle_path / "models" / THRESHOLDS_FILE
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """Pixel threshold of the "anomaly" label and image-score threshold of the decision."""
-
-    pixel: float
-    image: float
-    source: str  # "adaptation" (derived from held-out normal studies) or "default"
-
-
-def default_thresholds(detector: MVFADetector) -> Thresholds:
-    """Thresholds for a detector without an adaptation of its own.
-
-    Zero-shot maps and scores sum an abnormal probability over the adapted levels, so half the
-    number of levels is "abnormal more likely than normal" on average over the levels. Few-shot
-    maps are min-max normalised with the calibration ranges, so 0.5 is the middle of the range
-    seen on the support set.
-    """
-    if detector.has_memory:
-        return Thresholds(0.5, 0.5, "default")
-    middle = 0.5 * len(detector.encoder.levels)
-    return Thresholds(middle, middle, "default")
-
-
-def calibration_record(detector: MVFADetector) -> dict[str, list[float]]:
-    """The detector's calibration ranges as plain numbers (what adaptation thresholds belong to)."""
-    return {name: [float(r.low), float(r.high)] for name, r in detector.calibrated_ranges().items()}
+    def adaptation_path(self) -> Path:
+        return self.bundle_path / "models" / ADAPTATION_FILE
 
 
 def _signature(path: Path) -> tuple[int, int, int]:
@@ -181,54 +148,21 @@ class DetectorStore:
 
     def _build(self) -> MVFADetector:
         settings, path = self.settings, self.settings.model_path
-        extra = read_checkpoint(path).get("_extra_state")
-        # The backbone a medad model.pt was made for (model_name, image_size, quick_gelu) and its
-        # adapter levels; a released MVFA adapter file has none: build_detector's defaults are its.
-        made_for = {**extra["backbone"], "levels": extra["levels"]} if isinstance(extra, Mapping) else {}
-        weights = None if settings.clip_random_init else settings.clip_weights
-        logger.info("building the detector from %s with CLIP weights %s", path, weights or "(random)")
-        detector = build_detector(
-            datasets=[],
-            target=settings.target,
-            pretrained=weights,
-            random_init=settings.clip_random_init,
-            checkpoint=path,
-            precision=settings.precision,
-            **made_for,
+        logger.info("loading the detector from %s with CLIP weights %s", path, settings.clip_weights or "(the model's own)")
+        return load_detector(
+            path, settings.clip_weights, target=settings.target, precision=settings.precision, device=settings.device
         )
-        if detector.target is None:
-            raise ValueError(
-                f"{path} names no target data set to score: start the server with --conf target <name> "
-                "(a BMAD name such as Brain, Liver, Retina_RESC, Chest, or the name the model was trained with)"
-            )
-        return detector.to(settings.device).eval()
-
-    def thresholds(self, detector: MVFADetector) -> Thresholds:
-        """The adaptation's thresholds where they belong to the detector's calibration, else the
-        defaults."""
-        path = self.settings.thresholds_path
-        if not path.is_file() or not (detector.has_memory and detector.is_calibrated):
-            return default_thresholds(detector)
-        record = json.loads(path.read_text())
-        stored = record.get("calibration", {})
-        current = calibration_record(detector)
-        if set(stored) != set(current) or any(
-            not torch.allclose(torch.tensor(stored[name]), torch.tensor(current[name])) for name in current
-        ):
-            logger.warning("%s belongs to another calibration than %s: using default thresholds", path, self.settings.model_path)
-            return default_thresholds(detector)
-        return Thresholds(float(record["threshold"]), float(record["score_threshold"]), "adaptation")
 
     def adaptation_record(self) -> dict[str, Any]:
         """What the last adaptation wrote (empty before the first one)."""
-        path = self.settings.thresholds_path
+        path = self.settings.adaptation_path
         return json.loads(path.read_text()) if path.is_file() else {}
 
     def save(self, detector: MVFADetector, record: Mapping[str, Any]) -> None:
-        """Write ``model.pt`` and then the thresholds file, each atomically (readers see the old or
-        the new file, never half of one)."""
+        """Write ``model.pt`` and then the adaptation record, each atomically (readers see the old
+        or the new file, never half of one)."""
         with atomic_write(self.settings.model_path, "wb") as handle:
             torch.save(detector.state_dict(), handle)
-        with atomic_write(self.settings.thresholds_path) as handle:
+        with atomic_write(self.settings.adaptation_path) as handle:
             json.dump(dict(record), handle, indent=2)
         logger.info("saved the adapted detector to %s", self.settings.model_path)

@@ -1,0 +1,117 @@
+"""One trained model, one meaning: the same model.pt gives the same score and decision through the
+bundle's evaluation (calibrated fusion), its inference and Python; the thresholds it stores are
+the ones every surface applies; the few-shot memory exists before model.pt is written whatever
+the handler order; and ``amp`` trains on the CPU (bf16 autocast)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from monai.engines.utils import IterationEvents
+
+import medad
+from medad.engines import MVFATrainer, adapter_parameter_groups
+from medad.handlers import AtomicCheckpointSaver, FewShotMemoryHandler
+
+from helpers import common, run_bundle
+
+
+def _rows(path: Path, key=lambda image: Path(image).name) -> dict[str, dict[str, str]]:
+    with open(path, newline="") as handle:
+        return {key(row["image"]): row for row in csv.DictReader(handle)}
+
+
+def test_evaluation_inference_and_python_agree_on_a_few_shot_model(synthetic_bmad, bundle_backbone, tmp_path):
+    settings = common(synthetic_bmad, bundle_backbone)
+    root = tmp_path / "few"
+    run_bundle("training", ("train", "fewshot"), root, shot=2, epochs=1, **settings)
+    # No architecture key: evaluation and inference take clip_model, image_size and levels from model.pt.
+    weights = {"clip_weights": bundle_backbone["clip_weights"], "num_workers": 0}
+    run_bundle("evaluating", ("train", "fewshot", "evaluate"), root, dataset_dir=synthetic_bmad, target="Alpha",
+               shot=2, fusion="calibrated", **weights)
+    evaluated = _rows(root / "eval" / "scores.csv", key=str)  # good/ and Ungood/ share file names
+    metrics = json.loads((root / "eval" / "metrics.json").read_text())
+    assert metrics["fusion"] == "calibrated"
+    detector = medad.load_detector(root / "models" / "model.pt", bundle_backbone["clip_weights"])
+    thresholds = detector.effective_thresholds()
+    assert metrics["thresholds"] == {
+        "image": thresholds.image, "pixel": thresholds.pixel, "image_rule": "support_f1", "pixel_rule": "support_pixel_f1",
+    }
+    assert {row["fusion"] for row in evaluated.values()} == {"calibrated"}
+
+    images = tmp_path / "images"
+    images.mkdir()
+    chosen = sorted((synthetic_bmad / "Alpha_AD" / "test" / "Ungood" / "img").glob("*.png"))[:2]
+    chosen += sorted((synthetic_bmad / "Alpha_AD" / "test" / "good" / "img").glob("*.png"))[:2]
+    for index, path in enumerate(chosen):
+        shutil.copy(path, images / f"{index}_{path.name}")
+    run_bundle("inferring", ("inference",), root, dataset_dir=images, **weights)
+    inferred = _rows(root / "outputs" / "scores.csv")
+    for index, path in enumerate(chosen):
+        name = f"{index}_{path.name}"
+        evaluated_row = evaluated[str(path)]
+        prediction = medad.predict_input(detector, images / name)
+        for score in (float(inferred[name]["score"]), prediction.score):
+            assert score == pytest.approx(float(evaluated_row["score"]), abs=1e-5), name
+        assert int(inferred[name]["anomalous"]) == int(evaluated_row["anomalous"]) == int(prediction.anomalous), name
+
+
+def _support_items(size: int) -> list[dict]:
+    generator = torch.Generator().manual_seed(0)
+    items = []
+    for label in (1, 1, 0, 0):
+        mask = torch.zeros(1, size, size)
+        if label:
+            mask[:, 8:20, 8:20] = 1
+        items.append({"image": torch.rand(3, size, size, generator=generator), "mask": mask, "label": label,
+                      "dataset": "Alpha", "has_mask": True, "index": len(items)})
+    return items
+
+
+def _trainer(detector: medad.MVFADetector, items: list[dict], handlers: list, **kwargs) -> MVFATrainer:
+    batch = {key: torch.stack([torch.as_tensor(item[key]) for item in items]) if key != "dataset" else
+             [item[key] for item in items] for key in ("image", "mask", "label", "dataset", "has_mask", "index")}
+    optimizer = torch.optim.Adam(adapter_parameter_groups(detector), lr=1e-3)
+    return MVFATrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=[batch], network=detector,
+                       optimizer=optimizer, loss_function=medad.AlignmentLoss(), train_handlers=handlers, **kwargs)
+
+
+def _fresh_detector(tiny_config, tiny_weights) -> medad.MVFADetector:
+    return medad.build_detector(["Alpha"], "Alpha", model_name=medad.TINY_MODEL_NAME, image_size=tiny_config["image_size"],
+                                pretrained=tiny_weights["clip"], levels=tiny_config["features"])
+
+
+def test_the_memory_is_built_before_model_pt_is_saved_whatever_the_handler_order(tiny_config, tiny_weights, tmp_path):
+    items = _support_items(tiny_config["image_size"])
+    # The memory handler as a trainer argument: attached first, before a saver listed before it.
+    detector = _fresh_detector(tiny_config, tiny_weights)
+    saver = AtomicCheckpointSaver(str(tmp_path / "a"), {"model": detector}, save_final=True, final_filename="model.pt")
+    _trainer(detector, items, [saver], fewshot_memory=FewShotMemoryHandler(items, batch_size=4)).run()
+    saved = medad.load_detector(tmp_path / "a" / "model.pt", tiny_weights["clip"])
+    assert saved.has_memory and saved.is_calibrated and saved.effective_thresholds().image_rule == "support_f1"
+    # The same handler in the list after the saver comes too late: what the trainer argument prevents.
+    detector = _fresh_detector(tiny_config, tiny_weights)
+    saver = AtomicCheckpointSaver(str(tmp_path / "b"), {"model": detector}, save_final=True, final_filename="model.pt")
+    _trainer(detector, items, [saver, FewShotMemoryHandler(items, batch_size=4)]).run()
+    assert not medad.load_detector(tmp_path / "b" / "model.pt", tiny_weights["clip"]).has_memory
+
+
+def test_amp_trains_under_bf16_autocast_on_the_cpu(tiny_config, tiny_weights):
+    items = _support_items(tiny_config["image_size"])
+    detector = _fresh_detector(tiny_config, tiny_weights)
+    before = {name: value.clone() for name, value in detector.encoder.det_adapters.state_dict().items()}
+    trainer = _trainer(detector, items, [], amp=True)
+    seen, losses = [], []
+    trainer.add_event_handler(IterationEvents.FORWARD_COMPLETED, lambda e: seen.append(e.state.output["pred"].det[0].dtype))
+    trainer.add_event_handler(IterationEvents.LOSS_COMPLETED, lambda e: losses.append(e.state.output["loss"]))
+    trainer.run()
+    assert trainer.scaler is None or not trainer.scaler.is_enabled()  # CUDA only: fp16 needs the scaler, bf16 not
+    assert len(losses) == 1 and torch.isfinite(losses[0])
+    after = detector.encoder.det_adapters.state_dict()
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+    assert seen == [torch.bfloat16]
