@@ -115,14 +115,17 @@ def main() -> None:
     step(f"Few-shot evaluation on {args.target}")
     bundle("evaluating", ["train", "fewshot", "evaluate"], few, shot=args.shot, **common)
 
-    step("Inference on a few test images: anomaly maps, overlays, scores")
+    step("Inference on a few test images as RGB PNG and JPEG files (as BMAD ships them): maps, overlays, scores")
+    from PIL import Image
+
     samples = few / "samples"
     shutil.rmtree(samples, ignore_errors=True)
     samples.mkdir(parents=True)
-    for cls in ("good", "Ungood"):
+    for cls, suffix in (("good", ".png"), ("Ungood", ".jpg")):
         for source in sorted((data / f"{args.target}_AD" / "test" / cls / "img").glob("*.png"))[:3]:
-            shutil.copy(source, samples / f"{cls}_{source.name}")
-    bundle("inferring", ["inference"], few, dataset_dir=samples, num_workers=args.workers)
+            with Image.open(source) as image:
+                image.convert("RGB").save(samples / f"{cls}_{source.stem}{suffix}", quality=95)
+    bundle("inferring", ["inference"], few, dataset_dir=samples, num_workers=args.workers, overwrite=True)
 
     results = {name: json.loads((root / "eval" / "metrics.json").read_text()) for name, root in (("zero-shot", zero), (f"few-shot (k={args.shot})", few))}
     plot_roc({name: root / "eval" / "scores.csv" for name, root in (("zero-shot", zero), (f"few-shot k={args.shot}", few))}, args.output / "roc.png")
