@@ -29,7 +29,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -262,23 +261,17 @@ def build(
 
     output_dir.mkdir(parents=True, exist_ok=True)
     target = output_dir / f"{name}_v{version}.zip"
+    from medad.io import atomic_write  # only here: the rest needs no torch
+
     # Written beside the target and renamed: readers never see a half-written archive.
-    handle, partial = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=output_dir)
-    os.close(handle)
-    try:
-        with zipfile.ZipFile(partial, "w") as archive:
-            for arcname, source in files:
-                info = _zip_info(f"{name}/{arcname}")
-                if isinstance(source, str):
-                    archive.writestr(info, source)
-                else:
-                    with source.open("rb") as src, archive.open(info, "w") as dst:
-                        shutil.copyfileobj(src, dst, 1 << 20)
-        os.chmod(partial, 0o644)  # mkstemp creates owner-only files; an archive is for sharing
-        os.replace(partial, target)
-    except BaseException:
-        Path(partial).unlink(missing_ok=True)
-        raise
+    with atomic_write(target, "wb") as handle, zipfile.ZipFile(handle, "w") as archive:
+        for arcname, source in files:
+            info = _zip_info(f"{name}/{arcname}")
+            if isinstance(source, str):
+                archive.writestr(info, source)
+            else:
+                with source.open("rb") as src, archive.open(info, "w") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
     return target
 
 

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from medad.workflow import bundle_command
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 # Log lines worth showing while a step runs (progress and results, not library chatter).
@@ -30,12 +32,7 @@ PROGRESS = ("Epoch:", "Epoch[", "Metrics --", "Saved", "Restored", "Error", "err
 
 def bundle(run_id: str, configs: list[str], bundle_root: Path, **overrides: object) -> None:
     """Run one bundle workflow, streaming its progress lines; stop the demo if it fails."""
-    files = repr([str(CONFIGS / f"{name}.json") for name in [*configs, "tiny"]])
-    command = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", files,
-               "--meta_file", str(CONFIGS / "metadata.json"), "--logging_file", str(CONFIGS / "logging.conf"),
-               "--bundle_root", str(bundle_root)]
-    for key, value in overrides.items():
-        command += [f"--{key}", str(value)]
+    command = bundle_command(run_id, [CONFIGS / f"{name}.json" for name in [*configs, "tiny"]], bundle_root, overrides)
     # One thread per process: the tiny backbone's operations are too small to split, and on a
     # shared 2-core machine a second thread mostly waits (10x slower, measured).
     environment = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
@@ -92,7 +89,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.time()
 
-    from medad.demo import DEMO_DOMAINS, make_demo_dataset
+    from demo_data import DEMO_DOMAINS, make_demo_dataset  # scripts/demo_data.py, beside this script
 
     data = args.output / "data"
     if args.fresh:

@@ -10,7 +10,7 @@ import argparse
 import math
 import time
 
-from medad.demo import make_demo_dataset
+from demo_data import make_demo_dataset  # scripts/demo_data.py, beside this script
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,7 +6,8 @@
 
 Writes ``<output>/<Name>_AD/{valid,test}/{good,Ungood}/img/<file>`` and, for Brain, Liver and
 Retina_RESC, ``<output>/<Name>_AD/{valid,test}/Ungood/anomaly_mask/<file>``. The folder names it
-looks for in the download are in ``medad.reproduce.BMAD_FOLDERS``; ``--map`` overrides them.
+looks for in the download are ``download_folders`` in ``medad.data.BMAD`` (listed by ``--help``);
+``--map`` overrides them. The work is done by ``scripts/reproduction.py``.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from medad.reproduce import BMAD_FOLDERS, BMADLayoutError, parse_assignments, prepare_bmad
+from reproduction import BMADLayoutError, parse_assignments, prepare_bmad  # scripts/reproduction.py
+
+from medad.data import BMAD
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="folders looked for:\n" + "\n".join(f"  {n}: {', '.join(a)}" for n, a in BMAD_FOLDERS.items()))
+                                     epilog="folders looked for:\n" + "\n".join(f"  {n}: {', '.join(d.download_folders)}" for n, d in BMAD.items()))
     parser.add_argument("--source", required=True, help="folder the BMAD archives were extracted into")
     parser.add_argument("--output", required=True, help="new or empty folder: the bundle's dataset_dir")
     parser.add_argument("--datasets", nargs="+", metavar="NAME", help="data sets to prepare (default: all six that are found)")

@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from medad.reproduce import (
+from reproduction import (  # scripts/reproduction.py, beside this script
     CellFailed,
     GridOptions,
     collect_results,

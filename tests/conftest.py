@@ -20,6 +20,7 @@ import medad
 
 DATA = Path(__file__).parent / "data"
 sys.path.insert(0, str(Path(__file__).parent))  # test helpers such as synthetic.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # product tools: reproduction.py, demo_data.py
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
+
+from medad.workflow import bundle_command as _bundle_command
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -19,16 +20,9 @@ def configs(*names: str) -> str:
 
 
 def bundle_command(run_id: str, config_names: tuple[str, ...], bundle_root: Path, **overrides) -> list[str]:
-    command = [
-        sys.executable, "-m", "monai.bundle", "run", run_id,
-        "--config_file", configs(*config_names),
-        "--meta_file", str(CONFIGS / "metadata.json"),
-        "--logging_file", str(CONFIGS / "logging.conf"),
-        "--bundle_root", str(bundle_root),
-    ]
-    for key, value in overrides.items():
-        command += [f"--{key}", str(value)]
-    return command
+    """The ``python -m monai.bundle run`` command merging ``configs/<name>.json`` files in order
+    (:func:`medad.workflow.bundle_command`)."""
+    return _bundle_command(run_id, [CONFIGS / f"{name}.json" for name in config_names], bundle_root, overrides)
 
 
 def run_bundle(run_id: str, config_names: tuple[str, ...], bundle_root: Path, **overrides) -> str:

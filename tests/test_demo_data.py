@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medad import demo
+import demo_data as demo  # scripts/demo_data.py
 
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 SMALL = {"valid": {"good": 1, "Ungood": 2}, "test": {"good": 2, "Ungood": 2}}
 
 
@@ -35,18 +36,20 @@ def dataset(tmp_path_factory) -> tuple[Path, dict]:
 
 
 def test_imports_without_the_image_sources():
-    # A fresh interpreter where nilearn, skimage and pydicom cannot be imported (a None entry in
-    # sys.modules makes their import fail). medad's __init__ is bypassed by an empty package
-    # module: it pulls in torch and MONAI (slow, and MONAI loads skimage itself when present),
-    # while what is checked here is that medad.demo defers these imports until first use.
+    # A fresh interpreter, with scripts/ on sys.path, where nilearn, skimage and pydicom cannot
+    # be imported (a None entry in sys.modules makes their import fail). medad's __init__ is
+    # bypassed by an empty package module: it pulls in torch and MONAI (slow, and MONAI loads
+    # skimage itself when present), while what is checked here is that demo_data defers these
+    # imports until first use.
     code = (
         "import importlib.util, sys, types\n"
+        f"sys.path.insert(0, {str(SCRIPTS)!r})\n"
         "sys.modules.update(nilearn=None, skimage=None, pydicom=None)\n"
         "package = types.ModuleType('medad')\n"
         "package.__path__ = list(importlib.util.find_spec('medad').submodule_search_locations)\n"
         "sys.modules['medad'] = package\n"
-        "import medad.demo\n"
-        "print(medad.demo.DEMO_DOMAINS)"
+        "import demo_data\n"
+        "print(demo_data.DEMO_DOMAINS)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -134,11 +137,12 @@ def test_refuses_a_non_empty_folder_unless_overwrite(tmp_path):
     good = list((tmp_path / "Brain_MRI_AD" / "test" / "good" / "img").iterdir())
     assert len(good) == SMALL["test"]["good"]
     assert not list(tmp_path.rglob(".*.tmp"))
+    assert not list(tmp_path.rglob(".*"))  # no temporary files of atomic writes left behind
 
 
 def test_cli(tmp_path, capsys):
     # In-process: a fresh interpreter would spend most of the time importing torch.
-    script = Path(__file__).parents[1] / "scripts" / "make_demo_data.py"
+    script = SCRIPTS / "make_demo_data.py"
     main = runpy.run_path(str(script))["main"]
     main(["--output", str(tmp_path / "out"), "--per-split", "2", "--size", "64"])
     printed = capsys.readouterr().out

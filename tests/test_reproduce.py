@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import re
@@ -12,7 +13,7 @@ import pytest
 from PIL import Image
 
 from medad.data import bmad_datalist, dataset_has_masks, list_datasets
-from medad.reproduce import (
+from reproduction import (  # scripts/reproduction.py
     BMADLayoutError,
     Cell,
     GridOptions,
@@ -196,12 +197,21 @@ def test_plan_uses_seed_file_indices_else_random_picks(prepared, tmp_path):
     options = GridOptions(prepared, tmp_path / "runs", seed_dir=seed_dir, epochs=3, tiny=True, extra={"image_size": "56"})
     command = options.command(Cell("Brain", 2, "seed_index", 1), "evaluating")
     assert command[1:5] == ["-m", "monai.bundle", "run", "evaluating"]
-    assert [Path(p).name for p in json.loads(command[command.index("--config_file") + 1])] == ["train.json", "fewshot.json", "evaluate.json", "tiny.json"]
+    assert [Path(p).name for p in ast.literal_eval(command[command.index("--config_file") + 1])] == ["train.json", "fewshot.json", "evaluate.json", "tiny.json"]
     flags = dict(zip(command[7::2], command[8::2]))
     assert flags["--bundle_root"] == str(tmp_path / "runs" / "k2" / "Brain" / "seed_index_1")
     assert (flags["--shot"], flags["--seed_index"], flags["--seed_dir"], flags["--epochs"], flags["--image_size"]) == ("2", "1", str(seed_dir), "3", "56")
     random_pick = options.command(Cell("Chest", 4, "random_seed", 3), "training")
     assert random_pick[random_pick.index("--seed") + 1] == "3" and "--seed_index" not in random_pick
+    # The paper's model selection is an overlay config for training, not an override.
+    paper = GridOptions(prepared, tmp_path / "runs", seed_dir=seed_dir, model_selection="paper", tiny=True)
+    for run_id, names in (("training", ["train.json", "fewshot.json", "paper_selection.json", "tiny.json"]),
+                          ("evaluating", ["train.json", "fewshot.json", "evaluate.json", "tiny.json"])):
+        command = paper.command(Cell("Brain", 2, "seed_index", 1), run_id)
+        assert [Path(p).name for p in ast.literal_eval(command[command.index("--config_file") + 1])] == names
+        assert "--model_selection" not in command
+    assert paper.protocol()["model_selection"] == "paper"
+    assert paper.bundle == ROOT  # default: the repository holding scripts/
     with pytest.raises(ValueError, match="may not set \\['target'\\]"):
         GridOptions(prepared, tmp_path / "runs", extra={"target": "Brain"})
 

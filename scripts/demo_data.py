@@ -9,14 +9,16 @@ anomalies with :func:`synthesize_anomaly`, whose mask covers exactly the changed
     <Name>_AD/{valid,test}/Ungood/anomaly_mask/00000.png   (domains in DOMAINS_WITH_MASKS)
 
 nilearn, scikit-image and pydicom (the ``demo`` extra) are imported only when a domain's source
-is first loaded, so ``import medad.demo`` works without them.
+is first loaded, so ``import demo_data`` works without them.
+
+A product tool, not part of the installed ``medad`` library: ``scripts/make_demo_data.py`` and
+``scripts/demo.py`` import it as a sibling module (``from demo_data import ...``).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import os
 import shutil
 import zlib
 from collections.abc import Callable, Mapping
@@ -25,6 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from scipy import ndimage
+
+from medad.io import atomic_write
 
 __all__ = [
     "ANOMALY_KINDS",
@@ -364,11 +368,10 @@ def synthesize_anomaly(image: np.ndarray, rng: np.random.Generator, roi: np.ndar
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
-    # Write beside the target, then rename: readers never see a half-written PNG. Light
+    # Written beside the target, then renamed: readers never see a half-written PNG. Light
     # compression: images are small and zlib's higher levels dominated the run time.
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG", compress_level=1)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as handle:
+        Image.fromarray(array).save(handle, format="PNG", compress_level=1)
 
 
 def _check_counts(counts: Mapping) -> dict[str, dict[str, int]]:

@@ -1,5 +1,9 @@
 """Reproducing the MVFA paper: BMAD preparation, the experiment grid, and the results table.
 
+A product tool, not part of the installed ``medad`` library: the command-line scripts beside it
+import it as a sibling module (``from reproduction import ...``). What it knows of the data
+sets (download folder names, masks, the paper's names) comes from :data:`medad.data.BMAD`.
+
 Three parts, used by ``scripts/prepare_bmad.py`` and ``scripts/reproduce.py``:
 
 - :func:`prepare_bmad` turns the BMAD release as downloaded into the layout the bundle reads
@@ -17,25 +21,31 @@ import csv
 import json
 import math
 import os
-import re
 import shlex
 import shutil
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from medad.augment import FEWSHOT_AUGMENTATIONS
-from medad.data import BMAD_DATASETS, IMAGE_SUFFIXES, bmad_datalist, dataset_has_masks, list_datasets, read_fewshot_seed
+from medad.data import (
+    BMAD,
+    BMAD_DATASETS,
+    IMAGE_SUFFIXES,
+    MASK_FOLDERS,
+    bmad_datalist,
+    dataset_has_masks,
+    list_datasets,
+    read_fewshot_seed,
+    seed_file_indices,
+)
 from medad.io import atomic_write
+from medad.workflow import bundle_command
 
 __all__ = [
-    "BMAD_FOLDERS",
-    "DISPLAY_NAMES",
-    "MASKED_DATASETS",
     "PAPER_ORDER",
     "PAPER_RESULTS",
     "BMADLayoutError",
@@ -53,7 +63,6 @@ __all__ = [
     "prepare_bmad",
     "run_grid",
     "scan_bmad_dataset",
-    "seed_indices",
     "write_results",
 ]
 
@@ -61,29 +70,14 @@ __all__ = [
 # BMAD as downloaded
 # --------------------------------------------------------------------------------------------
 
-#: Folder names under which each MVFA data set may lie in the BMAD download, tried in this order
-#: (case-insensitive, at most four levels below ``--source``; a folder counts only when it holds
-#: a ``test`` split). From BMAD's README and code (github.com/DorisBao/BMAD) and third-party
-#: loaders of the release: ``BraTS2021_slice`` (Brain MRI), ``hist_DIY`` (Liver CT, sometimes
-#: under ``Liver/Train/``), ``RESC`` and ``OCT2017`` (retinal OCT), ``Chest-RSNA`` (chest X-ray,
-#: RSNA), ``camelyon16_256`` (histopathology, Camelyon16); the ``<Name>_AD`` names also accept
-#: MVFA's own re-packed download. Not verified against every release of the archive: where a
-#: folder is named otherwise, pass ``--map NAME=FOLDER``.
-BMAD_FOLDERS: dict[str, tuple[str, ...]] = {
-    "Brain": ("BraTS2021_slice", "Brain_AD", "Brain"),
-    "Liver": ("hist_DIY", "Liver_AD", "Liver"),
-    "Retina_RESC": ("RESC", "Retina_RESC_AD", "Retina_RESC"),
-    "Retina_OCT2017": ("OCT2017", "Retina_OCT2017_AD", "Retina_OCT2017"),
-    "Chest": ("Chest-RSNA", "chest_xray", "RSNA", "Chest_AD", "Chest-AD", "Chest"),
-    "Histopathology": ("camelyon16_256", "camelyon16", "camelyon", "Histopathology_AD", "Histopathology"),
-}
-#: The data sets MVFA evaluates at pixel level (their abnormal images must all have masks).
-MASKED_DATASETS = frozenset({"Brain", "Liver", "Retina_RESC"})
+# The folder names under which each MVFA data set may lie in the BMAD download are
+# ``medad.data.BMAD[name].download_folders``, tried in that order (case-insensitive, at most four
+# levels below ``--source``; a folder counts only when it holds a ``test`` split). Where a folder
+# is named otherwise, pass ``--map NAME=FOLDER``. Which data sets MVFA evaluates at pixel level
+# (their abnormal images must all have masks) is ``medad.data.BMAD[name].has_masks``.
 #: Split and class folder names as BMAD spells them (case-insensitive); the first is ours.
 SPLIT_FOLDERS = {"valid": ("valid", "val", "validation"), "test": ("test",)}
 CLASS_FOLDERS = {"good": ("good",), "Ungood": ("ungood",)}
-#: Mask folders: BMAD's ``label``, MVFA's ``anomaly_mask``.
-MASK_FOLDER_NAMES = ("label", "anomaly_mask")
 _MAX_LISTED = 20
 _SEARCH_DEPTH = 4
 # Folders that never hold a data set root: skipping them keeps the search out of image folders
@@ -211,10 +205,10 @@ def find_bmad_folders(
         raise BMADLayoutError(f"BMAD source folder not found: {source}")
     mapping = dict(mapping or {})
     wanted = list(names) if names else list(BMAD_DATASETS) + [n for n in mapping if n not in BMAD_DATASETS]
-    unknown = [n for n in wanted if n not in BMAD_FOLDERS and n not in mapping]
+    unknown = [n for n in wanted if n not in BMAD and n not in mapping]
     if unknown:
         raise BMADLayoutError(
-            f"unknown data set names {unknown}: the known ones are {list(BMAD_FOLDERS)}; "
+            f"unknown data set names {unknown}: the known ones are {list(BMAD)}; "
             "others need --map NAME=FOLDER"
         )
     folders = None  # searched lazily: mapped names need no search
@@ -229,7 +223,7 @@ def find_bmad_folders(
             roots[name] = root
             continue
         folders = _candidate_folders(source) if folders is None else folders
-        for alias in BMAD_FOLDERS[name]:
+        for alias in BMAD[name].download_folders:
             matches = [p for p in folders if p.name.lower() == alias.lower() and _is_dataset_root(p)]
             if len(matches) > 1:
                 raise BMADLayoutError(
@@ -242,7 +236,7 @@ def find_bmad_folders(
         else:
             if names:
                 raise BMADLayoutError(
-                    f"{name}: no folder named any of {list(BMAD_FOLDERS[name])} with a 'test' split "
+                    f"{name}: no folder named any of {list(BMAD[name].download_folders)} with a 'test' split "
                     f"within {_SEARCH_DEPTH} levels of {source}; point to it with --map {name}=FOLDER"
                 )
             missing.append(name)
@@ -268,10 +262,10 @@ def _class_images(split_dir: Path, cls: str) -> tuple[Path | None, str]:
 
 
 def _mask_folder(split_dir: Path) -> Path | None:
-    """The abnormal class's mask folder: ``Ungood/label``, ``Ungood/anomaly_mask``,
-    ``label/Ungood`` or ``anomaly_mask/Ungood``."""
+    """The abnormal class's mask folder: ``Ungood/<name>`` or ``<name>/Ungood`` for each name of
+    :data:`medad.data.MASK_FOLDERS` in turn (MVFA's ``anomaly_mask``, then BMAD's ``label``)."""
     cls_dir = _child(split_dir, CLASS_FOLDERS["Ungood"])
-    for name in MASK_FOLDER_NAMES:
+    for name in MASK_FOLDERS:
         if cls_dir is not None and (found := _child(cls_dir, (name,))) is not None:
             return found
         if (outer := _child(split_dir, (name,))) is not None and (found := _child(outer, CLASS_FOLDERS["Ungood"])):
@@ -328,12 +322,12 @@ def scan_bmad_dataset(name: str, root: str | os.PathLike, masks: bool | None = N
                 plan.notes.append(f"{ignored} non-image files ignored in {folder}")
             pairs: list[tuple[Path, Path | None]] = [(image, None) for image in images]
             mask_dir = _mask_folder(split_dir) if cls == "Ungood" else None
-            wants_masks = masks if masks is not None else (name in MASKED_DATASETS or (name not in BMAD_FOLDERS and mask_dir is not None))
+            wants_masks = masks if masks is not None else (BMAD[name].has_masks if name in BMAD else mask_dir is not None)
             if cls == "Ungood" and wants_masks:
                 if mask_dir is None:
                     problems.append(
                         f"{name}: no mask folder for {split}/Ungood in {split_dir} "
-                        f"(looked for Ungood/label/, Ungood/anomaly_mask/, label/Ungood/, anomaly_mask/Ungood/)"
+                        f"(looked for {', '.join(f'Ungood/{m}/, {m}/Ungood/' for m in MASK_FOLDERS)})"
                     )
                 else:
                     layouts["masks"].append(f"{mask_dir.relative_to(split_dir)}/")
@@ -352,7 +346,7 @@ def scan_bmad_dataset(name: str, root: str | os.PathLike, masks: bool | None = N
                     pairs = [(image, mask_dir / image.name) for image in images if image.name in mask_names]
                     if not pairs and skip_unpaired:
                         problems.append(f"{name}: none of the {split}/Ungood images in {folder} has a mask in {mask_dir}")
-            elif cls == "Ungood" and mask_dir is not None and name in BMAD_FOLDERS:
+            elif cls == "Ungood" and mask_dir is not None and name in BMAD:
                 plan.notes.append(f"masks in {mask_dir} not used: MVFA evaluates {name} at image level only")
             plan.files[split][cls] = pairs
     plan.layout = [f"{kind}: {', '.join(dict.fromkeys(found))}" for kind, found in layouts.items() if found]
@@ -386,7 +380,7 @@ def _seed_file_notes(output: Path, seed_dir: Path, names: Iterable[str]) -> list
         valid = {(item["label"], Path(item["image"]).name) for item in bmad_datalist(output, name, "valid")}
         absent: dict[str, None] = {}
         for seed_file in sorted((seed_dir / name).glob("*-shot.txt")):
-            for index in seed_indices(seed_file):
+            for index in seed_file_indices(seed_file):
                 for label, picked in zip((1, 0), read_fewshot_seed(seed_file, index)):
                     absent.update(dict.fromkeys(f for f in picked if (label, f) not in valid))
         if absent:
@@ -417,7 +411,8 @@ def prepare_bmad(
         source: folder the BMAD archives were extracted into.
         output: new or empty folder (becomes the bundle's ``dataset_dir``).
         datasets: which data sets (default: all six that are found).
-        mapping: ``{name: folder}`` where the automatic search fails (see :data:`BMAD_FOLDERS`).
+        mapping: ``{name: folder}`` where the automatic search fails (see
+            ``medad.data.BMAD[name].download_folders``).
         link: ``symlink`` (default), ``hard`` or ``copy``; links fall back to copies where the
             file system refuses them.
         skip_unpaired: leave out abnormal images without masks instead of failing.
@@ -436,7 +431,7 @@ def prepare_bmad(
     if not roots:
         raise BMADLayoutError(
             f"none of the BMAD data sets found in {source} (looked for folders named "
-            f"{sorted({a for aliases in BMAD_FOLDERS.values() for a in aliases})}); use --map NAME=FOLDER"
+            f"{sorted({a for dataset in BMAD.values() for a in dataset.download_folders})}); use --map NAME=FOLDER"
         )
     plans, problems = [], []
     for name, root in roots.items():
@@ -534,16 +529,6 @@ class Cell:
         return values
 
 
-def seed_indices(path: str | os.PathLike) -> list[int]:
-    """Seed indices that an MVFA seed file defines with both an ``a-<i>:`` and an ``n-<i>:`` line."""
-    found: dict[int, set[str]] = {}
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        match = re.match(r"\s*([an])-(\d+):", line)
-        if match:
-            found.setdefault(int(match.group(2)), set()).add(match.group(1))
-    return sorted(index for index, kinds in found.items() if kinds == {"a", "n"})
-
-
 def plan_grid(
     dataset_dir: str | os.PathLike,
     targets: Sequence[str] | None = None,
@@ -590,7 +575,7 @@ def plan_grid(
             seed_file = Path(seed_dir) / target / f"{shot}-shot.txt"
             if not seed_file.is_file():
                 raise FileNotFoundError(f"no seed file {seed_file}; leave out --seed-dir for random support picks")
-            indices = seed_indices(seed_file)
+            indices = seed_file_indices(seed_file)
             absent = [s for s in (seeds or []) if s not in indices]
             if absent:
                 raise ValueError(f"{seed_file} has no seed indices {absent} (it has {indices})")
@@ -636,7 +621,7 @@ class GridOptions:
 
     def overrides(self, cell: Cell) -> dict[str, object]:
         """All bundle overrides of a cell, in a stable order."""
-        values: dict[str, object] = {"dataset_dir": str(self.dataset_dir), "model_selection": self.model_selection}
+        values: dict[str, object] = {"dataset_dir": str(self.dataset_dir)}
         if self.epochs is not None:
             values["epochs"] = self.epochs
         if self.clip_model is not None:
@@ -648,23 +633,19 @@ class GridOptions:
         return {**values, **self.extra, **cell.overrides()}
 
     def config_files(self, cell: Cell, run_id: str) -> list[str]:
-        names = cell.configs(run_id) + (["tiny"] if self.tiny else [])
+        """The config files of one workflow of a cell, in merge order: the cell's, then
+        ``paper_selection`` for training with ``model_selection='paper'`` (evaluating a trained
+        model does not depend on how it was selected), then ``tiny``."""
+        names = cell.configs(run_id)
+        if self.model_selection == "paper" and run_id == "training":
+            names.append("paper_selection")
+        names += ["tiny"] if self.tiny else []
         return [str(Path(self.bundle) / "configs" / f"{name}.json") for name in names]
 
     def command(self, cell: Cell, run_id: str) -> list[str]:
         """The ``python -m monai.bundle run`` command of one workflow (``training`` or
         ``evaluating``) of a cell."""
-        configs = Path(self.bundle) / "configs"
-        command = [
-            sys.executable, "-m", "monai.bundle", "run", run_id,
-            "--config_file", json.dumps(self.config_files(cell, run_id)),
-            "--meta_file", str(configs / "metadata.json"),
-            "--logging_file", str(configs / "logging.conf"),
-            "--bundle_root", str(self.output / cell.relpath),
-        ]
-        for key, value in self.overrides(cell).items():
-            command += [f"--{key}", str(value)]
-        return command
+        return bundle_command(run_id, self.config_files(cell, run_id), self.output / cell.relpath, self.overrides(cell))
 
     def bundle_default(self, key: str) -> object:
         """A value of ``configs/train.json`` (for the report, where not overridden)."""
@@ -780,16 +761,8 @@ def run_grid(cells: Sequence[Cell], options: GridOptions, dry_run: bool = False,
 # Results and the report
 # --------------------------------------------------------------------------------------------
 
-#: MVFA's names of the data sets in its tables, in the tables' column order.
-DISPLAY_NAMES = {
-    "Histopathology": "HIS",
-    "Chest": "ChestXray",
-    "Retina_OCT2017": "OCT17",
-    "Brain": "BrainMRI",
-    "Liver": "LiverCT",
-    "Retina_RESC": "RESC",
-}
-PAPER_ORDER = tuple(DISPLAY_NAMES)
+#: The paper tables' column order (their names for the data sets: ``medad.data.BMAD[name].paper_name``).
+PAPER_ORDER = ("Histopathology", "Chest", "Retina_OCT2017", "Brain", "Liver", "Retina_RESC")
 
 #: MVFA's published results, AUROC in percent: ``{shot: {data set: (image AUROC, pixel AUROC)}}``
 #: (shot 0 = zero-shot; pixel AUROC None where the data set has no masks). Transcribed from
@@ -896,7 +869,7 @@ def format_report(rows: Sequence[dict], cells: Sequence[Cell], protocol: Mapping
     each k) with mean ± sample standard deviation over the support picks, and, where the paper
     gives numbers, the paper's row and the difference (ours - paper), in AUROC percent."""
     columns = _columns(rows, cells, options)
-    header = ["Setting", ""] + [f"{DISPLAY_NAMES.get(n, n)} {'AUC' if m == 'image_auroc' else 'pAUC'}" for n, m in columns]
+    header = ["Setting", ""] + [f"{BMAD[n].paper_name if n in BMAD else n} {'AUC' if m == 'image_auroc' else 'pAUC'}" for n, m in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     shots = sorted({cell.shot for cell in cells})
     picks_text = []
@@ -956,7 +929,7 @@ def format_report(rows: Sequence[dict], cells: Sequence[Cell], protocol: Mapping
     ]
     if any(shot in PAPER_RESULTS for shot in shots):
         out.append(
-            "Paper: Huang et al., CVPR 2024, Tables 1 and 2, as transcribed in `medad/reproduce.py` "
+            "Paper: Huang et al., CVPR 2024, Tables 1 and 2, as transcribed in `scripts/reproduction.py` "
             "(check against the paper); Δ = ours − paper."
         )
     return "\n".join(out) + "\n"
