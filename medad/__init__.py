@@ -5,7 +5,7 @@ from medad.backbone import TINY_MODEL_NAME, BackboneSpec, MissingWeightsError, c
 from medad.checkpoint import ModelDescription, Thresholds, describe
 from medad.detector import AnomalyScores, MVFADetector, RawScores, build_detector, load_detector
 from medad.losses import AlignmentLoss, MVFALosses, focal_loss
-from medad.network import MVFA, AdapterTokens, ResidualAdapter
+from medad.network import AdaptedVisualTower, AdapterTokens, ResidualAdapter
 from medad.predict import Prediction, predict_input
 from medad.prompts import ORGAN_NAMES, encode_prompt_ensemble, encode_text_features, prompt_name
 from medad.scoring import FusionRange, few_shot_maps, fuse, zero_shot_maps, zero_shot_scores
@@ -20,7 +20,7 @@ __all__ = [
     "AnomalyScores",
     "BackboneSpec",
     "FusionRange",
-    "MVFA",
+    "AdaptedVisualTower",
     "MVFADetector",
     "MVFALosses",
     "MissingWeightsError",

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from medad.data import IMAGE_SUFFIXES
 from medad.io import atomic_write
 from medad.transforms import normalise_pil_mode
 
@@ -30,7 +31,6 @@ logger = logging.getLogger(__name__)
 # a few anti-aliased border values are tolerated by the fraction below.
 _NON_BINARY_FRACTION = 0.01
 _CHANNELS = (1, 2, 3, 4)
-_PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 class DataCheckError(ValueError):
@@ -54,8 +54,8 @@ def read_array(path: str | os.PathLike) -> np.ndarray:
         raise ValueError("file not found")
     if path.stat().st_size == 0:
         raise ValueError("empty file")
-    if not path.name.lower().endswith(_PIL_SUFFIXES):
-        raise ValueError(f"not a 2D image file ({', '.join(_PIL_SUFFIXES)})")
+    if not path.name.lower().endswith(IMAGE_SUFFIXES):
+        raise ValueError(f"not a 2D image file ({', '.join(IMAGE_SUFFIXES)})")
     try:
         with Image.open(path) as image:
             image.load()  # decode fully: truncated files fail here, not in a worker later

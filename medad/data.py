@@ -16,10 +16,13 @@ import os
 import random
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "BMAD",
     "BMAD_DATASETS",
+    "BMADDataset",
     "IMAGE_SUFFIXES",
     "MASK_FOLDERS",
     "bmad_datalist",
@@ -28,13 +31,53 @@ __all__ = [
     "image_files",
     "list_datasets",
     "read_fewshot_seed",
+    "seed_file_indices",
     "source_datalist",
 ]
 
-#: The six BMAD data sets MVFA uses, in the paper's order.
-BMAD_DATASETS = ("Brain", "Liver", "Retina_RESC", "Retina_OCT2017", "Chest", "Histopathology")
-#: Mask folder names: MVFA's re-packing, then BMAD's own.
+@dataclass(frozen=True)
+class BMADDataset:
+    """What medad knows of one of MVFA's six BMAD data sets.
+
+    Attributes:
+        name: the data set's name (its folder is ``<name>_AD``).
+        prompt: the word MVFA's prompts use for it.
+        has_masks: pixel annotations in MVFA's protocol (pixel-level metrics).
+        paper_name: its column name in MVFA's tables.
+        download_folders: folder names it may have in the BMAD download, tried in order by
+            ``scripts/prepare_bmad.py`` (from BMAD's README and code, and third-party loaders of
+            the release; ``<name>_AD`` also accepts MVFA's own re-packing).
+    """
+
+    name: str
+    prompt: str
+    has_masks: bool
+    paper_name: str
+    download_folders: tuple[str, ...]
+
+
+#: The registry of the six BMAD data sets MVFA uses, in the paper's order.
+BMAD: dict[str, BMADDataset] = {
+    dataset.name: dataset
+    for dataset in (
+        BMADDataset("Brain", "Brain", True, "BrainMRI", ("BraTS2021_slice", "Brain_AD", "Brain")),
+        BMADDataset("Liver", "Liver", True, "LiverCT", ("hist_DIY", "Liver_AD", "Liver")),
+        BMADDataset("Retina_RESC", "retinal OCT", True, "RESC", ("RESC", "Retina_RESC_AD", "Retina_RESC")),
+        BMADDataset("Retina_OCT2017", "retinal OCT", False, "OCT17", ("OCT2017", "Retina_OCT2017_AD", "Retina_OCT2017")),
+        BMADDataset(
+            "Chest", "Chest X-ray film", False, "ChestXray", ("Chest-RSNA", "chest_xray", "RSNA", "Chest_AD", "Chest-AD", "Chest")
+        ),
+        BMADDataset(
+            "Histopathology", "histopathological image", False, "HIS",
+            ("camelyon16_256", "camelyon16", "camelyon", "Histopathology_AD", "Histopathology"),
+        ),
+    )
+}
+#: The six names, in the paper's order.
+BMAD_DATASETS = tuple(BMAD)
+#: Mask folder names: MVFA's re-packing, then BMAD's own (the first present is used).
 MASK_FOLDERS = ("anomaly_mask", "label")
+#: 2D image files medad reads (through PIL).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _SUFFIX = "_AD"
 
@@ -108,20 +151,30 @@ def source_datalist(
     return [item for name in names for item in bmad_datalist(dataset_dir, name, split)]
 
 
-def read_fewshot_seed(path: str | os.PathLike, index: int) -> tuple[list[str], list[str]]:
-    """Abnormal and normal file names of seed ``index`` in an MVFA seed file.
+def _seed_file(path: str | os.PathLike) -> dict[int, dict[str, list[str]]]:
+    """Every seed of an MVFA seed file: ``{index: {"a": abnormal files, "n": normal files}}``.
 
-    Lines read ``a-<index>: f1 f2 ...`` (abnormal) and ``n-<index>: ...`` (normal).
-    """
-    picks: dict[str, list[str]] = {}
+    Lines read ``a-<index>: f1 f2 ...`` (abnormal) and ``n-<index>: ...`` (normal)."""
+    seeds: dict[int, dict[str, list[str]]] = {}
     for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         match = re.fullmatch(r"\s*([an])-(\d+):\s*(.*)", line)
         if match is None:
             raise ValueError(f"{path}:{number}: expected 'a-<i>: files' or 'n-<i>: files', got {line!r}")
-        if int(match.group(2)) == index:
-            picks[match.group(1)] = match.group(3).split()
+        seeds.setdefault(int(match.group(2)), {})[match.group(1)] = match.group(3).split()
+    return seeds
+
+
+def seed_file_indices(path: str | os.PathLike) -> list[int]:
+    """The seed indices an MVFA seed file defines with both an ``a-<i>:`` and an ``n-<i>:`` line, sorted."""
+    return sorted(index for index, picks in _seed_file(path).items() if set(picks) == {"a", "n"})
+
+
+def read_fewshot_seed(path: str | os.PathLike, index: int) -> tuple[list[str], list[str]]:
+    """Abnormal and normal file names of seed ``index`` in an MVFA seed file (lines
+    ``a-<index>: f1 f2 ...`` and ``n-<index>: ...``)."""
+    picks = _seed_file(path).get(index, {})
     if set(picks) != {"a", "n"}:
         raise ValueError(f"{path}: seed index {index} needs both an 'a-{index}:' and an 'n-{index}:' line")
     return picks["a"], picks["n"]

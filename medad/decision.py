@@ -13,8 +13,10 @@ few-shot memory and calibration are built, against exactly the memory it is save
   (rule ``image_threshold``).
 - a model without stored thresholds (a zero-shot model) uses the prior of MVFA's zero-shot
   outputs: half the number of adapted levels, where the abnormal probability summed over the
-  levels exceeds one half on average (rule ``zero_shot_prior``); a few-shot model without
-  labels in its support set uses 0.5, the middle of the calibrated range (``calibrated_midpoint``).
+  levels exceeds one half on average (rule ``zero_shot_prior``); a few-shot model without a
+  threshold of its own (no labels in its support set; the pixel threshold of a data set without
+  masks, whose image score is the detection score) uses 0.5, the middle of the calibrated range
+  (``calibrated_midpoint``).
 
 Every surface (bundle inference, evaluation, MONAI Label, :meth:`medad.MVFADetector.predict_file`)
 takes :func:`effective_thresholds` unless the user gives a value.

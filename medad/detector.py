@@ -32,7 +32,7 @@ from medad.checkpoint import (
     weights_record,
 )
 from medad.decision import effective_thresholds, f1_best_threshold, pixel_f1_threshold
-from medad.network import MVFA, AdapterTokens
+from medad.network import AdaptedVisualTower, AdapterTokens
 from medad.prompts import encode_text_features
 from medad.scoring import FusionRange, few_shot_maps, fuse, zero_shot_maps, zero_shot_scores
 
@@ -77,7 +77,7 @@ class MVFADetector(nn.Module):
 
     def __init__(
         self,
-        encoder: MVFA,
+        encoder: AdaptedVisualTower,
         text_features: Mapping[str, torch.Tensor],
         target: str | None,
         backbone: BackboneSpec,
@@ -374,7 +374,7 @@ def build_detector(
     text_features = encode_text_features(clip, open_clip.get_tokenizer(model_name), missing)
     visual = set_precision(clip.visual, precision)
     detector = MVFADetector(
-        MVFA(visual, levels), text_features, target, backbone, image_score_from_map, weights_record(pretrained, random_init)
+        AdaptedVisualTower(visual, levels), text_features, target, backbone, image_score_from_map, weights_record(pretrained, random_init)
     )
     if checkpoint is not None:
         detector.load_state(saved, str(checkpoint))

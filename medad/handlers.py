@@ -15,11 +15,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 from pathlib import Path
 
+import ignite.distributed as idist
 import torch
-import torch.distributed as dist
 from ignite.engine import Engine, Events
 from monai.data import decollate_batch
-from monai.handlers import CheckpointLoader, CheckpointSaver
+from monai.handlers import CheckpointLoader, CheckpointSaver, StatsHandler, TensorBoardStatsHandler
 from monai.utils.enums import CommonKeys as Keys
 
 from medad.checkpoint import read_checkpoint
@@ -37,7 +37,9 @@ __all__ = [
     "ScoresWriter",
     "TrainingCheckpoint",
     "check_resumable",
+    "for_this_rank",
     "gather_rows",
+    "is_saving_rank",
     "latest_checkpoint",
 ]
 
@@ -110,8 +112,8 @@ class ScoresWriter:
     final scores, fused as its metrics are (``fusion`` column: ``set`` or ``calibrated``), so
     that the table and ``metrics.json`` agree.
 
-    Under ``torch.distributed`` every rank must attach it: rank 0 gathers the rows and alone
-    writes the file."""
+    Under ``torch.distributed`` every rank must attach it: ``save_rank`` gathers the rows and
+    alone writes the file."""
 
     def __init__(
         self,
@@ -120,11 +122,13 @@ class ScoresWriter:
         threshold: float | str | None = None,
         columns: Sequence[str] = (),
         evaluation: AnomalyEvaluation | None = None,
+        save_rank: int = 0,
     ) -> None:
         if isinstance(threshold, str) and threshold != "model":
             raise ValueError(f"threshold must be a number, 'model' or None, got {threshold!r}")
         self.path = Path(output_dir) / filename
         self.threshold, self.columns, self.evaluation = threshold, tuple(columns), evaluation
+        self.save_rank = save_rank
         self._threshold: float | None = None
         self.rows: list[dict] = []
 
@@ -163,7 +167,7 @@ class ScoresWriter:
         for row in rows:
             if self._threshold is not None:
                 row["anomalous"] = int(row["score"] >= self._threshold)
-        rows = gather_rows(rows)
+        rows = gather_rows(rows, self.save_rank)
         if rows is None:
             return
         fields = list(dict.fromkeys(key for row in rows for key in row))
@@ -173,19 +177,38 @@ class ScoresWriter:
             writer.writerows(rows)
 
 
-def gather_rows(rows: list[dict]) -> list[dict] | None:
-    """All ranks' rows on rank 0 in the data list's order (``None`` on the other ranks); ``rows``
-    itself without ``torch.distributed``.
+def gather_rows(rows: list[dict], save_rank: int = 0) -> list[dict] | None:
+    """All ranks' rows on ``save_rank`` in the data list's order (``None`` on the other ranks);
+    ``rows`` itself in a single process (``ignite.distributed``'s gather).
 
     ``DistributedSampler(shuffle=False)`` deals item i to rank i % world size, so interleaving
     the shards restores the list's order."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if idist.get_world_size() == 1:
         return rows
-    shards: list = [None] * dist.get_world_size()
-    dist.all_gather_object(shards, rows)
-    if dist.get_rank() != 0:
+    shards = idist.all_gather(rows)
+    if not is_saving_rank(save_rank):
         return None
     return [row for group in itertools.zip_longest(*shards) for row in group if row is not None]
+
+
+#: Handlers only the saving rank runs (MONAI's loggers and checkpoint savers have no ``save_rank``).
+_SAVING_RANK_ONLY = (StatsHandler, TensorBoardStatsHandler, CheckpointSaver)
+
+
+def is_saving_rank(save_rank: int = 0) -> bool:
+    """Whether this process logs and saves: rank ``save_rank`` under ``torch.distributed``, or the
+    only process. (``TensorBoardStatsHandler`` opens its event file when it is built, so the
+    configs do not even build it elsewhere: ``"_disabled_": "$not medad.handlers.is_saving_rank()"``.)"""
+    return idist.get_rank() == save_rank
+
+
+def for_this_rank(handlers: Sequence[Any], save_rank: int = 0) -> list[Any]:
+    """The handlers this process runs under ``torch.distributed``: all of them on ``save_rank``;
+    elsewhere all but the loggers and checkpoint savers (medad's writers gather and keep their
+    rank logic inside, as MONAI's savers do with ``save_rank``). Used by the multi-GPU overlays."""
+    if is_saving_rank(save_rank):
+        return list(handlers)
+    return [handler for handler in handlers if not isinstance(handler, _SAVING_RANK_ONLY)]
 
 
 class MetricsJSONWriter:
@@ -193,9 +216,11 @@ class MetricsJSONWriter:
     with the decision thresholds that apply to the evaluated model (value and rule, see
     :mod:`medad.decision`) and the fusion of the scores; both are logged too."""
 
-    def __init__(self, output_dir: str | os.PathLike, filename: str = "metrics.json", fusion: str | None = None) -> None:
+    def __init__(
+        self, output_dir: str | os.PathLike, filename: str = "metrics.json", fusion: str | None = None, save_rank: int = 0
+    ) -> None:
         self.path = Path(output_dir) / filename
-        self.fusion = fusion
+        self.fusion, self.save_rank = fusion, save_rank
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
@@ -205,9 +230,9 @@ class MetricsJSONWriter:
         metrics: dict = {name: float(value) for name, value in engine.state.metrics.items()}
         metrics["thresholds"] = dataclasses.asdict(detector.effective_thresholds())
         metrics["fusion"] = self.fusion if detector.has_memory else "none"
-        logger.info("decision thresholds: %s; fusion of the scores: %s", metrics["thresholds"], metrics["fusion"])
-        if dist.is_available() and dist.is_initialized() and dist.get_rank() > 0:
+        if not is_saving_rank(self.save_rank):
             return
+        logger.info("decision thresholds: %s; fusion of the scores: %s", metrics["thresholds"], metrics["fusion"])
         with atomic_write(self.path) as handle:
             json.dump(metrics, handle, indent=2, allow_nan=True)
 

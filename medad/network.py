@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-__all__ = ["AdapterTokens", "MVFA", "ResidualAdapter"]
+__all__ = ["AdaptedVisualTower", "AdapterTokens", "ResidualAdapter"]
 
 
 class ResidualAdapter(nn.Module):
@@ -41,7 +41,7 @@ class AdapterTokens(NamedTuple):
     det: tuple[torch.Tensor, ...]
 
 
-class MVFA(nn.Module):
+class AdaptedVisualTower(nn.Module):
     """Frozen open_clip ``VisionTransformer`` with seg/det residual adapters after given blocks.
 
     Args:
@@ -82,7 +82,7 @@ class MVFA(nn.Module):
         """Patch grid of the backbone at its configured image size."""
         return tuple(self.visual.grid_size)
 
-    def train(self, mode: bool = True) -> MVFA:
+    def train(self, mode: bool = True) -> AdaptedVisualTower:
         super().train(mode)
         self.visual.eval()  # frozen backbone: no dropout or other train-time behaviour
         return self

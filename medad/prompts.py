@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from medad.data import BMAD
+
 __all__ = [
     "ABNORMAL_STATES",
     "NORMAL_STATES",
@@ -17,15 +19,8 @@ __all__ = [
     "prompt_name",
 ]
 
-#: Words used in prompts for the BMAD data sets, as MVFA names them.
-ORGAN_NAMES = {
-    "Brain": "Brain",
-    "Liver": "Liver",
-    "Retina_RESC": "retinal OCT",
-    "Retina_OCT2017": "retinal OCT",
-    "Chest": "Chest X-ray film",
-    "Histopathology": "histopathological image",
-}
+#: Words used in prompts for the BMAD data sets, as MVFA names them (from :data:`medad.data.BMAD`).
+ORGAN_NAMES = {name: dataset.prompt for name, dataset in BMAD.items()}
 
 NORMAL_STATES = (
     "{}",

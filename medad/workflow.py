@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Sequence
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from medad.backbone import MissingWeightsError
@@ -22,7 +25,16 @@ from medad.detector import load_detector
 from medad.handlers import check_resumable
 from medad.volumes import list_inputs
 
-__all__ = ["RunError", "check_choice", "checked_items", "inputs", "model_detector", "resumable", "run_engine"]
+__all__ = [
+    "RunError",
+    "bundle_command",
+    "check_choice",
+    "checked_items",
+    "inputs",
+    "model_detector",
+    "resumable",
+    "run_engine",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +74,11 @@ resumable = _ending_on_input_errors(check_resumable)
 
 
 @_ending_on_input_errors
-def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
-    """``value`` if it is one of ``choices``; otherwise end the run naming the setting."""
+def check_choice(name: str, value: Any, choices: Sequence[Any], hint: str = "") -> Any:
+    """``value`` if it is one of ``choices``; otherwise end the run naming the setting (and
+    ``hint``, e.g. the overlay file a mode needs)."""
     if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}" + (f": {hint}" if hint else ""))
     return value
 
 
@@ -82,3 +95,40 @@ def run_engine(engine: Any) -> None:
             root = root.__cause__
         lines = [line.strip() for line in str(root).strip().splitlines() if line.strip()]
         raise RunError(f"the run failed: {type(root).__name__}: {lines[-1] if lines else ''}") from error
+
+
+def _cli_value(value: object) -> str:
+    """A value as ``python -m monai.bundle`` parses it back (Python literals through ``fire``)."""
+    if isinstance(value, (str, os.PathLike)):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return repr([str(v) if isinstance(v, os.PathLike) else v for v in value])
+    return repr(value)
+
+
+def bundle_command(
+    run_id: str,
+    config_files: Sequence[str | os.PathLike],
+    bundle_root: str | os.PathLike,
+    overrides: Mapping[str, object] | None = None,
+    python: str = sys.executable,
+) -> list[str]:
+    """The ``python -m monai.bundle run`` command line of a medad workflow: ``config_files``
+    merged in order (``metadata.json`` and ``logging.conf`` from the first one's folder),
+    ``bundle_root``, and ``--key value`` per override (what the demo, the reproduction grid and
+    the tests run).
+
+    >>> bundle_command("training", ["configs/train.json"], "runs/a", {"epochs": 2})[3:6]
+    ['run', 'training', '--config_file']
+    """
+    configs = Path(config_files[0]).parent
+    command = [
+        python, "-m", "monai.bundle", "run", run_id,
+        "--config_file", repr([str(path) for path in config_files]),
+        "--meta_file", str(configs / "metadata.json"),
+        "--logging_file", str(configs / "logging.conf"),
+        "--bundle_root", str(bundle_root),
+    ]
+    for key, value in (overrides or {}).items():
+        command += [f"--{key}", _cli_value(value)]
+    return command

@@ -128,3 +128,44 @@ def test_tracking_with_mlflow(synthetic_bmad, bundle_backbone, tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'eval' / 'mlruns.db'}")
     runs = mlflow.search_runs(search_all_experiments=True)
     assert len(runs) == 1 and "metrics.train_loss" in runs.columns
+
+
+def test_paper_selection_is_an_overlay_and_its_name_alone_is_refused(synthetic_bmad, bundle_backbone, tmp_path):
+    settings = common(synthetic_bmad, bundle_backbone)
+    result = subprocess.run(
+        bundle_command("training", ("train", "fewshot"), tmp_path / "refused", shot=2, epochs=1, model_selection="paper", **settings),
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "medad: model_selection must be one of ['last'], got 'paper': the paper's selection needs "
+        "configs/paper_selection.json merged after train.json (and fewshot.json)"
+    )
+    # The overlay replaces train#handlers#3, the saver of the final model.pt, by the validator.
+    assert json.loads((CONFIGS / "train.json").read_text())["train"]["handlers"][3]["final_filename"] == "model.pt"
+    root = tmp_path / "paper"
+    log = run_bundle("training", ("train", "fewshot", "paper_selection"), root, shot=2, epochs=2, **settings)
+    # The validator ran after each epoch, and model.pt is the best epoch by the authors' criterion.
+    assert log.count("Key metric: val_selection_score best value") == 2, log[-3000:]
+    assert "Epoch[2] Complete" in log and (root / "models" / "model.pt").is_file()
+    saved = medad.load_detector(root / "models" / "model.pt", bundle_backbone["clip_weights"])
+    assert saved.has_memory and saved.is_calibrated
+
+
+def test_a_target_without_masks_gets_image_metrics_only_and_bf16_runs_on_the_cpu(synthetic_bmad, bundle_backbone, tmp_path):
+    settings = {**common(synthetic_bmad, bundle_backbone), "target": "Gamma"}  # Gamma has no masks
+    run_bundle("training", ("train", "fewshot"), tmp_path, shot=2, epochs=1, **settings)
+    detector = medad.load_detector(tmp_path / "models" / "model.pt", bundle_backbone["clip_weights"])
+    assert not detector.image_score_from_map  # MVFA's rule without masks: the fused detection score
+    thresholds = detector.effective_thresholds()
+    # no masks, and image scores that are not the map's maximum: the pixel label falls back on the rule's default
+    assert thresholds.image_rule == "support_f1" and (thresholds.pixel, thresholds.pixel_rule) == (0.5, "calibrated_midpoint")
+    metrics = {}
+    for precision in ("fp32", "bf16"):
+        run_bundle("evaluating", ("train", "fewshot", "evaluate"), tmp_path, shot=2, precision=precision,
+                   output_dir=tmp_path / f"eval_{precision}", **settings)
+        metrics[precision] = json.loads((tmp_path / f"eval_{precision}" / "metrics.json").read_text())
+        assert 0.0 <= metrics[precision]["val_image_auroc"] <= 1.0
+        assert all(np.isnan(metrics[precision][f"val_{name}"]) for name in ("pixel_auroc", "pixel_ap", "aupro"))
+    # bf16 is only emulated on this CPU; the numbers stay near fp32's on the tiny model.
+    assert abs(metrics["bf16"]["val_image_auroc"] - metrics["fp32"]["val_image_auroc"]) <= 0.1

@@ -84,7 +84,7 @@ def test_released_adapter_checkpoint_round_trip(tiny_detector, tmp_path):
 
 
 def test_checkpoint_for_another_backbone_is_refused(tiny_detector, tmp_path):
-    two_levels = medad.MVFA(open_clip.create_model(medad.TINY_MODEL_NAME, force_image_size=60).visual, levels=(1, 2))
+    two_levels = medad.AdaptedVisualTower(open_clip.create_model(medad.TINY_MODEL_NAME, force_image_size=60).visual, levels=(1, 2))
     path = tmp_path / "two_levels.pth"
     torch.save(two_levels.adapter_state(), path)
     with pytest.raises(ValueError, match="do not fit this backbone"):

@@ -73,11 +73,11 @@ def _support_items(size: int) -> list[dict]:
     return items
 
 
-def _trainer(detector: medad.MVFADetector, items: list[dict], handlers: list, **kwargs) -> MVFATrainer:
+def _trainer(detector: medad.MVFADetector, items: list[dict], handlers: list, epochs: int = 1, **kwargs) -> MVFATrainer:
     batch = {key: torch.stack([torch.as_tensor(item[key]) for item in items]) if key != "dataset" else
              [item[key] for item in items] for key in ("image", "mask", "label", "dataset", "has_mask", "index")}
     optimizer = torch.optim.Adam(adapter_parameter_groups(detector), lr=1e-3)
-    return MVFATrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=[batch], network=detector,
+    return MVFATrainer(device=torch.device("cpu"), max_epochs=epochs, train_data_loader=[batch], network=detector,
                        optimizer=optimizer, loss_function=medad.AlignmentLoss(), train_handlers=handlers, **kwargs)
 
 
@@ -115,3 +115,18 @@ def test_amp_trains_under_bf16_autocast_on_the_cpu(tiny_config, tiny_weights):
     after = detector.encoder.det_adapters.state_dict()
     assert any(not torch.equal(before[name], after[name]) for name in before)
     assert seen == [torch.bfloat16]
+
+
+def test_the_trunk_cache_trains_the_same_adapters_as_no_cache(tiny_config, tiny_weights):
+    items = _support_items(tiny_config["image_size"])
+    trained = []
+    for cache_trunk in (False, True):
+        torch.manual_seed(0)  # the same initial adapters
+        detector = _fresh_detector(tiny_config, tiny_weights)
+        initial = {name: value.clone() for name, value in detector.encoder.det_adapters.state_dict().items()}
+        _trainer(detector, items, [], epochs=3, cache_trunk=cache_trunk).run()  # the cache serves epochs 2 and 3
+        trained.append(detector.encoder.adapter_state())
+        assert any(not torch.equal(initial[name], value) for name, value in trained[-1]["det_adapters"].items())
+    for kind in ("seg_adapters", "det_adapters"):
+        for name, value in trained[0][kind].items():
+            torch.testing.assert_close(trained[1][kind][name], value, rtol=0, atol=1e-6, msg=f"{kind}.{name}")
