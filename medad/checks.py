@@ -157,7 +157,8 @@ def check_items(
 
     Problems found: missing, empty, truncated or unreadable files; unsupported channel counts;
     non-finite values; an image and its mask of different sizes; masks that are not
-    binary-like; an abnormal image without its mask in a data set with masks; an empty list.
+    binary-like; an empty list. (An abnormal image without a mask is no problem: it counts
+    for image-level metrics and trains the detection adapters only.)
 
     Args:
         items: data list items with ``image`` and optionally ``mask``, ``label``, ``has_mask``.
@@ -182,11 +183,12 @@ def check_items(
         found = [Problem(item["image"], reason) for reason in reasons]
         if item.get("mask"):
             found += [Problem(item["mask"], reason) for reason in _check_mask(item["mask"], image)]
-        elif item.get("has_mask") and int(item.get("label", 0)) == 1:
-            found.append(Problem(item["image"], "abnormal image without its mask in a data set with masks"))
         problems += found
         if not found:
             kept.append(item)
+    unmasked = sum(1 for item in kept if int(item.get("label", 0)) == 1 and not item.get("mask"))
+    if unmasked and any(item.get("mask") for item in kept):
+        logger.info("%d abnormal images have no mask: they count for image-level metrics only", unmasked)
     if not problems:
         return list(items)
     report = "\n".join(f"  {p.file}: {p.reason}" for p in problems)

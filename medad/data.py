@@ -5,9 +5,11 @@ Layout (one folder per data set under ``dataset_dir``)::
     <Name>_AD/{valid,test}/{good,Ungood}/img/<file>
     <Name>_AD/{valid,test}/Ungood/anomaly_mask/<file>   (or label/<file>, as BMAD names it)
 
-Each item is a dictionary: ``image`` (path), ``mask`` (path, only where a mask exists),
-``label`` (0 normal, 1 abnormal), ``dataset`` (name) and ``has_mask`` (whether the data set
-has pixel annotations, so that its normal images count as all-normal masks).
+Each item is a dictionary: ``image`` (path), ``mask`` (path, only where a mask file exists),
+``label`` (0 normal, 1 abnormal), ``dataset`` (name) and ``has_mask``: whether the item has a
+pixel annotation, a mask of its own or, for a normal image of a data set with masks, the
+all-normal one. Items without (abnormal images whose mask is missing, data sets without
+masks) count for image-level metrics and train the detection adapters only.
 """
 
 from __future__ import annotations
@@ -124,17 +126,17 @@ def dataset_has_masks(dataset_dir: str | os.PathLike, name: str) -> bool:
 def bmad_datalist(dataset_dir: str | os.PathLike, name: str, split: str = "test") -> list[dict]:
     """All items of one split of one data set: normal images first, then abnormal, each sorted."""
     root = _dataset_root(dataset_dir, name)
-    has_mask = dataset_has_masks(dataset_dir, name)
+    has_masks = dataset_has_masks(dataset_dir, name)
     items = [
-        {"image": str(path), "label": 0, "dataset": name, "has_mask": has_mask}
+        {"image": str(path), "label": 0, "dataset": name, "has_mask": has_masks}
         for path in _images(root / split / "good" / "img")
     ]
     ungood = root / split / "Ungood"
     mask_dir = _mask_folder(ungood)
     for path in _images(ungood / "img"):
-        item = {"image": str(path), "label": 1, "dataset": name, "has_mask": has_mask}
-        if mask_dir is not None:
-            item["mask"] = str(mask_dir / path.name)
+        item = {"image": str(path), "label": 1, "dataset": name, "has_mask": False}
+        if mask_dir is not None and (mask_dir / path.name).is_file():
+            item.update(mask=str(mask_dir / path.name), has_mask=True)
         items.append(item)
     if not items:
         raise FileNotFoundError(f"data set {name!r} has no images in split {split!r} under {root / split}")
@@ -187,32 +189,51 @@ def fewshot_selection(
     seed_file: str | os.PathLike | None = None,
     seed_index: int = 0,
     seed: int = 0,
+    abnormal_shots: int | None = None,
 ) -> list[dict]:
-    """The k abnormal and k normal support items of a data set, picked from its ``valid`` split.
+    """The support items of a data set, picked from its ``valid`` split: ``abnormal_shots``
+    abnormal images (default ``shot``, MVFA's k + k; with or without masks) and ``shot`` normal ones.
 
-    With ``seed_file`` (MVFA's ``<k>-shot.txt``) the listed files are used; otherwise ``shot``
-    of each are drawn at random with ``seed``. Abnormal items come first.
+    With ``seed_file`` (MVFA's ``<k>-shot.txt``) the listed files are used (its abnormal line is
+    ignored with ``abnormal_shots=0``); otherwise they are drawn at random with ``seed``.
+    Abnormal items come first. Every refusal names the mode that would fit.
     """
-    if shot < 1:
-        raise ValueError(f"shot must be positive, got {shot}")
+    abnormal_shots = shot if abnormal_shots is None else abnormal_shots
+    if shot < 1 or abnormal_shots < 0:
+        raise ValueError(f"shot must be positive and abnormal_shots at least 0, got shot={shot}, abnormal_shots={abnormal_shots}")
     valid = bmad_datalist(dataset_dir, name, "valid")
     by_class = {label: {Path(item["image"]).name: item for item in valid if item["label"] == label} for label in (0, 1)}
+    wanted = {1: abnormal_shots, 0: shot}
     if seed_file is not None:
         abnormal, normal = read_fewshot_seed(seed_file, seed_index)
         chosen = []
-        for label, names in ((1, abnormal), (0, normal)):
+        for label, names in ((1, abnormal if abnormal_shots else []), (0, normal)):
             missing = [n for n in names if n not in by_class[label]]
             if missing:
                 raise FileNotFoundError(f"{seed_file}: files of seed {seed_index} not in {name}/valid: {missing}")
-            if len(names) != shot:
-                raise ValueError(f"{seed_file}: seed {seed_index} lists {len(names)} files per class, expected {shot}")
+            if len(names) != wanted[label]:
+                kind = "abnormal" if label else "normal"
+                raise ValueError(
+                    f"{seed_file}: seed {seed_index} lists {len(names)} {kind} files, expected {wanted[label]}: seed files "
+                    "pick k of each class (abnormal_shots equal to shot, or 0 for normal-only adaptation); for other "
+                    "numbers leave seed_dir unset to pick at random"
+                )
             chosen += [by_class[label][n] for n in names]
         return chosen
     rng = random.Random(seed)
     chosen = []
     for label in (1, 0):
         pool = sorted(by_class[label])
-        if len(pool) < shot:
-            raise ValueError(f"{name}/valid has {len(pool)} images of label {label}, fewer than shot={shot}")
-        chosen += [by_class[label][n] for n in rng.sample(pool, shot)]
+        if len(pool) < wanted[label]:
+            hint = (
+                "set abnormal_shots to at most that, or to 0 for normal-only adaptation (with init_checkpoint a zero-shot model)"
+                if label
+                else "lower shot"
+            )
+            kind = "abnormal" if label else "normal"
+            raise ValueError(
+                f"{name}/valid has {len(pool)} {kind} images, fewer than {'abnormal_shots' if label else 'shot'}="
+                f"{wanted[label]}: {hint}"
+            )
+        chosen += [by_class[label][n] for n in rng.sample(pool, wanted[label])]
     return chosen

@@ -229,13 +229,15 @@ class MVFADetector(nn.Module):
         batch_size: int = 8,
         labels: torch.Tensor | None = None,
         masks: torch.Tensor | None = None,
+        annotated: torch.Tensor | None = None,
     ) -> None:
         """Store the min-max ranges of the raw scores of ``images`` (the support set), so that
         single images are fused without the rest of a test set, and the decision thresholds
         of :mod:`medad.decision` against the current memory: with ``labels`` (1 abnormal) of
         both classes the image threshold of highest F1 over the support set's final scores,
         and with ``masks`` ``(N, 1, S, S)`` (zeros for normal images) the pixel threshold of
-        highest pixel F1; without them, thresholds the rule leaves to its defaults."""
+        highest pixel F1 over the ``annotated`` ones (bool ``(N,)``, default all; abnormal images
+        without a mask are not); without them, thresholds the rule leaves to its defaults."""
         device = self.text_features.device
         parts = [self.raw_scores(batch.to(device)) for batch in images.split(batch_size)]
         raw = RawScores(*(None if values[0] is None else torch.cat(values) for values in zip(*parts)))
@@ -244,7 +246,9 @@ class MVFADetector(nn.Module):
         image = None if labels is None else f1_best_threshold(final.score, labels)
         pixel, pixel_rule = None, "none"
         if masks is not None and image is not None:
-            pixel = pixel_f1_threshold(final.anomaly_map.float().cpu(), masks.reshape(final.anomaly_map.shape).bool().cpu())
+            keep = torch.ones(len(masks), dtype=torch.bool) if annotated is None else annotated.bool().cpu()
+            maps, masks = final.anomaly_map.float().cpu()[keep], masks.reshape(final.anomaly_map.shape).bool().cpu()[keep]
+            pixel = pixel_f1_threshold(maps, masks) if len(maps) else None
             pixel_rule = "support_pixel_f1" if pixel is not None else "none"
         if pixel is None and image is not None and self.image_score_from_map:
             pixel, pixel_rule = image, "image_threshold"

@@ -229,7 +229,7 @@ class MVFAEvaluator(SupervisedEvaluator):
         images = batchdata[Keys.IMAGE]
         detector = unwrap(engine.network)
         engine.state.output = {Keys.IMAGE: images}
-        for key in (Keys.LABEL, "mask"):
+        for key in (Keys.LABEL, "mask", "has_mask"):
             if key in batchdata:
                 engine.state.output[key] = _plain(batchdata[key], device, engine.non_blocking)
         with engine.mode(engine.network):

@@ -1,53 +1,122 @@
-"""The few-shot training set: k abnormal and k normal images of the target, each augmented x11."""
+"""The few-shot support set of a target: MVFA's training set (each image augmented x11), and
+normal-only adaptation of a trained model without training."""
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Sequence
 
 import torch
 from monai.utils import convert_to_tensor
 
-from medad.augment import augment_fewshot
+from medad.adaptation import adapt_to_normal_images
+from medad.augment import FEWSHOT_AUGMENTATIONS, augment_fewshot
 from medad.checks import check_items
 from medad.data import fewshot_selection
+from medad.detector import MVFADetector, unwrap
+from medad.io import atomic_write
 from medad.transforms import mvfa_preprocessing
 
-__all__ = ["fewshot_training_data"]
+__all__ = ["NormalOnlyAdaptation", "fewshot_training_data", "support_items"]
+
+logger = logging.getLogger(__name__)
 
 
-def fewshot_training_data(
+def support_items(
     dataset_dir: str | os.PathLike,
     target: str,
     shot: int,
     seed_file: str | os.PathLike | None = None,
     seed_index: int = 0,
     seed: int = 0,
-    image_size: int = 240,
+    abnormal_shots: int | None = None,
 ) -> list[dict]:
-    """Preprocessed, augmented few-shot items of ``target`` (abnormal first, then normal).
+    """The checked support items of ``target`` (file paths; :func:`medad.data.fewshot_selection`).
 
-    Items carry ``image`` (3, S, S), ``mask`` (1, S, S), ``label``, ``dataset``, ``has_mask`` and
-    ``index`` (for caching per item); the normal ones also form the memory bank, all of them the
-    calibration set.
-    """
-    # Every support image matters: a bad one stops the run instead of being left out.
-    selected = check_items(
-        fewshot_selection(dataset_dir, target, shot, seed_file, seed_index, seed),
+    Every support image matters: a bad one stops the run instead of being left out."""
+    return check_items(
+        fewshot_selection(dataset_dir, target, shot, seed_file, seed_index, seed, abnormal_shots),
         remedy="every support image is needed: fix it, or pick other shots (another seed_index, seed_dir or seed)",
     )
+
+
+def _load(items: Sequence[dict], image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images ``(N, 3, S, S)`` and masks ``(N, 1, S, S)`` (zeros where an item has none)."""
     preprocess = mvfa_preprocessing(image_size)
-    loaded = [preprocess(item) for item in selected]
-    has_mask = bool(selected[0]["has_mask"])
-    items = []
+    loaded = [preprocess(dict(item)) for item in items]
+    images = torch.stack([convert_to_tensor(item["image"], track_meta=False) for item in loaded])
+    masks = torch.stack([convert_to_tensor(item["mask"], track_meta=False) for item in loaded])
+    return images, masks
+
+
+def fewshot_training_data(items: Sequence[dict], image_size: int = 240) -> list[dict]:
+    """Preprocessed, augmented few-shot training items (abnormal first, then normal).
+
+    Items carry ``image`` (3, S, S), ``mask`` (1, S, S), ``label``, ``dataset``, ``has_mask`` and
+    ``index`` (for caching per item). An abnormal image without a mask has ``has_mask`` False: it
+    trains the detection adapters only, as MVFA trains on data sets without masks. The normal
+    items also form the memory bank, all of them the calibration set.
+    """
+    out: list[dict] = []
     for label in (1, 0):
-        group = [item for item in loaded if item["label"] == label]
-        images = torch.stack([convert_to_tensor(item["image"], track_meta=False) for item in group])
-        masks = None
-        if label == 1 and has_mask:
-            masks = torch.stack([convert_to_tensor(item["mask"], track_meta=False) for item in group])
-        images, masks = augment_fewshot(images, masks)
-        items += [
-            {"image": image, "mask": mask, "label": label, "dataset": target, "has_mask": has_mask, "index": len(items) + i}
-            for i, (image, mask) in enumerate(zip(images, masks))
+        group = [item for item in items if int(item["label"]) == label]
+        if not group:
+            continue
+        images, masks = augment_fewshot(*_load(group, image_size))
+        flags = [bool(item.get("has_mask")) for item in group] * FEWSHOT_AUGMENTATIONS  # grouped by transform
+        names = [item["dataset"] for item in group] * FEWSHOT_AUGMENTATIONS
+        out += [
+            {"image": image, "mask": mask, "label": label, "dataset": name, "has_mask": flag, "index": len(out) + i}
+            for i, (image, mask, flag, name) in enumerate(zip(images, masks, flags, names))
         ]
-    return items
+    return out
+
+
+class NormalOnlyAdaptation:
+    """Normal-only few-shot adaptation of a trained detector (``abnormal_shots: 0``): no adapter
+    training; MVFA's memory bank of the normal support images (augmented x11), and calibration
+    and thresholds from normal images only by the held-out rule of
+    :func:`medad.adaptation.adapt_to_normal_images`; then ``save_path`` (``model.pt``) is written
+    atomically. ``run()`` does it, so that the bundle runs it where it would run the trainer.
+
+    Args:
+        network: the detector (built from ``init_checkpoint``: a zero-shot ``model.pt`` or
+            released MVFA adapters).
+        items: support items (:func:`support_items` with ``abnormal_shots=0``).
+        image_size: the model's input size.
+        save_path: where the adapted model is written.
+        batch_size: images per forward pass.
+        init_checkpoint: what ``network`` was built from (required: the adapters are not trained).
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        items: Sequence[dict],
+        image_size: int,
+        save_path: str | os.PathLike,
+        batch_size: int = 8,
+        init_checkpoint: str | os.PathLike | None = None,
+    ) -> None:
+        self.network, self.items, self.image_size = network, list(items), image_size
+        self.save_path, self.batch_size, self.init_checkpoint = save_path, batch_size, init_checkpoint
+
+    def run(self) -> None:
+        # Checked here, not when built: a bundle builds this beside the trainer in either mode.
+        if self.init_checkpoint is None:
+            raise ValueError(
+                "normal-only adaptation (abnormal_shots 0) adapts a trained model without training it: give "
+                "init_checkpoint, a zero-shot models/model.pt or a released MVFA adapter file"
+            )
+        abnormal = [item["image"] for item in self.items if int(item["label"]) == 1]
+        if abnormal:
+            raise ValueError(f"normal-only adaptation takes normal images only, got {len(abnormal)} abnormal ones")
+        detector: MVFADetector = unwrap(self.network).eval()
+        images, _ = _load(self.items, self.image_size)
+        thresholds = adapt_to_normal_images(detector, images, augment=True, batch_size=self.batch_size)
+        with atomic_write(self.save_path, "wb") as handle:
+            torch.save(detector.state_dict(), handle)
+        logger.info(
+            "normal-only adaptation to %d normal images: thresholds %s; saved %s", len(images), thresholds, self.save_path
+        )

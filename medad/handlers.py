@@ -68,13 +68,12 @@ class FewShotMemoryHandler:
         self.normal = torch.tensor([int(item["label"]) == 0 for item in items])
         if not bool(self.normal.any()):
             raise ValueError("the few-shot items hold no normal image for the memory bank")
-        self.masks = None
-        if all(item.get("has_mask") for item in items):
-            size = self.images.shape[-2:]
-            self.masks = torch.stack([
-                torch.zeros(1, *size) if item.get("mask") is None else torch.as_tensor(item["mask"]).float()
-                for item in items
-            ])
+        # Pixel thresholds from the items with a pixel annotation (an own mask, or all-normal).
+        self.annotated = torch.tensor([bool(item.get("has_mask")) for item in items])
+        size = self.images.shape[-2:]
+        self.masks = torch.stack([
+            torch.zeros(1, *size) if item.get("mask") is None else torch.as_tensor(item["mask"]).float() for item in items
+        ])
         self.batch_size = batch_size
         self.every = every
 
@@ -89,7 +88,9 @@ class FewShotMemoryHandler:
         detector.eval()
         start = time.perf_counter()
         detector.build_memory(self.images[self.normal], self.batch_size)
-        detector.calibrate(self.images, self.batch_size, labels=(~self.normal).long(), masks=self.masks)
+        detector.calibrate(
+            self.images, self.batch_size, labels=(~self.normal).long(), masks=self.masks, annotated=self.annotated
+        )
         detector.train(was_training)
         seconds = time.perf_counter() - start
         logger.info(
@@ -109,8 +110,9 @@ class ScoresWriter:
     ``None`` writes no ``anomalous`` column.
 
     ``evaluation``: the run's :class:`medad.metrics.AnomalyEvaluation`; the scores are then its
-    final scores, fused as its metrics are (``fusion`` column: ``set`` or ``calibrated``), so
-    that the table and ``metrics.json`` agree.
+    final scores, fused as its metrics are (``fusion`` column: ``set``, ``calibrated`` or
+    ``none`` for zero-shot models), so that the table and ``metrics.json`` agree; scores fused
+    over the set are on another scale than the model's thresholds, so they get no ``anomalous``.
 
     Under ``torch.distributed`` every rank must attach it: ``save_rank`` gathers the rows and
     alone writes the file."""
@@ -159,14 +161,17 @@ class ScoresWriter:
             self.rows.append(row)
 
     def write(self, engine: Engine) -> None:
-        rows = self.rows
+        rows, threshold = self.rows, self._threshold
         if self.evaluation is not None:
             self.evaluation.compute()  # cached: the metrics computed it already
+            fusion = self.evaluation.fusion if unwrap(engine.network).has_memory else "none"
             for row, score in zip(rows, self.evaluation.image_scores, strict=True):
-                row.update(score=float(score), fusion=self.evaluation.fusion if unwrap(engine.network).has_memory else "none")
+                row.update(score=float(score), fusion=fusion)
+            if fusion == "set":
+                threshold = None  # set-level ranges: not the scale the model's thresholds were chosen on
         for row in rows:
-            if self._threshold is not None:
-                row["anomalous"] = int(row["score"] >= self._threshold)
+            if threshold is not None:
+                row["anomalous"] = int(row["score"] >= threshold)
         rows = gather_rows(rows, self.save_rank)
         if rows is None:
             return

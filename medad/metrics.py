@@ -84,8 +84,10 @@ class AnomalyEvaluation(Metric):
         spill_dir: folder for the temporary score file (default: the system temp folder).
         bins, pro_thresholds: resolution of the pixel histograms and of the AUPRO curve.
         output_transform: maps the engine output to a dictionary with ``zero_map``,
-            ``zero_score``, optionally ``few_map``/``few_score``, ``label`` and ``mask``
-            (batched tensors, or a list of per-sample dictionaries).
+            ``zero_score``, optionally ``few_map``/``few_score``, ``label``, ``mask`` and
+            ``has_mask`` (batched tensors, or a list of per-sample dictionaries). Pixel metrics
+            take the images whose ``has_mask`` is true (all, without the key): an abnormal image
+            without a mask counts for the image-level metrics only.
 
     ``compute()`` returns a dictionary with :data:`METRIC_NAMES`; pixel metrics are NaN when no
     image of the set has an annotated anomaly. ``selection_score`` is the authors' model
@@ -116,7 +118,7 @@ class AnomalyEvaluation(Metric):
             spill.close()
         self._spills = {}
         self._ranges: dict[str, list[float]] = {}
-        self._scores: dict[str, list[np.ndarray]] = {"label": [], **{name: [] for name in _SCORES}}
+        self._scores: dict[str, list[np.ndarray]] = {"label": [], "has_mask": [], **{name: [] for name in _SCORES}}
         self._result: dict[str, float] | None = None
         self.image_scores: np.ndarray | None = None
 
@@ -141,8 +143,9 @@ class AnomalyEvaluation(Metric):
                 values = batch[name].detach().float().cpu().numpy().reshape(-1)
                 self._scores[name].append(values)
                 self._track(name, values)
-        if "label" in batch:
-            self._scores["label"].append(batch["label"].detach().cpu().numpy().reshape(-1))
+        for name in ("label", "has_mask"):
+            if name in batch:
+                self._scores[name].append(batch[name].detach().cpu().numpy().reshape(-1))
         self._result = None
 
     def _track(self, name: str, values: np.ndarray) -> None:
@@ -184,10 +187,15 @@ class AnomalyEvaluation(Metric):
             image_scores.append(final.score.numpy())
             if "mask" in spilled:
                 masks = torch.from_numpy(next(spilled["mask"]).astype(bool))
+                maps = final.anomaly_map
+                if "has_mask" in scores_seen:  # pixel metrics over the images with a pixel annotation
+                    annotated = torch.from_numpy(scores_seen["has_mask"][offset : offset + n].astype(bool))
+                    masks, maps = masks[annotated], maps[annotated]
                 if bool(masks.any()):
                     has_masks = True
-                pixels.update(final.anomaly_map, masks)
-                pro.update(final.anomaly_map, masks)
+                if len(maps):
+                    pixels.update(maps, masks)
+                    pro.update(maps, masks)
             offset += n
         image_scores, labels = np.concatenate(image_scores), scores_seen["label"]
         #: This process's final image scores, in the order it saw the images (for the scores table).
