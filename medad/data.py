@@ -27,7 +27,9 @@ __all__ = [
     "BMADDataset",
     "IMAGE_SUFFIXES",
     "MASK_FOLDERS",
+    "SPLITS",
     "bmad_datalist",
+    "data_layout",
     "dataset_has_masks",
     "fewshot_selection",
     "image_files",
@@ -35,6 +37,7 @@ __all__ = [
     "read_fewshot_seed",
     "seed_file_indices",
     "source_datalist",
+    "target_datalist",
 ]
 
 @dataclass(frozen=True)
@@ -113,14 +116,127 @@ def image_files(folder: str | os.PathLike) -> list[str]:
 
 
 def list_datasets(dataset_dir: str | os.PathLike) -> list[str]:
-    """Names of the data sets (``<Name>_AD`` folders) under ``dataset_dir``, sorted."""
+    """Names of the BMAD data sets (``<Name>_AD`` folders) under ``dataset_dir``, sorted (none
+    for a datalist file or a folder of the ``normal``/``abnormal`` layout)."""
+    if not Path(dataset_dir).is_dir():
+        return []
     return sorted(p.name[: -len(_SUFFIX)] for p in Path(dataset_dir).iterdir() if p.is_dir() and p.name.endswith(_SUFFIX))
 
 
 def dataset_has_masks(dataset_dir: str | os.PathLike, name: str) -> bool:
-    """Whether a data set has pixel annotations (a mask folder beside its abnormal images)."""
-    root = _dataset_root(dataset_dir, name)
-    return any(_mask_folder(root / split / "Ungood") is not None for split in ("test", "valid"))
+    """Whether a data set has pixel annotations: a mask folder beside its abnormal images (BMAD,
+    ``masks/`` of the folder layout), or masks in a datalist file."""
+    layout = data_layout(dataset_dir, name)
+    if layout == "bmad":
+        root = _dataset_root(dataset_dir, name)
+        return any(_mask_folder(root / split / "Ungood") is not None for split in ("test", "valid"))
+    if layout == "folders":
+        return any((base / "masks").is_dir() for base in (Path(dataset_dir), *(Path(dataset_dir) / s for s in SPLITS)))
+    return any("mask" in entry for key in _DATALIST_KEYS.values() for entry in _datalist_json(dataset_dir).get(key, []))
+
+
+#: The splits: ``valid`` (the few-shot support pool) and ``test`` (evaluation).
+SPLITS = ("valid", "test")
+#: The keys of a datalist file for each split (MONAI's datalist convention).
+_DATALIST_KEYS = {"valid": "training", "test": "test"}
+
+
+def data_layout(dataset_dir: str | os.PathLike, name: str) -> str:
+    """Which layout ``dataset_dir`` holds the data set ``name`` in (see "Your own data" in the
+    README): ``"datalist"`` (a MONAI datalist ``.json`` file), ``"bmad"`` (a ``<name>_AD`` folder)
+    or ``"folders"`` (``normal/``, ``abnormal/``, optional ``masks/``, at the top or per split)."""
+    root = Path(dataset_dir)
+    if root.suffix.lower() == ".json":
+        if not root.is_file():
+            raise FileNotFoundError(f"datalist file not found: {root}")
+        return "datalist"
+    if (root / f"{name}{_SUFFIX}").is_dir():
+        return "bmad"
+    for base in (root, *(root / split for split in SPLITS)):
+        if (base / "normal").is_dir() or (base / "abnormal").is_dir():
+            return "folders"
+    if root.is_dir() and list_datasets(root):
+        _dataset_root(root, name)  # raises: another BMAD data set was asked for
+    raise FileNotFoundError(
+        f"{root}: no data set {name!r} in any layout medad reads: a folder {name}{_SUFFIX} (BMAD), normal/ and "
+        "abnormal/ folders (optionally masks/, at the top or under valid/ and test/), or a datalist .json file"
+    )
+
+
+def _datalist_json(path: str | os.PathLike) -> dict:
+    import json
+
+    try:
+        content = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: not a readable JSON datalist ({error})") from error
+    if not isinstance(content, dict):
+        raise ValueError(f"{path}: a datalist is a JSON object with 'training' and 'test' lists")
+    return content
+
+
+def _datalist_items(path: str | os.PathLike, name: str, split: str) -> list[dict]:
+    """Items of a MONAI datalist file (paths relative to the file, read with MONAI's loader)."""
+    from monai.data import load_decathlon_datalist
+
+    key = _DATALIST_KEYS[split]
+    content = _datalist_json(path)
+    if key not in content:
+        raise ValueError(f"{path}: no {key!r} list (the {split} split); it has {sorted(content)}")
+    problems = []
+    for number, entry in enumerate(content[key]):
+        where = f"{path}: {key}[{number}]"
+        if not isinstance(entry, dict) or "image" not in entry:
+            orphan = isinstance(entry, dict) and "mask" in entry
+            problems.append(f"{where}: no 'image'{' (a mask without an image)' if orphan else ''}: {entry!r}")
+        elif entry.get("label") not in (0, 1) or isinstance(entry.get("label"), bool):
+            problems.append(f"{where}: 'label' must be 0 (normal) or 1 (abnormal), got {entry.get('label')!r}")
+    if problems:
+        raise ValueError("\n".join(problems))
+    entries = load_decathlon_datalist(str(path), is_segmentation=False, data_list_key=key, base_dir=str(Path(path).parent))
+    masked = any("mask" in entry for entry in entries)
+    items = []
+    for entry in entries:
+        label = int(entry["label"])
+        item = {"image": str(entry["image"]), "label": label, "dataset": name, "has_mask": masked and label == 0}
+        if entry.get("mask"):
+            item.update(mask=str(Path(path).parent / entry["mask"]), has_mask=True)  # an absolute mask stays as it is
+        items.append(item)
+    return items
+
+
+def _folder_items(root: Path, name: str, split: str) -> list[dict]:
+    """Items of the ``normal/`` + ``abnormal/`` (+ ``masks/``) layout, per split or at the top."""
+    base = root / split if (root / split).is_dir() else root
+    masks = base / "masks"
+    items = [{"image": str(path), "label": 0, "dataset": name, "has_mask": masks.is_dir()} for path in _images(base / "normal")]
+    for path in _images(base / "abnormal"):
+        item = {"image": str(path), "label": 1, "dataset": name, "has_mask": False}
+        if (masks / path.name).is_file():
+            item.update(mask=str(masks / path.name), has_mask=True)
+        items.append(item)
+    if masks.is_dir():
+        orphans = sorted({p.name for p in _images(masks)} - {Path(item["image"]).name for item in items if item["label"] == 1})
+        if orphans:
+            raise ValueError(f"{masks}: masks without an abnormal image of the same name in {base / 'abnormal'}: {orphans}")
+    return items
+
+
+def target_datalist(dataset_dir: str | os.PathLike, name: str, split: str = "test") -> list[dict]:
+    """All items of one split (``valid`` or ``test``) of a data set in any layout medad reads
+    (:func:`data_layout`): normal images first, then abnormal, each sorted as listed."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    layout = data_layout(dataset_dir, name)
+    if layout == "bmad":
+        return bmad_datalist(dataset_dir, name, split)
+    items = _datalist_items(dataset_dir, name, split) if layout == "datalist" else _folder_items(Path(dataset_dir), name, split)
+    if not items:
+        raise FileNotFoundError(f"{dataset_dir}: no images in the {split} split of data set {name!r} ({layout} layout)")
+    empty = [kind for label, kind in ((0, "normal"), (1, "abnormal")) if not any(i["label"] == label for i in items)]
+    if split == "test" and empty:
+        raise ValueError(f"{dataset_dir}: the test split of {name!r} has no {empty[0]} images: evaluation needs both classes")
+    return sorted(items, key=lambda item: item["label"])  # stable: normal first, each as listed
 
 
 def bmad_datalist(dataset_dir: str | os.PathLike, name: str, split: str = "test") -> list[dict]:
@@ -201,7 +317,7 @@ def fewshot_selection(
     abnormal_shots = shot if abnormal_shots is None else abnormal_shots
     if shot < 1 or abnormal_shots < 0:
         raise ValueError(f"shot must be positive and abnormal_shots at least 0, got shot={shot}, abnormal_shots={abnormal_shots}")
-    valid = bmad_datalist(dataset_dir, name, "valid")
+    valid = target_datalist(dataset_dir, name, "valid")
     by_class = {label: {Path(item["image"]).name: item for item in valid if item["label"] == label} for label in (0, 1)}
     wanted = {1: abnormal_shots, 0: shot}
     if seed_file is not None:

@@ -59,7 +59,9 @@ class Prediction:
 
 
 def _as_file(source: Any, folder: str) -> str:
-    """A path for ``source``: files as they are; PIL images and arrays written losslessly (TIFF), so that they run through the very reader files run through."""
+    """A path for ``source``: files as they are; PIL images and arrays written losslessly (TIFF) into
+    ``folder``, so that they run through the very reader files run through (written by hand: MONAI's
+    readers take files, and its array path skips the reader's mode conversion)."""
     if isinstance(source, (str, os.PathLike)):
         return str(source)
     if isinstance(source, np.ndarray):
@@ -69,7 +71,9 @@ def _as_file(source: Any, folder: str) -> str:
                 raise ValueError(f"float arrays must be 2D gray images (H, W), got shape {array.shape}")
             array = array.astype(np.float32)
         elif array.dtype not in (np.uint8, np.uint16) or (array.dtype == np.uint16 and array.ndim != 2):
-            raise ValueError(f"arrays must be uint8 (gray, RGB, RGBA), uint16 or float gray images, got {array.dtype} {array.shape}")
+            raise ValueError(
+                f"arrays must be uint8 (gray, RGB, RGBA), uint16 or float gray images, got {array.dtype} {array.shape}"
+            )
         source = Image.fromarray(array)  # modes L/RGB/RGBA, I;16 or F
     if not isinstance(source, Image.Image):
         raise TypeError(f"expected a file path, a PIL image or a numpy array, got {type(source).__name__}")

@@ -5,7 +5,8 @@ randomly initialised backbone of ``configs/tiny.json`` (no weights can be downlo
 
 1. zero-shot training on every demo domain but the held-out target, and its evaluation;
 2. few-shot training on k normal + k abnormal images of the target, and its evaluation;
-3. inference on a few target images: anomaly maps, overlays and a scores table.
+3. normal-only adaptation of the zero-shot model to k normal images (no training), and its evaluation;
+4. inference on a few target images (RGB PNG and JPEG): anomaly maps, overlays and a scores table.
 
 It prints a results table and writes ``roc.png`` under the output folder.
 """
@@ -93,7 +94,7 @@ def main() -> None:
 
     data = args.output / "data"
     if args.fresh:
-        for name in ("zero_shot", "few_shot"):
+        for name in ("zero_shot", "few_shot", "normal_only"):
             shutil.rmtree(args.output / name, ignore_errors=True)
     if not data.exists():
         begin = step(f"Building the demo data set in {data}")
@@ -111,6 +112,12 @@ def main() -> None:
     bundle("training", ["train", "fewshot"], few, shot=args.shot, epochs=args.few_shot_epochs, **common)
     step(f"Few-shot evaluation on {args.target}")
     bundle("evaluating", ["train", "fewshot", "evaluate"], few, shot=args.shot, **common)
+    normal = args.output / "normal_only"
+    step(f"Normal-only adaptation of the zero-shot model to {args.shot} normal {args.target} images (no training)")
+    bundle("training", ["train", "fewshot"], normal, shot=args.shot, abnormal_shots=0,
+           init_checkpoint=zero / "models" / "model.pt", **common)
+    step(f"Normal-only evaluation on {args.target}")
+    bundle("evaluating", ["train", "fewshot", "evaluate"], normal, shot=args.shot, **common)
 
     step("Inference on a few test images as RGB PNG and JPEG files (as BMAD ships them): maps, overlays, scores")
     from PIL import Image
@@ -124,7 +131,8 @@ def main() -> None:
                 image.convert("RGB").save(samples / f"{cls}_{source.stem}{suffix}", quality=95)
     bundle("inferring", ["inference"], few, dataset_dir=samples, num_workers=args.workers, overwrite=True)
 
-    results = {name: json.loads((root / "eval" / "metrics.json").read_text()) for name, root in (("zero-shot", zero), (f"few-shot (k={args.shot})", few))}
+    runs = (("zero-shot", zero), (f"few-shot (k={args.shot})", few), (f"normal-only (k={args.shot})", normal))
+    results = {name: json.loads((root / "eval" / "metrics.json").read_text()) for name, root in runs}
     plot_roc({name: root / "eval" / "scores.csv" for name, root in (("zero-shot", zero), (f"few-shot k={args.shot}", few))}, args.output / "roc.png")
     print(f"\nResults on the held-out domain {args.target} (test split):\n")
     print(f"| setting | image AUROC | pixel AUROC | pixel AP | AUPRO |\n| --- | --- | --- | --- | --- |")

@@ -4,11 +4,13 @@ support images without masks (they train the detection adapters only)."""
 from __future__ import annotations
 
 import csv
+import shutil
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import medad
 
@@ -93,3 +95,69 @@ def test_abnormal_shots_without_masks_train_the_detection_adapters_only(clinic_b
         masks[0].with_suffix(".hidden").rename(masks[0])
     thresholds = medad.load_detector(mixed / "models" / "model.pt", weights).effective_thresholds()
     assert thresholds.image_rule == "support_f1" and thresholds.pixel_rule == "support_pixel_f1"
+
+
+def _own_layouts(bmad: Path, name: str, root: Path) -> tuple[Path, Path]:
+    """The same images as ``bmad/<name>_AD`` in the folder layout and in a MONAI datalist file."""
+    folders, listed = root / "folders", root / "listed"
+    entries = {"training": [], "test": []}
+    for split, key in (("valid", "training"), ("test", "test")):
+        for item in medad.data.bmad_datalist(bmad, name, split):
+            kind = "abnormal" if item["label"] else "normal"
+            image = Path(item["image"])
+            for base in (folders / split / kind, listed / "images" / split / kind):
+                base.mkdir(parents=True, exist_ok=True)
+                shutil.copy(image, base / image.name)
+            entry = {"image": f"images/{split}/{kind}/{image.name}", "label": item["label"]}
+            if item.get("mask"):
+                for base in (folders / split / "masks", listed / "masks" / split):
+                    base.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(item["mask"], base / image.name)
+                entry["mask"] = f"masks/{split}/{image.name}"
+            entries[key].append(entry)
+    (listed / "datalist.json").write_text(json.dumps(entries, indent=1))
+    return folders, listed / "datalist.json"
+
+
+def test_own_data_layouts_give_the_metrics_of_the_bmad_layout(synthetic_bmad, bundle_backbone, tmp_path):
+    folders, datalist = _own_layouts(synthetic_bmad, "Alpha", tmp_path)
+    for layout in (folders, datalist):
+        assert medad.data.dataset_has_masks(layout, "Alpha")
+        picks = medad.data.fewshot_selection(layout, "Alpha", 2, seed=3)
+        reference = medad.data.fewshot_selection(synthetic_bmad, "Alpha", 2, seed=3)
+        assert [Path(i["image"]).name for i in picks] == [Path(i["image"]).name for i in reference]
+        assert [bool(i.get("mask")) for i in picks] == [bool(i.get("mask")) for i in reference]
+    settings = common(synthetic_bmad, bundle_backbone)
+    root = tmp_path / "model"
+    run_bundle("training", ("train", "fewshot"), root, shot=2, epochs=1, **settings)
+    metrics = {}
+    for name, dataset_dir in (("bmad", synthetic_bmad), ("folders", folders), ("datalist", datalist)):
+        output = root / f"eval_{name}"
+        run_bundle("evaluating", ("train", "fewshot", "evaluate"), root, shot=2, output_dir=output,
+                   **{**settings, "dataset_dir": dataset_dir})
+        metrics[name] = {k: v for k, v in json.loads((output / "metrics.json").read_text()).items() if k.startswith("val_")}
+    assert metrics["folders"] == pytest.approx(metrics["bmad"], abs=1e-9)
+    assert metrics["datalist"] == pytest.approx(metrics["bmad"], abs=1e-9)
+
+
+def test_inconsistent_own_data_is_refused_naming_the_entry(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    datalist = tmp_path / "list.json"
+    datalist.write_text(json.dumps({"training": [{"image": "a.png", "label": 2}, {"mask": "m.png", "label": 1}], "test": []}))
+    with pytest.raises(ValueError) as raised:
+        medad.data.target_datalist(datalist, "Mine", "valid")
+    lines = str(raised.value).splitlines()
+    assert lines[0] == f"{datalist}: training[0]: 'label' must be 0 (normal) or 1 (abnormal), got 2"
+    assert lines[1].startswith(f"{datalist}: training[1]: no 'image' (a mask without an image)")
+    folders = tmp_path / "folders"
+    (folders / "test" / "normal").mkdir(parents=True)
+    (folders / "test" / "masks").mkdir()
+    Image.new("L", (8, 8)).save(folders / "test" / "normal" / "n.png")
+    Image.new("L", (8, 8)).save(folders / "test" / "masks" / "lost.png")
+    with pytest.raises(ValueError, match=r"masks without an abnormal image of the same name .*\['lost.png'\]"):
+        medad.data.target_datalist(folders, "Mine", "test")
+    (folders / "test" / "masks" / "lost.png").unlink()
+    with pytest.raises(ValueError, match="the test split of 'Mine' has no abnormal images: evaluation needs both classes"):
+        medad.data.target_datalist(folders, "Mine", "test")
+    with pytest.raises(FileNotFoundError, match="no data set 'Mine' in any layout medad reads"):
+        medad.data.target_datalist(tmp_path / "empty", "Mine", "test")
