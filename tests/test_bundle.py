@@ -121,13 +121,22 @@ def test_zero_shot_then_few_shot_training_evaluation_and_inference(synthetic_bma
 
 def test_tracking_with_mlflow(synthetic_bmad, bundle_backbone, tmp_path):
     pytest.importorskip("mlflow", reason="the test extra installs mlflow")
-    run_bundle("training", ("train",), tmp_path, epochs=1, tracking="mlflow", **common(synthetic_bmad, bundle_backbone))
+    settings = common(synthetic_bmad, bundle_backbone)
+    run_bundle("training", ("train",), tmp_path, epochs=1, tracking="mlflow", **settings)
+    # Evaluation and inference are tracked too (MONAI's patch needs the evaluator as a component).
+    run_bundle("evaluating", ("train", "evaluate"), tmp_path, tracking="mlflow", **settings)
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.full((40, 50, 3), 90, np.uint8)).save(images / "a.png")
+    run_bundle("inferring", ("inference",), tmp_path, dataset_dir=images, tracking="mlflow",
+               num_workers=0, clip_weights=bundle_backbone["clip_weights"])
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["a_anomaly_map.nii.gz", "overlays", "scores.csv"]
     import mlflow
 
     # MONAI points mlflow at eval/mlruns; mlflow 3 keeps the runs in a database beside it.
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'eval' / 'mlruns.db'}")
     runs = mlflow.search_runs(search_all_experiments=True)
-    assert len(runs) == 1 and "metrics.train_loss" in runs.columns
+    assert len(runs) == 3 and "metrics.train_loss" in runs.columns and "metrics.val_image_auroc" in runs.columns
 
 
 def test_paper_selection_is_an_overlay_and_its_name_alone_is_refused(synthetic_bmad, bundle_backbone, tmp_path):
