@@ -133,9 +133,9 @@ def main() -> None:
 
     runs = (("zero-shot", zero), (f"few-shot (k={args.shot})", few), (f"normal-only (k={args.shot})", normal))
     results = {name: json.loads((root / "eval" / "metrics.json").read_text()) for name, root in runs}
-    plot_roc({name: root / "eval" / "scores.csv" for name, root in (("zero-shot", zero), (f"few-shot k={args.shot}", few))}, args.output / "roc.png")
+    plot_roc({name: root / "eval" / "scores.csv" for name, root in runs}, args.output / "roc.png")
     print(f"\nResults on the held-out domain {args.target} (test split):\n")
-    print(f"| setting | image AUROC | pixel AUROC | pixel AP | AUPRO |\n| --- | --- | --- | --- | --- |")
+    print("| setting | image AUROC | pixel AUROC | pixel AP | AUPRO |\n| --- | --- | --- | --- | --- |")
     for name, metrics in results.items():
         print(f"| {name} | {metrics['val_image_auroc']:.3f} | {metrics['val_pixel_auroc']:.3f} | "
               f"{metrics['val_pixel_ap']:.3f} | {metrics['val_aupro']:.3f} |")
