@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medad.backbone import BackboneSpec, MissingWeightsError, create_clip, set_precision
+from medad.backbone import PRECISIONS, BackboneSpec, MissingWeightsError, create_clip
 from medad.checkpoint import (
     DESCRIPTION_KEY,
     CheckpointError,
@@ -278,10 +278,10 @@ class MVFADetector(nn.Module):
         zero_score = zero_shot_scores(tokens.det, text)
         if not self.has_memory:
             return RawScores(zero_map, zero_score, None, None)
-        # Memory similarities in the backbone's precision: the bulk of few-shot scoring's work.
-        dtype = self.encoder.visual.conv1.weight.dtype
-        few_map = few_shot_maps(tokens.seg, self.memory_seg, size, dtype=dtype)
-        few_score = few_shot_maps(tokens.det, self.memory_det, size, dtype=dtype).mean(dim=(-2, -1))
+        # Memory similarities in float32 whatever the backbone's precision: 1 - cosine near 0
+        # has almost no bits left in bf16.
+        few_map = few_shot_maps(tokens.seg, self.memory_seg, size)
+        few_score = few_shot_maps(tokens.det, self.memory_det, size).mean(dim=(-2, -1))
         return RawScores(zero_map, zero_score, few_map, few_score)
 
     def finalize(self, raw: RawScores, ranges: Mapping[str, FusionRange] | None = None) -> AnomalyScores:
@@ -363,8 +363,9 @@ def build_detector(
     ``checkpoint`` optionally loads a saved detector or a released MVFA adapter checkpoint;
     ``target`` is the data set scored afterwards, also when the checkpoint was made for another
     (``None``: the checkpoint's own target, or the target of a ``state_dict`` loaded later).
-    ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"``) is the frozen backbone's (see
-    :func:`medad.create_clip`); adapters, tokens and scores stay in float32.
+    ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"``) is that of the frozen blocks' matrix
+    products (:data:`medad.backbone.PRECISIONS`); weights, stream, adapters, tokens and scores
+    stay in float32.
     """
     backbone = BackboneSpec(model_name, int(image_size), bool(quick_gelu))
     clip = create_clip(model_name, image_size, pretrained, quick_gelu, random_init)
@@ -376,9 +377,11 @@ def build_detector(
     wanted = [*datasets, target] if target is not None else list(datasets)
     missing = [name for name in dict.fromkeys(wanted) if name not in known]
     text_features = encode_text_features(clip, open_clip.get_tokenizer(model_name), missing)
-    visual = set_precision(clip.visual, precision)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     detector = MVFADetector(
-        AdaptedVisualTower(visual, levels), text_features, target, backbone, image_score_from_map, weights_record(pretrained, random_init)
+        AdaptedVisualTower(clip.visual, levels, matmul_dtype=PRECISIONS[precision]),
+        text_features, target, backbone, image_score_from_map, weights_record(pretrained, random_init),
     )
     if checkpoint is not None:
         detector.load_state(saved, str(checkpoint))

@@ -50,6 +50,10 @@ class AdaptedVisualTower(nn.Module):
         bottleneck: adapter token size; defaults to the CLIP embedding size so that tokens
             compare with text features (768 for ViT-L/14).
         stream_weights: weights of (stream, seg correction, det correction); MVFA: 0.8, 0.1, 0.1.
+        matmul_dtype: the precision of the frozen blocks' matrix products (``torch.bfloat16`` or
+            ``torch.float16`` under ``torch.autocast``; ``torch.float32`` default). The weights,
+            the residual stream, layer norms, adapters and their tokens stay in float32, which
+            keeps MVFA's numbers (see :mod:`medad.backbone` ``PRECISIONS``).
 
     ``state_dict`` holds the adapters only: the backbone is frozen and always comes from its own
     weights (see :func:`medad.create_clip`), so checkpoints stay small and loadable anywhere.
@@ -61,6 +65,7 @@ class AdaptedVisualTower(nn.Module):
         levels: Sequence[int] = (6, 12, 18, 24),
         bottleneck: int | None = None,
         stream_weights: tuple[float, float, float] = (0.8, 0.1, 0.1),
+        matmul_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         levels = tuple(int(level) for level in levels)
@@ -72,6 +77,7 @@ class AdaptedVisualTower(nn.Module):
         self.visual = visual.requires_grad_(False).eval()
         self.levels = levels
         self.stream_weights = tuple(float(w) for w in stream_weights)
+        self.matmul_dtype = matmul_dtype
         self.seg_adapters = nn.ModuleList(ResidualAdapter(width, bottleneck) for _ in levels)
         self.det_adapters = nn.ModuleList(ResidualAdapter(width, bottleneck) for _ in levels)
         self.register_state_dict_post_hook(_drop_backbone_keys)
@@ -87,30 +93,38 @@ class AdaptedVisualTower(nn.Module):
         self.visual.eval()  # frozen backbone: no dropout or other train-time behaviour
         return self
 
+    def _blocks_precision(self, device: torch.device) -> torch.autocast:
+        """The frozen blocks' matrix products in :attr:`matmul_dtype`: autocast keeps layer norms
+        and softmax statistics in float32, and the residual additions promote back to float32."""
+        reduced = self.matmul_dtype != torch.float32
+        return torch.autocast(device.type, dtype=self.matmul_dtype if reduced else None, enabled=reduced)
+
     def trunk(self, images: torch.Tensor) -> torch.Tensor:
-        """Residual stream after the first adapted block, ``(B, 1 + L, width)``.
+        """Residual stream after the first adapted block, ``(B, 1 + L, width)``, float32.
 
         Nothing before the first adapter is trained, so this runs without autograd; its output
         can be cached when the same images are seen again (few-shot training).
         """
         with torch.no_grad():
-            # open_clip: patchify, class token, positions, ln_pre (in the backbone's precision)
-            x = self.visual._embeds(images.to(self.visual.conv1.weight.dtype))
-            for block in self.visual.transformer.resblocks[: self.levels[0]]:
-                x = block(x)
-        return x
+            # open_clip: patchify, class token, positions, ln_pre, in float32 (about 1 % of the
+            # work; in bf16 it alone added a third of the maps' difference from float32, measured)
+            x = self.visual._embeds(images.float())
+            with self._blocks_precision(images.device):
+                for block in self.visual.transformer.resblocks[: self.levels[0]]:
+                    x = block(x)
+        return x.float()
 
     def adapt(self, x: torch.Tensor) -> AdapterTokens:
         """Run the adapted part of the network on a :meth:`trunk` output."""
         blocks = self.visual.transformer.resblocks
-        block_dtype = x.dtype
         w_stream, w_seg, w_det = self.stream_weights
         seg, det = [], []
         done = self.levels[0]
         last = len(self.levels) - 1
         for i, level in enumerate(self.levels):
-            for block in blocks[done:level]:
-                x = block(x)
+            with self._blocks_precision(x.device):
+                for block in blocks[done:level]:
+                    x = block(x)
             done = level
             x = x.float()  # adapters, their tokens and the stream mixing stay in float32
             if i == last:
@@ -120,7 +134,7 @@ class AdaptedVisualTower(nn.Module):
                 break
             seg_token, seg_out = self.seg_adapters[i](x)
             det_token, det_out = self.det_adapters[i](x)
-            x = (w_stream * x + w_seg * seg_out + w_det * det_out).to(block_dtype)
+            x = w_stream * x + w_seg * seg_out + w_det * det_out
             seg.append(seg_token)
             det.append(det_token)
         return AdapterTokens(tuple(seg), tuple(det))

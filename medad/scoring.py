@@ -84,18 +84,17 @@ def few_shot_maps(
     memory: Sequence[torch.Tensor],
     size: int,
     chunk: int = 4096,
-    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Few-shot maps ``(B, S, S)``: per level, the cosine distance of each patch to its nearest
     memory token (memory ``(M, E)``, L2-normalised), upsampled and summed over levels.
 
     The memory is scanned in chunks of ``chunk`` tokens so that the similarity matrix never
-    exceeds ``B x L x chunk`` values. ``dtype`` sets the precision of the similarities (the
-    bulk of few-shot scoring, e.g. bf16 with a bf16 backbone); distances are summed in float32.
+    exceeds ``B x L x chunk`` values. Similarities are computed in the tokens' precision (float32
+    for the adapter tokens: ``1 - cosine`` near 0 has almost no bits left in bf16).
     """
     total = 0
     for level_tokens, level_memory in zip(tokens, memory, strict=True):
-        patches = F.normalize(_patches(level_tokens), dim=-1).to(dtype or level_tokens.dtype)
+        patches = F.normalize(_patches(level_tokens), dim=-1)
         level_memory = level_memory.to(patches.dtype)
         nearest = torch.cat(
             [(1 - patches @ part.T).amin(dim=-1, keepdim=True) for part in level_memory.split(chunk)], dim=-1
