@@ -40,7 +40,7 @@ def f1_best_threshold(scores: torch.Tensor, labels: torch.Tensor) -> float | Non
     """The threshold ``t`` (one of ``scores``) of highest F1 for ``score >= t``; ``None`` unless
     ``labels`` (1 abnormal) hold both classes.
 
-    >>> f1_best_threshold(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1]))
+    >>> f1_best_threshold(torch.tensor([0.1, 0.4, 0.35, 0.8], dtype=torch.float64), torch.tensor([0, 0, 1, 1]))
     0.35
     """
     labels = labels.reshape(-1).long().cpu()

@@ -34,7 +34,7 @@ from medad.checkpoint import (
 from medad.decision import effective_thresholds, f1_best_threshold, pixel_f1_threshold
 from medad.network import AdaptedVisualTower, AdapterTokens
 from medad.prompts import encode_text_features
-from medad.scoring import FusionRange, few_shot_maps, fuse, zero_shot_maps, zero_shot_scores
+from medad.scoring import FusionRange, coreset_indices, few_shot_maps, fuse, zero_shot_maps, zero_shot_scores
 
 __all__ = ["AnomalyScores", "MVFADetector", "RawScores", "build_detector", "load_detector", "unwrap"]
 
@@ -212,15 +212,20 @@ class MVFADetector(nn.Module):
     # ----------------------------------------------------------------- few-shot memory and calibration
 
     @torch.no_grad()
-    def build_memory(self, normal_images: torch.Tensor, batch_size: int = 8) -> None:
+    def build_memory(self, normal_images: torch.Tensor, batch_size: int = 8, memory_size: int | None = None) -> None:
         """Use all adapter tokens (class token included, as MVFA) of normal support images
-        ``(K, 3, S, S)`` as the few-shot memory bank."""
+        ``(K, 3, S, S)`` as the few-shot memory bank.
+
+        ``memory_size``: keep at most that many tokens per level, a k-center coreset
+        (:func:`medad.scoring.coreset_indices`), so that few-shot scoring costs the same for any
+        k; ``None`` (default) keeps MVFA's exact memory."""
         device = self.text_features.device
         parts = [self.encoder(batch.to(device)) for batch in normal_images.split(batch_size)]
         for name, field in (("memory_seg", "seg"), ("memory_det", "det")):
-            levels = zip(*(getattr(tokens, field) for tokens in parts))
-            memory = torch.stack([torch.cat(level).flatten(0, 1) for level in levels]).float()
-            setattr(self, name, F.normalize(memory, dim=-1))
+            levels = [F.normalize(torch.cat(level).flatten(0, 1).float(), dim=-1) for level in zip(*(getattr(t, field) for t in parts))]
+            if memory_size is not None:
+                levels = [level[coreset_indices(level, memory_size)] for level in levels]
+            setattr(self, name, torch.stack(levels))
 
     @torch.no_grad()
     def calibrate(

@@ -61,9 +61,13 @@ class FewShotMemoryHandler:
         batch_size: images per forward pass.
         every: also rebuild every ``every`` epochs (for validation during training); the
             memory is always built when training completes.
+        memory_size: at most that many memory tokens per level (a coreset, see
+            :meth:`medad.MVFADetector.build_memory`); ``None``: MVFA's exact memory.
     """
 
-    def __init__(self, items: Sequence[dict], batch_size: int = 8, every: int | None = None) -> None:
+    def __init__(
+        self, items: Sequence[dict], batch_size: int = 8, every: int | None = None, memory_size: int | None = None
+    ) -> None:
         self.images = torch.stack([torch.as_tensor(item["image"]) for item in items])
         self.normal = torch.tensor([int(item["label"]) == 0 for item in items])
         if not bool(self.normal.any()):
@@ -74,8 +78,7 @@ class FewShotMemoryHandler:
         self.masks = torch.stack([
             torch.zeros(1, *size) if item.get("mask") is None else torch.as_tensor(item["mask"]).float() for item in items
         ])
-        self.batch_size = batch_size
-        self.every = every
+        self.batch_size, self.every, self.memory_size = batch_size, every, memory_size
 
     def attach(self, engine: Engine) -> None:
         if self.every:
@@ -87,7 +90,7 @@ class FewShotMemoryHandler:
         was_training = detector.training
         detector.eval()
         start = time.perf_counter()
-        detector.build_memory(self.images[self.normal], self.batch_size)
+        detector.build_memory(self.images[self.normal], self.batch_size, self.memory_size)
         detector.calibrate(
             self.images, self.batch_size, labels=(~self.normal).long(), masks=self.masks, annotated=self.annotated
         )

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 __all__ = [
     "LOGIT_SCALE",
     "FusionRange",
+    "coreset_indices",
     "detection_probability",
     "few_shot_maps",
     "fuse",
@@ -101,6 +102,34 @@ def few_shot_maps(
         ).amin(dim=-1).float()
         total = total + _upsample(_to_grid(nearest.unsqueeze(-1)), size)[:, 0]
     return total
+
+
+def coreset_indices(tokens: torch.Tensor, size: int, projection_dim: int = 128, seed: int = 0) -> torch.Tensor:
+    """``size`` indices of ``tokens`` ``(N, E)`` chosen greedily so that every token lies near a
+    chosen one (k-center greedy, as PatchCore subsamples its memory bank), starting from token 0.
+    Distances are Euclidean, on a seeded random Gaussian projection to ``projection_dim`` where
+    ``E`` is larger (distances kept up to a small factor, Johnson-Lindenstrauss). Returns
+    ``(size,)`` int64, or all indices when ``size >= N``.
+
+    >>> coreset_indices(torch.eye(4), 2).tolist()
+    [0, 1]
+    """
+    count = tokens.shape[0]
+    if size >= count:
+        return torch.arange(count, device=tokens.device)
+    points = tokens.float()
+    if points.shape[1] > projection_dim:
+        generator = torch.Generator().manual_seed(seed)
+        projection = torch.randn(points.shape[1], projection_dim, generator=generator).to(points.device)
+        points = points @ projection / projection_dim**0.5
+    chosen = torch.empty(size, dtype=torch.long, device=tokens.device)
+    chosen[0] = 0
+    nearest = (points - points[0]).norm(dim=1)
+    for n in range(1, size):
+        index = torch.argmax(nearest)
+        chosen[n] = index
+        nearest = torch.minimum(nearest, (points - points[index]).norm(dim=1))
+    return chosen
 
 
 @dataclass
