@@ -3,7 +3,12 @@
 Measures, on the full ViT-L-14-336 at 240 px with random weights (allowed for benchmarking):
 
 - inference images/s (forward plus zero-shot and few-shot scoring) at several batch sizes, in
-  float32 and with bf16 weights, and the parity of bf16 with float32;
+  float32 and with bf16 matrix products (autocast), and the parity of bf16 with float32;
+- the device's measured matrix-product peak (a large float32 matmul; bf16 too where timed) and
+  the fraction of it the model's inference achieves (roofline ratio, from the model's counted
+  FLOPs per image);
+- few-shot scoring alone (memory distance maps) per test image at k = 4 and k = 16, exact and
+  with the coreset memory of the k = 4 size;
 - training seconds per image: a zero-shot step and a few-shot epoch over the 88-image augmented
   set (k = 4) with the trunk cache;
 - the authors' code path for both (batch 1, attention weights materialised, every CLIP
@@ -193,6 +198,49 @@ def parity(fp32: medad.MVFADetector, low: medad.MVFADetector, device: torch.devi
     }
 
 
+def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, repeats: int, n: int = 2048) -> float:
+    """The device's sustained matrix-product rate: ``n x n`` by ``n x n`` products in ``dtype``."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / timed(lambda: a @ b, device, repeats) / 1e9
+
+
+def inference_gflop_per_image(detector: medad.MVFADetector, size: int, device: torch.device) -> float:
+    """FLOPs of one image's inference (forward and scoring), counted by PyTorch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        detector.predict(torch.rand(1, 3, size, size, device=device))
+    return counter.get_total_flops() / 1e9
+
+
+def fewshot_scoring(detector: medad.MVFADetector, size: int, device: torch.device, repeats: int) -> dict:
+    """Seconds per test image of the memory distance maps alone (seg and det levels), for the
+    memory of k = 4 and k = 16 normal images x 11 augmentations: exact, and a coreset of the
+    k = 4 size (``memory_size``)."""
+    tokens = detector.encoder(torch.rand(8, 3, size, size, device=device))
+    per_image = tokens.seg[0].shape[1]
+    levels = len(tokens.seg)
+    result, memories = {}, {}
+    for k in (4, 16):
+        count = k * 11 * per_image
+        memories[k] = F.normalize(torch.randn(levels, count, tokens.seg[0].shape[-1], device=device), dim=-1)
+
+    def score(memory: torch.Tensor) -> float:
+        return timed(lambda: (medad.few_shot_maps(tokens.seg, memory, size), medad.few_shot_maps(tokens.det, memory, size)),
+                     device, repeats) / 8
+
+    for k, memory in memories.items():
+        result[f"k{k}_exact"] = score(memory)
+    start = time.perf_counter()
+    chosen = medad.scoring.coreset_indices(memories[16][0], memories[4].shape[1])  # one level's selection
+    result["coreset_selection_seconds_per_level"] = time.perf_counter() - start
+    result["k16_coreset_of_k4_size"] = score(memories[16][:, chosen])
+    result["k16_over_k4_exact"] = result["k16_exact"] / result["k4_exact"]
+    result["k16_coreset_over_k4_exact"] = result["k16_coreset_of_k4_size"] / result["k4_exact"]
+    return result
+
+
 def metric_cost(maps: int, size: int, queue) -> None:
     """Pixel AUROC/AP/F1-max and AUPRO over ``maps`` maps, streamed in batches of 8 (child process)."""
     from medad.metric_ops import BinnedScores, PROCurve
@@ -281,6 +329,19 @@ def main() -> None:
     if not args.skip_reference:
         image = torch.rand(1, 3, size, size, device=device)
         report["reference_inference_seconds_per_image"] = timed(lambda: reference_scores(fp32, image), device, repeats)
+
+    # Roofline: the share of the device's matrix-product peak that inference achieves.
+    gflop = inference_gflop_per_image(fp32, size, device)
+    peaks = {"fp32": matmul_peak_gflops(device, torch.float32, repeats)}
+    if "bf16" in detectors and device.type == "cuda":
+        peaks["bf16"] = matmul_peak_gflops(device, torch.bfloat16, repeats)
+    report["roofline"] = {
+        "gflop_per_image": gflop,
+        "matmul_peak_gflops": peaks,
+        "ratio": {name: gflop * max(report["inference_images_per_second"][name].values()) / peak for name, peak in peaks.items()},
+    }
+    with torch.inference_mode():
+        report["fewshot_scoring_seconds_per_image"] = fewshot_scoring(fp32, size, device, repeats)
 
     for name, detector in detectors.items():
         if name != "fp32":
