@@ -9,6 +9,7 @@ features and the few-shot memory) and a correction that is mixed back into the s
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import NamedTuple
 
 import torch
@@ -93,11 +94,13 @@ class AdaptedVisualTower(nn.Module):
         self.visual.eval()  # frozen backbone: no dropout or other train-time behaviour
         return self
 
-    def _blocks_precision(self, device: torch.device) -> torch.autocast:
+    def _blocks_precision(self, device: torch.device) -> AbstractContextManager:
         """The frozen blocks' matrix products in :attr:`matmul_dtype`: autocast keeps layer norms
-        and softmax statistics in float32, and the residual additions promote back to float32."""
-        reduced = self.matmul_dtype != torch.float32
-        return torch.autocast(device.type, dtype=self.matmul_dtype if reduced else None, enabled=reduced)
+        and softmax statistics in float32, and the residual additions promote back to float32.
+        In float32 nothing is entered, so that an enclosing autocast (``amp``) still applies."""
+        if self.matmul_dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device.type, dtype=self.matmul_dtype)
 
     def trunk(self, images: torch.Tensor) -> torch.Tensor:
         """Residual stream after the first adapted block, ``(B, 1 + L, width)``, float32.
