@@ -64,7 +64,7 @@ def adapt_to_normal_images(
             parts.append(detector.raw_scores(image[None].to(device)))
     finally:
         detector.memory_seg, detector.memory_det = full_seg, full_det
-    raw = RawScores(*(torch.cat(values) for values in zip(*parts)))
+    raw = RawScores.concat(parts)
     detector.set_calibration(raw)
     final = detector.finalize(raw)
     detector.thresholds = Thresholds(

@@ -52,6 +52,11 @@ class RawScores(NamedTuple):
     few_map: torch.Tensor | None  # (B, S, S) memory distance, seg adapters
     few_score: torch.Tensor | None  # (B,) memory distance averaged over pixels, det adapters
 
+    @classmethod
+    def concat(cls, parts: Sequence[RawScores]) -> RawScores:
+        """The raw scores of consecutive batches as one batch (``None`` fields stay ``None``)."""
+        return cls(*(None if values[0] is None else torch.cat(values) for values in zip(*parts)))
+
 
 class AnomalyScores(NamedTuple):
     """Final anomaly map ``(B, S, S)`` and image score ``(B,)``."""
@@ -245,7 +250,7 @@ class MVFADetector(nn.Module):
         without a mask are not); without them, thresholds the rule leaves to its defaults."""
         device = self.text_features.device
         parts = [self.raw_scores(batch.to(device)) for batch in images.split(batch_size)]
-        raw = RawScores(*(None if values[0] is None else torch.cat(values) for values in zip(*parts)))
+        raw = RawScores.concat(parts)
         self.set_calibration(raw)
         final = self.finalize(raw)
         image = None if labels is None else f1_best_threshold(final.score, labels)

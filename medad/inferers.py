@@ -45,4 +45,4 @@ class AnomalyInferer(Inferer):
             )
         chunks = inputs.split(self.batch_size) if self.batch_size else (inputs,)
         parts = [detector.raw_scores(chunk) for chunk in chunks]
-        return RawScores(*(None if values[0] is None else torch.cat(values) for values in zip(*parts)))
+        return RawScores.concat(parts)
