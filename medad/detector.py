@@ -282,8 +282,11 @@ class MVFADetector(nn.Module):
     def raw_scores(self, images: torch.Tensor, tokens: AdapterTokens | None = None) -> RawScores:
         """Zero-shot and (with a memory bank) few-shot scores for images ``(B, 3, S, S)``."""
         tokens = self.encoder(images) if tokens is None else tokens
+        return self.score_tokens(tokens, images.shape[-1])
+
+    def score_tokens(self, tokens: AdapterTokens, size: int) -> RawScores:
+        """Raw scores of adapter tokens (each ``(B, 1 + L, E)``) at ``size x size`` pixels."""
         text = self.text_features_for()
-        size = images.shape[-1]
         zero_map = zero_shot_maps(tokens.seg, text, size)
         zero_score = zero_shot_scores(tokens.det, text)
         if not self.has_memory:
@@ -319,6 +322,24 @@ class MVFADetector(nn.Module):
     def predict(self, images: torch.Tensor) -> AnomalyScores:
         """Final anomaly maps and image scores with the stored calibration."""
         return self.finalize(self.raw_scores(images))
+
+    def compile_paths(self, enabled: bool = True, **options: Any) -> MVFADetector:
+        """Run the frozen trunk, the adapted blocks and the scoring through ``torch.compile``
+        (``options`` go to it), in place; returns the detector (for configs: ``compile: true``).
+
+        Compilation is a property of the run, not of the model: ``state_dict`` and ``model.pt``
+        are unchanged. The first batch of each new shape compiles (seconds to minutes); the
+        results match eager execution to float32 rounding (tested on the CPU).
+        """
+        if not enabled:
+            return self
+        encoder = self.encoder
+        # instance attributes shadow the methods, so every caller (forward, the trainer's cached
+        # trunk, DDP's step through ``adapt``) takes the compiled path
+        encoder.trunk = torch.compile(encoder.trunk, **options)
+        encoder.adapt = torch.compile(encoder.adapt, **options)
+        self.score_tokens = torch.compile(self.score_tokens, **options)
+        return self
 
     def __prepare_scriptable__(self) -> nn.Module:
         """What ``torch.jit.script(detector)`` compiles (MONAI's ``ckpt_export`` scripts): open_clip's

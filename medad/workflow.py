@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from medad.backbone import MissingWeightsError
 from medad.checks import check_items
-from medad.detector import load_detector
+from medad.detector import MVFADetector, load_detector
 from medad.handlers import check_resumable
 from medad.volumes import list_inputs
 
@@ -32,6 +32,7 @@ __all__ = [
     "checked_items",
     "inputs",
     "model_detector",
+    "placed_network",
     "resumable",
     "run_engine",
 ]
@@ -80,6 +81,14 @@ def check_choice(name: str, value: Any, choices: Sequence[Any], hint: str = "") 
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}" + (f": {hint}" if hint else ""))
     return value
+
+
+@_ending_on_input_errors
+def placed_network(detector: MVFADetector, device: Any, compile: bool = False) -> MVFADetector:
+    """The ``network`` of every workflow: ``detector`` on ``device``, run through
+    ``torch.compile`` when ``compile`` is true (:meth:`medad.MVFADetector.compile_paths`)."""
+    check_choice("compile", compile, [False, True])
+    return detector.to(device).compile_paths(bool(compile))
 
 
 def run_engine(engine: Any) -> None:
