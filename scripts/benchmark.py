@@ -12,7 +12,11 @@ Measures, on the full ViT-L-14-336 at 240 px with random weights (allowed for be
 - training seconds per image: a zero-shot step and a few-shot epoch over the 88-image augmented
   set (k = 4) with the trunk cache;
 - the authors' code path for both (batch 1, attention weights materialised, every CLIP
-  parameter requiring gradients), measured in the same run so that ratios are meaningful;
+  parameter requiring gradients), measured in the same run so that ratios are meaningful, and
+  as their code runs on each device: their test loop under ``torch.cuda.amp.autocast()`` (fp16)
+  on CUDA, float32 on a CPU;
+- with ``--compile``, inference of each precision also through ``torch.compile``
+  (:meth:`medad.MVFADetector.compile_paths`; compilation seconds reported apart);
 - the cost of the streaming pixel metrics over 1,000 maps of 240 x 240 (in a fresh process, so
   that its extra memory is its own);
 - peak memory, the device and the versions.
@@ -24,6 +28,7 @@ Writes one JSON file (``--output``) and prints it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import platform
@@ -38,6 +43,7 @@ import torch.nn.functional as F
 
 import medad
 from medad.augment import augment_fewshot
+from medad.backbone import PRECISIONS
 from medad.engines import adapter_parameter_groups
 
 DEFAULT_MODEL = "ViT-L-14-336"
@@ -128,10 +134,17 @@ def reference_tokens(detector: medad.MVFADetector, images: torch.Tensor) -> meda
     return medad.AdapterTokens(tuple(seg), tuple(det))
 
 
+def reference_precision(device: torch.device) -> contextlib.AbstractContextManager:
+    """The precision the authors' test loop runs in: fp16 autocast on CUDA, float32 elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
 def reference_scores(detector: medad.MVFADetector, image: torch.Tensor) -> None:
     """One image at a time, as the authors' test loop: zero-shot and few-shot scoring."""
     size = image.shape[-1]
-    with torch.no_grad():
+    with torch.no_grad(), reference_precision(image.device):
         tokens = reference_tokens(detector, image)
         text = detector.text_features_for()
         medad.zero_shot_maps(tokens.seg, text, size)
@@ -289,6 +302,7 @@ def main() -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="open_clip architecture (medad-tiny for a smoke run)")
     parser.add_argument("--image-size", type=int, default=240)
     parser.add_argument("--metric-maps", type=int, default=1000)
+    parser.add_argument("--compile", action="store_true", help="also time inference through torch.compile")
     parser.add_argument(
         "--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"],
         help="backbone precisions to time (CPUs without bf16 instructions run bf16 matrices very slowly)",
@@ -326,19 +340,38 @@ def main() -> None:
             rates[str(batch)] = batch / timed(lambda: inference(detector, images), device, repeats)
         report["inference_images_per_second"][name] = rates
         print(name, rates, flush=True)
+    if args.compile:
+        report["compile_seconds"] = {}
+        for name in list(detectors):
+            compiled = build(args.model, size, name, device)
+            compiled.load_state_dict(detectors[name].state_dict())
+            compiled.compile_paths()
+            rates = {}
+            for batch in batch_sizes:
+                images = torch.rand(batch, 3, size, size, device=device)
+                start = time.perf_counter()
+                inference(compiled, images)  # compiles for this shape
+                synchronize(device)
+                report["compile_seconds"][f"{name}_batch_{batch}"] = time.perf_counter() - start
+                rates[str(batch)] = batch / timed(lambda: inference(compiled, images), device, repeats, warmup=0)
+            report["inference_images_per_second"][f"{name}_compiled"] = rates
+            print(f"{name}_compiled", rates, flush=True)
     if not args.skip_reference:
         image = torch.rand(1, 3, size, size, device=device)
+        report["reference_precision"] = "fp16 autocast (the authors' test loop)" if device.type == "cuda" else "fp32"
         report["reference_inference_seconds_per_image"] = timed(lambda: reference_scores(fp32, image), device, repeats)
 
     # Roofline: the share of the device's matrix-product peak that inference achieves.
     gflop = inference_gflop_per_image(fp32, size, device)
-    peaks = {"fp32": matmul_peak_gflops(device, torch.float32, repeats)}
-    if "bf16" in detectors and device.type == "cuda":
-        peaks["bf16"] = matmul_peak_gflops(device, torch.bfloat16, repeats)
+    peaks = {name: matmul_peak_gflops(device, PRECISIONS[name], repeats) for name in detectors}
     report["roofline"] = {
         "gflop_per_image": gflop,
         "matmul_peak_gflops": peaks,
-        "ratio": {name: gflop * max(report["inference_images_per_second"][name].values()) / peak for name, peak in peaks.items()},
+        "ratio": {
+            name: gflop * max(rates.values()) / peaks[name.removesuffix("_compiled")]
+            for name, rates in report["inference_images_per_second"].items()
+            if name.removesuffix("_compiled") in peaks
+        },
     }
     with torch.inference_mode():
         report["fewshot_scoring_seconds_per_image"] = fewshot_scoring(fp32, size, device, repeats)
@@ -386,10 +419,11 @@ def main() -> None:
 
     if not args.skip_reference:
         # How many times faster than the authors' path (reference seconds per image x images/s).
-        report["speedup_vs_reference"] = {}
+        report["speedup_vs_reference"] = {
+            f"inference_{name}_best_batch": report["reference_inference_seconds_per_image"] * max(rates.values())
+            for name, rates in report["inference_images_per_second"].items()
+        }
         for name in detectors:
-            rates = report["inference_images_per_second"][name]
-            report["speedup_vs_reference"][f"inference_{name}_best_batch"] = report["reference_inference_seconds_per_image"] * max(rates.values())
             report["speedup_vs_reference"][f"training_{name}"] = (
                 report["reference_training_seconds_per_image"] / report["training_seconds_per_image"][f"zero_shot_{name}"]
             )
