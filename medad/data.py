@@ -32,7 +32,6 @@ __all__ = [
     "data_layout",
     "dataset_has_masks",
     "fewshot_selection",
-    "image_files",
     "list_datasets",
     "read_fewshot_seed",
     "seed_file_indices",
@@ -103,16 +102,6 @@ def _images(folder: Path) -> list[Path]:
 
 def _mask_folder(ungood: Path) -> Path | None:
     return next((ungood / name for name in MASK_FOLDERS if (ungood / name).is_dir()), None)
-
-
-def image_files(folder: str | os.PathLike) -> list[str]:
-    """Image files directly inside ``folder``, sorted (for inference on a folder)."""
-    if not Path(folder).is_dir():
-        raise FileNotFoundError(f"image folder not found: {folder}")
-    found = [str(path) for path in _images(Path(folder))]
-    if not found:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
-    return found
 
 
 def list_datasets(dataset_dir: str | os.PathLike) -> list[str]:
