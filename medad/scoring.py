@@ -97,9 +97,12 @@ def few_shot_maps(
     for level_tokens, level_memory in zip(tokens, memory, strict=True):
         patches = F.normalize(_patches(level_tokens), dim=-1)
         level_memory = level_memory.to(patches.dtype)
-        nearest = torch.cat(
-            [(1 - patches @ part.T).amin(dim=-1, keepdim=True) for part in level_memory.split(chunk)], dim=-1
-        ).amin(dim=-1).float()
+        # 1 - max(cosine) rather than min(1 - cosine): the same value bit for bit (rounding of
+        # 1 - s is monotone in s) without a subtraction over the B x L x M similarity matrix
+        closest = torch.cat(
+            [(patches @ part.T).amax(dim=-1, keepdim=True) for part in level_memory.split(chunk)], dim=-1
+        ).amax(dim=-1)
+        nearest = (1 - closest).float()
         total = total + _upsample(_to_grid(nearest.unsqueeze(-1)), size)[:, 0]
     return total
 
