@@ -19,6 +19,7 @@ Measures, on the full ViT-L-14-336 at 240 px with random weights (allowed for be
   (:meth:`medad.MVFADetector.compile_paths`; compilation seconds reported apart);
 - the cost of the streaming pixel metrics over 1,000 maps of 240 x 240 (in a fresh process, so
   that its extra memory is its own);
+- with ``--profile``, the operators (GPU kernels) with the most time in one inference batch;
 - peak memory, the device and the versions.
 
 ``--quick`` is sized for a 2-core CPU (a few minutes); the full mode is for a GPU.
@@ -254,6 +255,28 @@ def fewshot_scoring(detector: medad.MVFADetector, size: int, device: torch.devic
     return result
 
 
+def top_kernels(detector: medad.MVFADetector, images: torch.Tensor, count: int = 12) -> list[dict]:
+    """What bounds inference: the ``count`` operators (GPU kernels on CUDA) with the most self
+    time in one batch, from ``torch.profiler``, with their share of the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = images.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    inference(detector, images)  # warm-up outside the profile
+    with profile(activities=activities) as profiler:
+        inference(detector, images)
+        synchronize(images.device)
+    attribute = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [event for event in profiler.key_averages() if getattr(event, attribute) > 0]
+    total = sum(getattr(event, attribute) for event in events)
+    events.sort(key=lambda event: getattr(event, attribute), reverse=True)
+    return [
+        {"name": event.key, "calls": event.count, "self_ms": getattr(event, attribute) / 1e3,
+         "share": getattr(event, attribute) / total}
+        for event in events[:count]
+    ]
+
+
 def metric_cost(maps: int, size: int, queue) -> None:
     """Pixel AUROC/AP/F1-max and AUPRO over ``maps`` maps, streamed in batches of 8 (child process)."""
     from medad.metric_ops import BinnedScores, PROCurve
@@ -303,6 +326,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=240)
     parser.add_argument("--metric-maps", type=int, default=1000)
     parser.add_argument("--compile", action="store_true", help="also time inference through torch.compile")
+    parser.add_argument("--profile", action="store_true", help="profile the top operators of inference at the largest batch")
     parser.add_argument(
         "--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"],
         help="backbone precisions to time (CPUs without bf16 instructions run bf16 matrices very slowly)",
@@ -415,6 +439,9 @@ def main() -> None:
         step = lambda: reference_training_step(fp32, images[:1], masks[:1], labels[:1], optimizer, loss)  # noqa: E731
         report["reference_training_seconds_per_image"] = timed(step, device, repeats)
         fp32.encoder.visual.requires_grad_(False)
+    if args.profile:
+        images = torch.rand(max(batch_sizes), 3, size, size, device=device)
+        report["top_kernels"] = {name: top_kernels(detector, images) for name, detector in detectors.items()}
     report["peak_memory_mib"] = peak_memory_mib(device)
 
     if not args.skip_reference:
