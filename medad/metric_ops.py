@@ -174,6 +174,17 @@ class BinnedScores:
         _, _, true_pos, false_pos = self._rates()
         return self.edges[int(torch.argmax(2 * true_pos / (true_pos + false_pos + n_pos)))].item()
 
+    def curve(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(thresholds, true_pos, false_pos)``, float64 ``(K,)`` each: the lower edges of the
+        ``K`` non-empty bins, highest first, and the counts of positives and negatives with
+        ``score >= threshold``. ROC (``false_pos / negatives``, ``true_pos / positives``) and
+        precision-recall curves follow; they equal scikit-learn's ``roc_curve(...,
+        drop_intermediate=False)`` and ``precision_recall_curve`` on the bin indices, without
+        their extra end point."""
+        positives, negatives, true_pos, false_pos = self._rates()
+        filled = torch.nonzero((positives + negatives) > 0).reshape(-1).flip(0)
+        return self.edges[filled], true_pos[filled], false_pos[filled]
+
     def fpr_at_thresholds(self, thresholds: Tensor) -> Tensor:
         """False positive rate of ``score >= t`` for each threshold, float64 of the same shape.
 

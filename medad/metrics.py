@@ -121,6 +121,11 @@ class AnomalyEvaluation(Metric):
         self._scores: dict[str, list[np.ndarray]] = {"label": [], "has_mask": [], **{name: [] for name in _SCORES}}
         self._result: dict[str, float] | None = None
         self.image_scores: np.ndarray | None = None
+        self.decision_scores: np.ndarray | None = None
+        self.pixel_curve: BinnedScores | None = None
+        self.pro_curve: PROCurve | None = None
+        self.fusion_ranges: dict[str, FusionRange] | None = None
+        self.map_range: tuple[float, float] | None = None
 
     def iteration_completed(self, engine) -> None:
         # Ignite would reduce a mapping output to ('y_pred', 'y'); this metric reads several keys.
@@ -172,7 +177,9 @@ class AnomalyEvaluation(Metric):
         pixels = BinnedScores(low, high, self.bins)
         pro = PROCurve(low, high, self.pro_thresholds)
         scores_seen = {name: np.concatenate(values) for name, values in self._scores.items() if values}
-        image_scores, offset, chunk = [], 0, 64
+        # Scores on the scale of the model's stored thresholds (its calibration), where the set's differ.
+        rescale = has_few and self.fusion == "set" and self.detector.is_calibrated
+        image_scores, decision_scores, offset, chunk = [], [], 0, 64
         spilled = {name: spill.chunks(chunk) for name, spill in self._spills.items()}
         has_masks = False
         for zero_map in spilled["zero_map"]:
@@ -185,6 +192,8 @@ class AnomalyEvaluation(Metric):
             )
             final = self.detector.finalize(raw, ranges)
             image_scores.append(final.score.numpy())
+            if rescale:
+                decision_scores.append(self.detector.finalize(raw).score.numpy())
             if "mask" in spilled:
                 masks = torch.from_numpy(next(spilled["mask"]).astype(bool))
                 maps = final.anomaly_map
@@ -200,6 +209,15 @@ class AnomalyEvaluation(Metric):
         image_scores, labels = np.concatenate(image_scores), scores_seen["label"]
         #: This process's final image scores, in the order it saw the images (for the scores table).
         self.image_scores = image_scores
+        #: The same images' scores with the detector's stored calibration, the scale its thresholds were
+        #: chosen on (``image_scores`` themselves unless fusing over the set); ``None`` for an
+        #: uncalibrated few-shot detector fused over the set.
+        if rescale:
+            self.decision_scores = np.concatenate(decision_scores)
+        else:
+            self.decision_scores = None if has_few and self.fusion == "set" else image_scores
+        #: The fusion ranges of the final maps (``None``: the detector's own rule) and their (low, high).
+        self.fusion_ranges, self.map_range = ranges, (low, high)
         if distributed:
             # Image metrics do not depend on the order of the images: the shards' concatenation will do.
             shards = _all_gather((image_scores, labels, has_masks))
@@ -209,6 +227,8 @@ class AnomalyEvaluation(Metric):
             if has_masks:
                 _all_reduce_sum(pixels.counts, pro.pixels.counts, pro.region_weights, pro.regions)
         result = {f"image_{key}": value for key, value in image_metrics(image_scores, labels).items()}
+        #: The streamed pixel histograms (ROC, PR) and PRO curve, over all ranks; ``None`` without masks.
+        self.pixel_curve, self.pro_curve = (pixels, pro) if has_masks else (None, None)
         if has_masks:
             result.update(
                 pixel_auroc=pixels.auroc(), pixel_ap=pixels.average_precision(), pixel_f1_max=pixels.f1_max(), aupro=pro.aupro()
