@@ -34,11 +34,12 @@ from monai.transforms import (
     Invertd,
     ScaleIntensityRanged,
 )
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from medad.io import atomic_write, output_stem
 
 __all__ = [
+    "COLOUR_BAR_WIDTH",
     "CT_WINDOWS",
     "SLICE_PLANES",
     "BinarizeMaskd",
@@ -49,6 +50,9 @@ __all__ = [
     "SaveOverlayd",
     "SaveSliceScoresd",
     "ToRGBd",
+    "annotate_overlay",
+    "at_input_size",
+    "input_size",
     "UnitIntensityd",
     "input_slice_indices",
     "mvfa_preprocessing",
@@ -326,13 +330,76 @@ def mvfa_preprocessing(
 def _heat_overlay(image: torch.Tensor, heat: torch.Tensor, low: float, high: float, alpha: float) -> torch.Tensor:
     """``heat`` (H, W) as a heat map blended over ``image`` (C, H, W) in [0, 1]: (3, H, W) in [0, 1]."""
     level = ((heat - low) / max(high - low, 1e-12)).clamp(0, 1)
-    # A black-red-yellow-white ramp ("hot"), computed here to keep matplotlib optional.
-    colour = torch.stack([(3 * level).clamp(0, 1), (3 * level - 1).clamp(0, 1), (3 * level - 2).clamp(0, 1)])
-    return ((1 - alpha) * to_rgb(image) + alpha * colour).clamp(0, 1)
+    return ((1 - alpha) * to_rgb(image) + alpha * _hot(level)).clamp(0, 1)
+
+
+def _hot(level: torch.Tensor) -> torch.Tensor:
+    """A black-red-yellow-white ramp ("hot") of ``level`` in [0, 1], any shape: RGB ``(3, *shape)``."""
+    return torch.stack([(3 * level).clamp(0, 1), (3 * level - 1).clamp(0, 1), (3 * level - 2).clamp(0, 1)])
 
 
 def _to_pil(picture: torch.Tensor) -> Image.Image:
     return Image.fromarray((picture * 255).round().byte().permute(1, 2, 0).numpy())
+
+
+#: Width in pixels of the colour bar margin :func:`annotate_overlay` adds to the right of a picture.
+COLOUR_BAR_WIDTH = 64
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's built-in font at ``size`` pixels (a fixed bitmap font where FreeType is missing)."""
+    return ImageFont.load_default(size=size)
+
+
+def annotate_overlay(
+    picture: Image.Image, low: float, high: float, caption: str | None = None, marks: Mapping[str, float] | None = None
+) -> Image.Image:
+    """``picture`` with a colour bar of the heat ramp over ``[low, high]`` in a margin of
+    :data:`COLOUR_BAR_WIDTH` pixels on its right (labelled with both ends and ``marks``, e.g. the
+    pixel threshold, drawn as lines across the bar), and ``caption`` written on a dark band at
+    its bottom left. The result is ``(width + COLOUR_BAR_WIDTH) x height``."""
+    width, height = picture.size
+    canvas = Image.new("RGB", (width + COLOUR_BAR_WIDTH, height), (24, 24, 24))
+    canvas.paste(picture.convert("RGB"), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    font = _font(max(9, min(14, height // 12)))
+    top, bottom = 6, max(7, height - 6)
+    level = torch.linspace(1, 0, bottom - top).reshape(-1, 1)
+    canvas.paste(_to_pil(_hot(level).expand(3, -1, 12)), (width + 6, top))
+    span = max(high - low, 1e-12)
+    labels = {f"{high:.3g}": high, f"{low:.3g}": low, **{f"{name} {value:.3g}": value for name, value in (marks or {}).items()}}
+    for text, value in labels.items():
+        y = top + round((1 - min(max((value - low) / span, 0.0), 1.0)) * (bottom - top - 1))
+        if text not in (f"{high:.3g}", f"{low:.3g}"):
+            draw.line([(width + 4, y), (width + 20, y)], fill=(0, 200, 255), width=2)
+        draw.text((width + 22, y), text, fill=(235, 235, 235), font=font, anchor="lm")
+    if caption:
+        box = draw.textbbox((4, height - 3), caption, font=font, anchor="ld")
+        draw.rectangle((0, box[1] - 3, box[2] + 4, height), fill=(0, 0, 0))
+        draw.text((4, height - 3), caption, fill=(255, 255, 255), font=font, anchor="ld")
+    return canvas
+
+
+def input_size(image: torch.Tensor) -> tuple[int, int]:
+    """``(rows, columns)`` of the file a preprocessed 2D image ``(C, S, S)`` came from: the size
+    before ``mvfa_preprocessing``'s resize (the image's own size where it was not resized)."""
+    for operation in reversed(getattr(image, "applied_operations", None) or []):
+        if operation.get("class") == "Resize" and operation.get("orig_size") is not None:
+            rows, columns = operation["orig_size"]
+            return int(rows), int(columns)
+    return int(image.shape[-2]), int(image.shape[-1])
+
+
+def at_input_size(image: torch.Tensor, heat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A preprocessed 2D image ``(3, S, S)`` and its map ``(S, S)`` resized (bicubic, bilinear) to
+    the input file's own ``(rows, columns)`` (:func:`input_size`): ``(3, H, W)`` and ``(H, W)``."""
+    size = input_size(image)
+    pixels = torch.as_tensor(image).detach().float().cpu()
+    if tuple(pixels.shape[-2:]) == size:
+        return pixels, heat
+    resized = torch.nn.functional.interpolate(pixels[None], size=size, mode="bicubic", align_corners=False)[0]
+    heat = torch.nn.functional.interpolate(heat[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+    return resized.clamp(0, 1), heat
 
 
 class MapToInputGridd(Invertd):
@@ -353,15 +420,22 @@ class MapToInputGridd(Invertd):
 class SaveOverlayd(MapTransform):
     """Write ``<output_dir>/<case>_overlay.png``: the anomaly map as a heat map over the image.
 
-    2D images: the model's input image and map (both at the model's resolution). Volumes from
+    2D images: the model's input image and map, resized to the input file's own size and aspect
+    ratio (:func:`at_input_size`), ``W x H`` for a ``W x H`` file. Volumes from
     ``mvfa_preprocessing(volume=True)`` (``(C, H, W, D)`` image, ``(1, H, W, D)`` map): a strip of
     the ``top_slices`` slices with the highest ``slice_scores_key`` values (the per-slice maximum
     of the map where that key is missing), most anomalous first, each captioned with its index in
     the input file (see :func:`input_slice_indices`), shown as radiologists do (axial: anterior
     up, the patient's right on the left) and with the pixel spacing's aspect ratio.
 
-    Colours span ``value_range`` (default: each map's, or volume's, own minimum to maximum, which
-    shows where a map is highest, not how high). MONAI's savers write arrays, not blended pictures.
+    Colours span ``value_range``: give one range for every image a model scores (the bundle's
+    inference gives :func:`medad.report.map_display_range` of its model unless ``overlay_range``
+    is set), so that overlays compare; ``None`` stretches each map, or volume, over its own
+    minimum to maximum, which shows where a map is highest, not how high. A colour bar of that
+    range (with ``pixel_threshold`` marked) fills a margin of :data:`COLOUR_BAR_WIDTH` pixels on
+    the right, and the item's ``score_key`` value is written on the picture with its decision at
+    ``threshold`` (``abnormal`` when ``score >= threshold``; ``blank`` where ``blank_key`` is
+    true). MONAI's savers write arrays, not blended pictures.
     """
 
     def __init__(
@@ -373,25 +447,47 @@ class SaveOverlayd(MapTransform):
         value_range: Sequence[float] | None = None,
         slice_scores_key: str = "slice_scores",
         top_slices: int = 3,
+        threshold: float | None = None,
+        pixel_threshold: float | None = None,
+        score_key: str = "score",
+        blank_key: str = "blank",
     ) -> None:
         super().__init__(keys)
+        if value_range is not None and not (len(value_range) == 2 and float(value_range[0]) < float(value_range[1])):
+            raise ValueError(f"value_range must be [low, high] with low < high, got {value_range!r}")
         self.output_dir, self.image_key = Path(output_dir), image_key
         self.alpha, self.value_range = alpha, value_range
         self.slice_scores_key, self.top_slices = slice_scores_key, top_slices
+        self.threshold, self.pixel_threshold = threshold, pixel_threshold
+        self.score_key, self.blank_key = score_key, blank_key
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
         image = torch.as_tensor(d[self.image_key]).detach().float().cpu()
         for key in self.key_iterator(d):
             heat = torch.as_tensor(d[key]).detach().float().cpu()[0]
-            low, high = self.value_range or (float(heat.min()), float(heat.max()))
+            low, high = (float(v) for v in self.value_range) if self.value_range else (float(heat.min()), float(heat.max()))
             if heat.dim() == 3:
                 picture = self._strip(d, image, heat, low, high)
             else:
-                picture = _to_pil(_heat_overlay(image, heat, low, high, self.alpha))
+                picture = _to_pil(_heat_overlay(*at_input_size(d[self.image_key], heat), low, high, self.alpha))
+            marks = {"t": self.pixel_threshold} if self.pixel_threshold is not None else None
+            picture = annotate_overlay(picture, low, high, self._caption(d), marks)
             with atomic_write(self.output_dir / f"{_case_name(d[self.image_key])}_overlay.png", "wb") as handle:
                 picture.save(handle, format="PNG")
         return d
+
+    def _caption(self, d: Mapping) -> str | None:
+        """``score 0.42: abnormal (>= 0.3)``, or ``blank``, for the picture; ``None`` without a score."""
+        if self.blank_key in d and bool(torch.as_tensor(d[self.blank_key]).all()):
+            return "blank: score 0"
+        if self.score_key not in d:
+            return None
+        score = float(torch.as_tensor(d[self.score_key]).reshape(-1)[0])
+        if self.threshold is None:
+            return f"score {score:.3g}"
+        decision = "abnormal" if score >= self.threshold else "normal"
+        return f"score {score:.3g}: {decision} ({'>=' if score >= self.threshold else '<'} {self.threshold:.3g})"
 
     def _strip(self, d: Mapping, image: torch.Tensor, heat: torch.Tensor, low: float, high: float) -> Image.Image:
         scores = d.get(self.slice_scores_key)
