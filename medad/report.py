@@ -290,7 +290,7 @@ def _mlflow_runs(engine: Engine) -> list[tuple[Any, str]]:
 
 
 class MLflowArtifacts:
-    """Log ``paths`` (files, or folders with everything under them) as artifacts of the engine's
+    """Log ``paths`` (files, or folders by name with everything under them) as artifacts of the engine's
     MLflow run(s) when it completes: the runs of the MONAI ``MLFlowHandler`` attached to it
     (``--tracking mlflow``) or MLflow's active run; nothing without one. Attach it before the
     ``MLFlowHandler`` closes its run (bundle handler lists: anywhere, MONAI appends its own last).
@@ -313,8 +313,8 @@ class MLflowArtifacts:
             return
         for client, run_id in _mlflow_runs(engine):
             for path in self.paths:
-                if path.is_dir():
-                    client.log_artifacts(run_id, str(path), self.artifact_path)
+                if path.is_dir():  # a folder keeps its name: <artifact_path>/<folder>/...
+                    client.log_artifacts(run_id, str(path), "/".join(filter(None, (self.artifact_path, path.name))))
                 elif path.is_file():
                     client.log_artifact(run_id, str(path), self.artifact_path)
 

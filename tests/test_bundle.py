@@ -137,6 +137,18 @@ def test_tracking_with_mlflow(synthetic_bmad, bundle_backbone, tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'eval' / 'mlruns.db'}")
     runs = mlflow.search_runs(search_all_experiments=True)
     assert len(runs) == 3 and "metrics.train_loss" in runs.columns and "metrics.val_image_auroc" in runs.columns
+    # The evaluation report and its figures, and the inference overlays, are the runs' artifacts.
+    client = mlflow.MlflowClient()
+
+    def artifacts(run_id: str, path: str | None = None) -> set[str]:
+        found = set()
+        for info in client.list_artifacts(run_id, path):
+            found |= artifacts(run_id, info.path) if info.is_dir else {info.path}
+        return found
+
+    logged = set().union(*(artifacts(run_id) for run_id in runs["run_id"]))
+    assert {"report/report.html", "report/figures/image_roc.png", "report/figures/pro.png"} <= logged, logged
+    assert {"outputs/overlays/a_overlay.png", "outputs/scores.csv"} <= logged, logged
 
 
 def test_paper_selection_is_an_overlay_and_its_name_alone_is_refused(synthetic_bmad, bundle_backbone, tmp_path):
