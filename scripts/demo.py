@@ -8,7 +8,8 @@ randomly initialised backbone of ``configs/tiny.json`` (no weights can be downlo
 3. normal-only adaptation of the zero-shot model to k normal images (no training), and its evaluation;
 4. inference on a few target images (RGB PNG and JPEG): anomaly maps, overlays and a scores table.
 
-It prints a results table and writes ``roc.png`` under the output folder.
+It prints a results table and writes ``roc.png`` under the output folder; every evaluation also
+writes its report (``eval/report.html``), and the demo prints the few-shot one's path.
 """
 
 from __future__ import annotations
@@ -141,6 +142,7 @@ def main() -> None:
               f"{metrics['val_pixel_ap']:.3f} | {metrics['val_aupro']:.3f} |")
     print(f"""
 Written: {few / 'outputs'} (anomaly maps, overlays/, scores.csv), {args.output / 'roc.png'}
+Evaluation report of the few-shot model (open it in a browser): {few / 'eval' / 'report.html'}
 Total time {time.time() - started:.0f} s.
 
 NOTE: this demo uses a small, RANDOMLY INITIALISED CLIP (configs/tiny.json): the numbers show

@@ -178,6 +178,14 @@ def test_gallery_picks_match_scores_csv(report_run):
         "pixel_pr.png", "pixel_roc.png", "pro.png",
     ]
     assert f"medad version</td><td>{medad.__version__}" in (report_run / "report.html").read_text()
+    # The same figures and gallery panels are TensorBoard images in eval/.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for events in report_run.glob("events.out.tfevents.*"):
+        tags |= set(EventAccumulator(str(events)).Reload().Tags()["images"])
+    assert {"report/image_roc", "report/pixel_roc", "report/pro", "report/confusion"} <= tags, tags
+    assert sum(tag.startswith("report/false_negatives/") for tag in tags) == GALLERY_SIZE
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs headless Chromium: Debian's chromium package (.ci/run installs it with apt-get)")
