@@ -140,10 +140,11 @@ def figure_png(figure: Figure, dpi: int = 110) -> bytes:
 
 def curve_figure(
     curves: Sequence[tuple[np.ndarray, np.ndarray, str]], xlabel: str, ylabel: str, title: str,
-    diagonal: bool = False, baseline: float | None = None, xlim: float = 1.0,
+    diagonal: bool = False, baseline: float | None = None, limit: float | None = None,
 ) -> Figure:
     """One axes with each ``(x, y, label)`` curve drawn as a line; ``diagonal`` adds chance (the
-    ROC diagonal), ``baseline`` a horizontal chance line (the positive rate of a PR curve)."""
+    ROC diagonal), ``baseline`` a horizontal chance line (the positive rate of a PR curve),
+    ``limit`` a vertical line (the false positive rate up to which AUPRO integrates)."""
     figure = Figure(figsize=(4.2, 3.8))
     FigureCanvasAgg(figure)
     axes = figure.subplots()
@@ -153,7 +154,9 @@ def curve_figure(
         axes.plot([0, 1], [0, 1], color="0.6", linestyle=":", linewidth=1, label="chance")
     if baseline is not None:
         axes.axhline(baseline, color="0.6", linestyle=":", linewidth=1, label=f"chance ({baseline:.2f})")
-    axes.set(xlabel=xlabel, ylabel=ylabel, title=title, xlim=(0, xlim), ylim=(0, 1.02))
+    if limit is not None:
+        axes.axvline(limit, color="0.4", linestyle="--", linewidth=1, label=f"FPR {limit:g}")
+    axes.set(xlabel=xlabel, ylabel=ylabel, title=title, xlim=(0, 1), ylim=(0, 1.02))
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right" if diagonal else "best", fontsize=8)
     figure.tight_layout()
@@ -447,7 +450,7 @@ class EvaluationReport:
                                                      baseline=n_pos / (n_pos + n_neg)))),
                 ("pro", figure_png(curve_figure([(pro_fpr, pro_tpr, f"AUPRO (FPR <= 0.3) {result['aupro']:.3f}")],
                                                 "false positive rate (normal pixels)", "per-region overlap",
-                                                "PRO curve (behind AUPRO)", xlim=1.0))),
+                                                "PRO curve (behind AUPRO)", limit=0.3))),
             ]
         fusion = self.evaluation.fusion if detector.has_memory else "none"
         decision_scores, lines = self._thresholds(detector, rows)
@@ -485,11 +488,11 @@ class EvaluationReport:
                 if name not in self.items:
                     raise KeyError(f"{name}: evaluated, but not in the report's datalist")
                 items.append(self.transform(dict(self.items[name])))
-            images = torch.stack([torch.as_tensor(item["image"]) for item in items]).to(device)
+            images = torch.stack([torch.Tensor.as_subclass(item["image"], torch.Tensor) for item in items]).to(device)
             maps = detector.finalize(detector.raw_scores(images), self.evaluation.fusion_ranges).anomaly_map.float().cpu()
             for index, item, heat in zip(chunk, items, maps):
-                has_mask = bool(item.get("has_mask", "mask" in self.items[rows[index]["image"]])) and item.get("mask") is not None
-                mask = torch.as_tensor(item["mask"])[0].cpu().numpy() > 0.5 if has_mask else None
+                annotated = self.items[rows[index]["image"]].get("mask") is not None and item.get("mask") is not None
+                mask = torch.as_tensor(item["mask"])[0].cpu().numpy() > 0.5 if annotated else None
                 picture = annotate_overlay(_panel(item["image"], heat, mask, low, high), low, high)
                 buffer = io.BytesIO()
                 picture.save(buffer, format="PNG")

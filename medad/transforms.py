@@ -362,7 +362,8 @@ def annotate_overlay(
     canvas = Image.new("RGB", (width + COLOUR_BAR_WIDTH, height), (24, 24, 24))
     canvas.paste(picture.convert("RGB"), (0, 0))
     draw = ImageDraw.Draw(canvas)
-    font = _font(max(9, min(14, height // 12)))
+    font_size = max(9, min(14, height // 12))
+    font = _font(font_size)
     top, bottom = 6, max(7, height - 6)
     level = torch.linspace(1, 0, bottom - top).reshape(-1, 1)
     canvas.paste(_to_pil(_hot(level).expand(3, -1, 12)), (width + 6, top))
@@ -372,7 +373,8 @@ def annotate_overlay(
         y = top + round((1 - min(max((value - low) / span, 0.0), 1.0)) * (bottom - top - 1))
         if text not in (f"{high:.3g}", f"{low:.3g}"):
             draw.line([(width + 4, y), (width + 20, y)], fill=(0, 200, 255), width=2)
-        draw.text((width + 22, y), text, fill=(235, 235, 235), font=font, anchor="lm")
+        y_text = min(max(y, font_size // 2 + 1), height - font_size // 2 - 1)  # whole labels at the ends
+        draw.text((width + 22, y_text), text, fill=(235, 235, 235), font=font, anchor="lm")
     if caption:
         box = draw.textbbox((4, height - 3), caption, font=font, anchor="ld")
         draw.rectangle((0, box[1] - 3, box[2] + 4, height), fill=(0, 0, 0))
