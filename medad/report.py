@@ -254,7 +254,7 @@ header p{margin:4px 0 0;font-size:13px;opacity:.85}nav{padding:8px 24px;backgrou
 nav a{margin-right:14px;color:#1f3b57}section{background:#fff;margin:14px 24px;padding:12px 18px;
 border:1px solid #dde3ea;border-radius:6px}h2{font-size:17px;margin:4px 0 10px}
 .figures{display:flex;flex-wrap:wrap;gap:12px}.figure{max-width:100%;border:1px solid #eee}
-.gallery{display:flex;flex-wrap:wrap;gap:10px}figure{margin:0;font-size:12px;max-width:380px}
+.gallery{display:flex;flex-wrap:wrap;gap:10px}figure{margin:0;font-size:12px;max-width:440px}.panel{display:block}
 figcaption{word-break:break-all;padding-top:2px}table{border-collapse:collapse;font-size:13px}
 td,th{border:1px solid #dde3ea;padding:3px 8px;text-align:left}.note{font-size:12px;color:#555}
 """
