@@ -544,7 +544,7 @@ class EvaluationReport:
             figure_section("pixel-curves", "Pixel-level curves",
                            "from the evaluation's streamed pixel histograms (bin edges as thresholds)")
         figure_section("histograms", "Image score distributions and thresholds",
-                       "the stored threshold is the model's (chosen on its support set); the F1-best one is chosen "
+                       "the stored threshold is the model's own (its rule in brackets, README: The threshold rule); the F1-best one is chosen "
                        "on this evaluated set, so it is optimistic")
         if "confusion" in figures:
             figure_section("confusion", "Confusion matrix at the stored threshold")
