@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from monai.handlers import MLFlowHandler
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
@@ -46,7 +47,7 @@ from medad.detector import MVFADetector, unwrap
 from medad.handlers import gather_rows, is_saving_rank
 from medad.io import atomic_write
 from medad.metrics import AnomalyEvaluation
-from medad.transforms import _heat_overlay, annotate_overlay, input_size
+from medad.transforms import annotate_overlay, heat_overlay, input_size
 
 __all__ = [
     "GALLERIES",
@@ -215,7 +216,7 @@ def _panel(image: torch.Tensor, heat: torch.Tensor, mask: np.ndarray | None, low
     rows, columns = input_size(image)
     size = (max(1, round(_PANEL_HEIGHT * columns / rows)), _PANEL_HEIGHT)
     plain = torch.as_tensor(image).detach().float().cpu()[:3]
-    overlay = _heat_overlay(plain, heat, low, high, 0.5).numpy()
+    overlay = heat_overlay(plain, heat, low, high, 0.5).numpy()
     if mask is not None:
         overlay[:, mask_contour(mask)] = np.array([0.0, 1.0, 1.0])[:, None]
     pictures = [Image.fromarray((np.moveaxis(p, 0, -1) * 255).round().astype(np.uint8)).resize(size, Image.BILINEAR)
@@ -275,10 +276,12 @@ def _mlflow_runs(engine: Engine) -> list[tuple[Any, str]]:
     """``(client, run_id)`` of every active MONAI ``MLFlowHandler`` attached to ``engine``, and of
     MLflow's active fluent run if any."""
     runs = []
+    # MONAI's MLFlowHandler logs through its own client, not MLflow's active run, and ignite has
+    # no public list of attached handlers: its registry is read here, and nowhere else.
     for handlers in engine._event_handlers.values():
         for handler, *_ in handlers:
             owner = getattr(handler, "__self__", None)
-            if type(owner).__name__ == "MLFlowHandler" and getattr(owner, "cur_run", None) is not None:
+            if isinstance(owner, MLFlowHandler) and getattr(owner, "cur_run", None) is not None:
                 run = (owner.client, owner.cur_run.info.run_id)
                 if run[1] not in [known[1] for known in runs]:
                     runs.append(run)

@@ -51,6 +51,7 @@ __all__ = [
     "SaveSliceScoresd",
     "ToRGBd",
     "annotate_overlay",
+    "heat_overlay",
     "at_input_size",
     "input_size",
     "UnitIntensityd",
@@ -327,7 +328,7 @@ def mvfa_preprocessing(
     return Compose(steps)
 
 
-def _heat_overlay(image: torch.Tensor, heat: torch.Tensor, low: float, high: float, alpha: float) -> torch.Tensor:
+def heat_overlay(image: torch.Tensor, heat: torch.Tensor, low: float, high: float, alpha: float) -> torch.Tensor:
     """``heat`` (H, W) as a heat map blended over ``image`` (C, H, W) in [0, 1]: (3, H, W) in [0, 1]."""
     level = ((heat - low) / max(high - low, 1e-12)).clamp(0, 1)
     return ((1 - alpha) * to_rgb(image) + alpha * _hot(level)).clamp(0, 1)
@@ -472,7 +473,7 @@ class SaveOverlayd(MapTransform):
             if heat.dim() == 3:
                 picture = self._strip(d, image, heat, low, high)
             else:
-                picture = _to_pil(_heat_overlay(*at_input_size(d[self.image_key], heat), low, high, self.alpha))
+                picture = _to_pil(heat_overlay(*at_input_size(d[self.image_key], heat), low, high, self.alpha))
             marks = {"t": self.pixel_threshold} if self.pixel_threshold is not None else None
             picture = annotate_overlay(picture, low, high, self._caption(d), marks)
             with atomic_write(self.output_dir / f"{_case_name(d[self.image_key])}_overlay.png", "wb") as handle:
@@ -505,7 +506,7 @@ class SaveOverlayd(MapTransform):
         strip = Image.new("RGB", (len(order) * (size[0] + gap) - gap, size[1] + caption))
         draw = ImageDraw.Draw(strip)
         for n, k in enumerate(order):
-            panel = _heat_overlay(image[..., k], heat[..., k], low, high, self.alpha)
+            panel = heat_overlay(image[..., k], heat[..., k], low, high, self.alpha)
             # in-plane axes point to R/A (or R/S, A/S): flip both and put y on the rows, so that
             # anterior (superior) is up and the patient's right (anterior) is on the left
             panel = panel.flip(1, 2).transpose(1, 2)
