@@ -3,9 +3,9 @@
 from medad.augment import augment_fewshot
 from medad.backbone import TINY_MODEL_NAME, BackboneSpec, MissingWeightsError, create_clip
 from medad.checkpoint import ModelDescription, Thresholds, describe
-from medad.detector import AnomalyScores, MVFADetector, RawScores, build_detector, load_detector
+from medad.detector import METHODS, AnomalyScores, MVFADetector, RawScores, build_detector, load_detector
 from medad.losses import AlignmentLoss, MVFALosses, focal_loss
-from medad.network import AdaptedVisualTower, AdapterTokens, ResidualAdapter
+from medad.network import AdaptedVisualTower, AdapterTokens, BackboneTokens, ResidualAdapter
 from medad.predict import Prediction, predict_input
 from medad.prompts import ORGAN_NAMES, encode_prompt_ensemble, encode_text_features, prompt_name
 from medad.scoring import FusionRange, few_shot_maps, fuse, zero_shot_maps, zero_shot_scores
@@ -13,12 +13,14 @@ from medad.scoring import FusionRange, few_shot_maps, fuse, zero_shot_maps, zero
 __version__ = "0.1.0"
 
 __all__ = [
+    "METHODS",
     "ORGAN_NAMES",
     "TINY_MODEL_NAME",
     "AdapterTokens",
     "AlignmentLoss",
     "AnomalyScores",
     "BackboneSpec",
+    "BackboneTokens",
     "FusionRange",
     "AdaptedVisualTower",
     "MVFADetector",

@@ -3,7 +3,7 @@
 A trained model is an :class:`medad.MVFADetector` ``state_dict`` of tensors only: the adapters,
 the prompt text features, the few-shot memory bank, the fusion calibration, and ``description``,
 the UTF-8 JSON of a :class:`ModelDescription` as a ``uint8`` tensor: the backbone it was made
-for, the adapted blocks, the data sets and target, which CLIP weights it was trained with, and
+for, the method (MVFA or a baseline), the adapted blocks, the data sets and target, which CLIP weights it was trained with, and
 the decision thresholds with the rule that chose each. Tensors only, so that MONAI's tools
 (``monai.bundle.load``, ``ckpt_export``) copy and load it like any network's weights. Released
 MVFA adapter files (``{'seg_adapters': ..., 'det_adapters': ...}``) are read here too.
@@ -13,7 +13,8 @@ Everything that opens a model file calls :func:`read_checkpoint` (``torch.load``
 description.
 
 Format versions: 1 (medad 0.1: an ``_extra_state`` dictionary with a single ``threshold``), 2
-(this one). Older versions load; a newer one is refused with both versions named.
+(this one; ``method`` was added to it, and files without it are MVFA models). Older versions
+load; a newer one is refused with both versions named.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ from typing import Any
 
 import torch
 
-from medad.backbone import BackboneSpec
+from medad.backbone import BackboneSpec, weights_come_with_name
 
 __all__ = [
     "FORMAT_VERSION",
+    "WITH_MODEL_NAME",
     "CheckpointError",
     "ModelDescription",
     "Thresholds",
@@ -78,15 +80,17 @@ class ModelDescription:
 
     Attributes:
         backbone: the CLIP architecture, input size and activation the adapters were made for.
-        levels: 1-based blocks after which adapters sit.
+        levels: 1-based blocks after which adapters sit (whose tokens a baseline uses).
         datasets: the data sets whose prompt text features the model holds.
         target: the data set it scores by default (``None`` for a bare zero-shot model).
         image_score_from_map: few-shot image score = maximum of the fused map (data sets with
             masks) instead of the fused detection score.
         clip_weights: the CLIP weights it was trained with: an open_clip tag (``"openai"``),
             ``"file:<name>"`` for a local file (give the path when loading), ``"random"`` for
-            the seeded random backbone of tests and the demo, or ``None`` (unknown, format 1).
+            the seeded random backbone of tests and the demo, ``"with-model-name"`` for the
+            weights of an ``hf-hub:``/``local-dir:`` model, or ``None`` (unknown, format 1).
         thresholds: the decision thresholds stored with the model.
+        method: ``"mvfa"``, or a baseline, ``"clip"`` or ``"memory"`` (:data:`medad.detector.METHODS`).
         format_version: the format the file was written in.
     """
 
@@ -97,6 +101,7 @@ class ModelDescription:
     image_score_from_map: bool = True
     clip_weights: str | None = None
     thresholds: Thresholds = field(default_factory=Thresholds)
+    method: str = "mvfa"
     format_version: int = FORMAT_VERSION
 
     def to_extra_state(self) -> dict[str, Any]:
@@ -129,6 +134,7 @@ class ModelDescription:
                 image_score_from_map=bool(state["image_score_from_map"]),
                 clip_weights=state.get("clip_weights"),
                 thresholds=thresholds,
+                method=state.get("method", "mvfa"),
                 format_version=version,
             )
         except (KeyError, TypeError) as error:
@@ -138,10 +144,16 @@ class ModelDescription:
         return replace(self, **changes)
 
 
-def weights_record(pretrained: str | os.PathLike | None, random_init: bool) -> str | None:
+#: :attr:`ModelDescription.clip_weights` of a model whose weights come with its name (``hf-hub:``, ``local-dir:``).
+WITH_MODEL_NAME = "with-model-name"
+
+
+def weights_record(pretrained: str | os.PathLike | None, random_init: bool, model_name: str = "") -> str | None:
     """What :attr:`ModelDescription.clip_weights` records for the weights a backbone was built with."""
     if pretrained in (None, ""):
-        return "random" if random_init else None
+        if random_init:
+            return "random"
+        return WITH_MODEL_NAME if weights_come_with_name(model_name) else None
     text = str(pretrained)
     return f"file:{Path(text).name}" if os.path.exists(text) else text
 

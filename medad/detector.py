@@ -4,6 +4,16 @@
 its ``state_dict`` holds the adapters, the prompt text features of every data set it knows,
 the few-shot memory bank, the fusion calibration and a description of the backbone, but not
 the frozen backbone weights, which always come from their own file or tag.
+
+The same detector runs the paper's baselines on the same backbone (:data:`METHODS`), with the
+encoder :class:`medad.network.BackboneTokens` in place of the adapters:
+
+- ``clip``: CLIP without adapters, each level's tokens through the tower's final norm and
+  projection against the same prompt ensemble, scored with MVFA's zero-shot formulas.
+- ``memory``: the few-shot memory bank of the tower's own (unprojected) tokens at the same
+  levels, scored with MVFA's few-shot memory distance. It has no text part: its zero-shot raw
+  scores are 0, so that MVFA's fusion, calibration and thresholds apply unchanged and its final
+  map is half the min-max normalised memory distance.
 """
 
 from __future__ import annotations
@@ -18,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medad.backbone import PRECISIONS, BackboneSpec, MissingWeightsError, create_clip
+from medad.backbone import MVFA_IMAGE_SIZE, MVFA_MODEL_NAME, PRECISIONS, BackboneSpec, MissingWeightsError, create_clip, default_image_size
 from medad.checkpoint import (
     DESCRIPTION_KEY,
+    WITH_MODEL_NAME,
     CheckpointError,
     ModelDescription,
     Thresholds,
@@ -32,11 +43,15 @@ from medad.checkpoint import (
     weights_record,
 )
 from medad.decision import effective_thresholds, f1_best_threshold, pixel_f1_threshold
-from medad.network import AdaptedVisualTower, AdapterTokens
+from medad.network import AdaptedVisualTower, AdapterTokens, BackboneTokens, FrozenTower
 from medad.prompts import encode_text_features
 from medad.scoring import FusionRange, coreset_indices, few_shot_maps, fuse, zero_shot_maps, zero_shot_scores
+from medad.towers import vision_tower
 
-__all__ = ["AnomalyScores", "MVFADetector", "RawScores", "build_detector", "load_detector", "unwrap"]
+__all__ = ["METHODS", "AnomalyScores", "MVFADetector", "RawScores", "build_detector", "load_detector", "unwrap"]
+
+#: What a detector scores with: MVFA's adapters, or a baseline without them (module docstring).
+METHODS = ("mvfa", "clip", "memory")
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +84,8 @@ class MVFADetector(nn.Module):
     """MVFA adapters plus everything inference needs.
 
     Args:
-        encoder: the adapted CLIP visual tower.
+        encoder: the adapted CLIP visual tower, or :class:`medad.network.BackboneTokens` for a
+            baseline (:attr:`method`).
         text_features: prompt-ensemble text features ``(E, 2)`` per data set name.
         target: the data set (modality) this detector scores by default.
         backbone: description of the backbone, checked when a checkpoint is loaded.
@@ -82,7 +98,7 @@ class MVFADetector(nn.Module):
 
     def __init__(
         self,
-        encoder: AdaptedVisualTower,
+        encoder: FrozenTower,
         text_features: Mapping[str, torch.Tensor],
         target: str | None,
         backbone: BackboneSpec,
@@ -96,9 +112,9 @@ class MVFADetector(nn.Module):
         self.backbone = backbone
         self.target = target
         self.image_score_from_map = image_score_from_map
-        levels, embed = len(encoder.levels), encoder.seg_adapters[0].fc1[0].out_features
+        levels, embed = len(encoder.levels), encoder.token_dim
         self.datasets = list(text_features)
-        self.register_buffer("text_features", torch.zeros(0, embed, 2))
+        self.register_buffer("text_features", torch.zeros(0, encoder.tower.output_dim, 2))
         self._set_text_features(text_features)
         self.register_buffer("memory_seg", torch.zeros(levels, 0, embed))
         self.register_buffer("memory_det", torch.zeros(levels, 0, embed))
@@ -112,6 +128,18 @@ class MVFADetector(nn.Module):
     @property
     def image_size(self) -> int:
         return self.backbone.image_size
+
+    @property
+    def method(self) -> str:
+        """``"mvfa"``, or the baseline ``"clip"`` or ``"memory"`` (module docstring)."""
+        if isinstance(self.encoder, AdaptedVisualTower):
+            return "mvfa"
+        return "clip" if self.encoder.projected else "memory"
+
+    @property
+    def takes_memory(self) -> bool:
+        """Whether a few-shot memory bank belongs to the method (all but the ``clip`` baseline)."""
+        return self.method != "clip"
 
     @property
     def has_memory(self) -> bool:
@@ -133,6 +161,7 @@ class MVFADetector(nn.Module):
             image_score_from_map=self.image_score_from_map,
             clip_weights=self.clip_weights,
             thresholds=self.thresholds,
+            method=self.method,
         )
 
     def effective_thresholds(self) -> Thresholds:
@@ -145,6 +174,8 @@ class MVFADetector(nn.Module):
             self.text_features = torch.stack([text_features[name] for name in self.datasets]).to(self.text_features)
 
     def _apply_description(self, saved: ModelDescription, source: str) -> None:
+        if saved.method != self.method:
+            raise CheckpointError(f"{source} is a method={saved.method!r} model, but this detector is method={self.method!r}")
         if saved.backbone != self.backbone or list(saved.levels) != list(self.encoder.levels):
             raise CheckpointError(
                 f"{source} was made for backbone {saved.backbone} with adapters after blocks {list(saved.levels)}, "
@@ -193,6 +224,8 @@ class MVFADetector(nn.Module):
         errors name ``source``."""
         try:
             if checkpoint_kind(state, source) == "adapters":
+                if self.method != "mvfa":
+                    raise CheckpointError(f"{source} holds MVFA adapters, but this detector is the {self.method!r} baseline")
                 self.encoder.load_adapter_state(state)
             else:
                 self.load_state_dict(state, strict=True)
@@ -223,7 +256,12 @@ class MVFADetector(nn.Module):
 
         ``memory_size``: keep at most that many tokens per level, a k-center coreset
         (:func:`medad.scoring.coreset_indices`), so that few-shot scoring costs the same for any
-        k; ``None`` (default) keeps MVFA's exact memory."""
+        k; ``None`` (default) keeps MVFA's exact memory.
+
+        Raises:
+            ValueError: the ``clip`` baseline, which has no memory bank."""
+        if not self.takes_memory:
+            raise ValueError("the clip baseline scores with text alone: it has no few-shot memory bank")
         device = self.text_features.device
         parts = [self.encoder(batch.to(device)) for batch in normal_images.split(batch_size)]
         for name, field in (("memory_seg", "seg"), ("memory_det", "det")):
@@ -286,16 +324,21 @@ class MVFADetector(nn.Module):
 
     def score_tokens(self, tokens: AdapterTokens, size: int) -> RawScores:
         """Raw scores of adapter tokens (each ``(B, 1 + L, E)``) at ``size x size`` pixels."""
-        text = self.text_features_for()
-        zero_map = zero_shot_maps(tokens.seg, text, size)
-        zero_score = zero_shot_scores(tokens.det, text)
+        if self.method == "memory":  # no text part (module docstring)
+            first = tokens.seg[0]
+            zero_map, zero_score = first.new_zeros(len(first), size, size), first.new_zeros(len(first))
+        else:
+            text = self.text_features_for()
+            zero_map = zero_shot_maps(tokens.seg, text, size)
+            zero_score = zero_shot_scores(tokens.det, text)
         if not self.has_memory:
             return RawScores(zero_map, zero_score, None, None)
         # Memory similarities in float32 whatever the backbone's precision: 1 - cosine near 0
         # has almost no bits left in bf16.
         few_map = few_shot_maps(tokens.seg, self.memory_seg, size)
-        few_score = few_shot_maps(tokens.det, self.memory_det, size).mean(dim=(-2, -1))
-        return RawScores(zero_map, zero_score, few_map, few_score)
+        # the memory baseline's det tokens and memory are its seg ones: its map serves both
+        det_map = few_map if self.method == "memory" else few_shot_maps(tokens.det, self.memory_det, size)
+        return RawScores(zero_map, zero_score, few_map, det_map.mean(dim=(-2, -1)))
 
     def finalize(self, raw: RawScores, ranges: Mapping[str, FusionRange] | None = None) -> AnomalyScores:
         """Fuse raw scores into the final map and image score.
@@ -377,19 +420,25 @@ def unwrap(network: nn.Module) -> MVFADetector:
 def build_detector(
     datasets: Sequence[str],
     target: str | None,
-    model_name: str = "ViT-L-14-336",
-    image_size: int = 240,
+    model_name: str = MVFA_MODEL_NAME,
+    image_size: int | None = None,
     pretrained: str | os.PathLike | None = None,
     quick_gelu: bool = False,
     random_init: bool = False,
-    levels: Sequence[int] = (6, 12, 18, 24),
+    levels: Sequence[int] | None = None,
     image_score_from_map: bool = True,
     checkpoint: str | os.PathLike | None = None,
     precision: str = "fp32",
+    method: str = "mvfa",
 ) -> MVFADetector:
     """Build an :class:`MVFADetector`: load CLIP, encode the prompts of ``datasets`` and ``target``
-    once (unless ``checkpoint`` already holds them), keep the visual tower with new adapters,
-    and drop the text tower.
+    once (unless ``checkpoint`` already holds them), keep the visual tower with new adapters
+    (or, for a baseline ``method``, without), and drop the text tower.
+
+    ``model_name`` is any open_clip vision-transformer CLIP (:mod:`medad.backbone`);
+    ``image_size`` ``None``: :func:`medad.backbone.default_image_size` (MVFA's 240 px for
+    ``ViT-L-14-336``); ``levels`` ``None``: :func:`medad.network.default_levels` (MVFA's 6, 12,
+    18, 24 for 24 blocks); ``method``: one of :data:`METHODS`.
 
     ``checkpoint`` optionally loads a saved detector or a released MVFA adapter checkpoint;
     ``target`` is the data set scored afterwards, also when the checkpoint was made for another
@@ -398,8 +447,13 @@ def build_detector(
     products (:data:`medad.backbone.PRECISIONS`); weights, stream, adapters, tokens and scores
     stay in float32.
     """
-    backbone = BackboneSpec(model_name, int(image_size), bool(quick_gelu))
-    clip = create_clip(model_name, image_size, pretrained, quick_gelu, random_init)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    backbone = BackboneSpec(model_name, int(image_size or default_image_size(model_name)), bool(quick_gelu))
+    clip = create_clip(model_name, backbone.image_size, pretrained, quick_gelu, random_init)
+    tower = vision_tower(clip.visual, model_name)
     saved = read_checkpoint(checkpoint) if checkpoint is not None else {}
     saved_description = describe(saved) if checkpoint is not None else None
     saved_target = saved_description.target if saved_description is not None else None
@@ -408,12 +462,13 @@ def build_detector(
     wanted = [*datasets, target] if target is not None else list(datasets)
     missing = [name for name in dict.fromkeys(wanted) if name not in known]
     text_features = encode_text_features(clip, open_clip.get_tokenizer(model_name), missing)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    detector = MVFADetector(
-        AdaptedVisualTower(clip.visual, levels, matmul_dtype=PRECISIONS[precision]),
-        text_features, target, backbone, image_score_from_map, weights_record(pretrained, random_init),
-    )
+    dtype = PRECISIONS[precision]
+    if method == "mvfa":
+        encoder = AdaptedVisualTower(tower, levels, matmul_dtype=dtype)
+    else:
+        encoder = BackboneTokens(tower, levels, projected=method == "clip", matmul_dtype=dtype)
+    weights = weights_record(pretrained, random_init, model_name)
+    detector = MVFADetector(encoder, text_features, target, backbone, image_score_from_map, weights)
     if checkpoint is not None:
         detector.load_state(saved, str(checkpoint))
         if detector.target != target and detector.has_memory:
@@ -423,7 +478,7 @@ def build_detector(
             )
         detector.target = target
         # the backbone is the one built here, whatever weights the checkpoint recorded
-        detector.clip_weights = weights_record(pretrained, random_init)
+        detector.clip_weights = weights
     return detector
 
 
@@ -439,6 +494,8 @@ def _weights_for(model: str, description: ModelDescription | None, clip_weights:
             )
         logger.warning("%s is a test/demo model: it runs on the seeded RANDOM backbone it was trained on", model)
         return None, True
+    if recorded == WITH_MODEL_NAME and clip_weights in (None, ""):
+        return None, False  # the hf-hub:/local-dir: model brings its own
     if clip_weights not in (None, ""):
         return str(clip_weights), False
     if recorded is None or recorded.startswith("file:"):
@@ -469,7 +526,8 @@ def load_detector(
         target: the data set to score (default: the model's own).
         precision: the frozen backbone's precision (``"fp32"``, ``"bf16"``, ``"fp16"``).
         expect: architecture values a user gave (``model_name``, ``image_size``, ``levels``,
-            ``quick_gelu``; ``None`` values are ignored): any that contradicts the file is an error.
+            ``quick_gelu``, ``method``; ``None`` values are ignored): any that contradicts the file
+            is an error.
 
     Raises:
         FileNotFoundError, CheckpointError: the file is missing, unreadable, foreign, or does not
@@ -479,9 +537,9 @@ def load_detector(
     model = str(model)
     description = describe(model)
     architecture = (
-        {"model_name": "ViT-L-14-336", "image_size": 240, "quick_gelu": False, "levels": (6, 12, 18, 24)}
+        {"model_name": MVFA_MODEL_NAME, "image_size": MVFA_IMAGE_SIZE, "quick_gelu": False, "levels": (6, 12, 18, 24), "method": "mvfa"}
         if description is None
-        else {**description.backbone.to_dict(), "levels": tuple(description.levels)}
+        else {**description.backbone.to_dict(), "levels": tuple(description.levels), "method": description.method}
     )
     for key, value in (expect or {}).items():
         if key not in architecture:

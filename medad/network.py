@@ -4,6 +4,11 @@ After each chosen transformer block, a segmentation adapter and a detection adap
 residual stream; their 2-layer bottlenecks return a token per position (compared with text
 features and the few-shot memory) and a correction that is mixed back into the stream:
 ``x = 0.8 * x + 0.1 * seg_out + 0.1 * det_out`` (Huang et al., CVPR 2024).
+
+:class:`BackboneTokens` is the same frozen tower without adapters, for the baselines: the
+tower's own tokens at the same blocks, raw or through its final norm and projection. Any tower
+of :mod:`medad.towers` works; the blocks default to four evenly spaced ones
+(:func:`default_levels`).
 """
 
 from __future__ import annotations
@@ -15,7 +20,18 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-__all__ = ["AdaptedVisualTower", "AdapterTokens", "ResidualAdapter"]
+from medad.towers import VisionTower, vision_tower
+
+__all__ = ["AdaptedVisualTower", "AdapterTokens", "BackboneTokens", "FrozenTower", "ResidualAdapter", "default_levels"]
+
+
+def default_levels(depth: int) -> tuple[int, ...]:
+    """Four evenly spaced blocks of ``depth``, the last included (fewer for shallower towers).
+
+    >>> default_levels(24), default_levels(12), default_levels(4)
+    ((6, 12, 18, 24), (3, 6, 9, 12), (1, 2, 3, 4))
+    """
+    return tuple(sorted({max(1, depth * i // 4) for i in range(1, 5)}))
 
 
 class ResidualAdapter(nn.Module):
@@ -42,54 +58,47 @@ class AdapterTokens(NamedTuple):
     det: tuple[torch.Tensor, ...]
 
 
-class AdaptedVisualTower(nn.Module):
-    """Frozen open_clip ``VisionTransformer`` with seg/det residual adapters after given blocks.
+class FrozenTower(nn.Module):
+    """A frozen CLIP vision tower run block by block up to chosen levels (what the MVFA network
+    and the baselines share).
 
     Args:
-        visual: open_clip ``VisionTransformer`` (``clip.visual``); frozen and kept in eval mode.
-        levels: 1-based indices of the blocks after which adapters sit (MVFA: 6, 12, 18, 24).
-        bottleneck: adapter token size; defaults to the CLIP embedding size so that tokens
-            compare with text features (768 for ViT-L/14).
-        stream_weights: weights of (stream, seg correction, det correction); MVFA: 0.8, 0.1, 0.1.
+        visual: the vision tower (``clip.visual``: open_clip's ``VisionTransformer`` or a timm
+            ViT trunk, see :mod:`medad.towers`), or its :class:`medad.towers.VisionTower` view;
+            frozen and kept in eval mode.
+        levels: 1-based indices of the blocks whose output is used (MVFA: 6, 12, 18, 24);
+            ``None``: :func:`default_levels` of the tower's depth.
         matmul_dtype: the precision of the frozen blocks' matrix products (``torch.bfloat16`` or
             ``torch.float16`` under ``torch.autocast``; ``torch.float32`` default). The weights,
             the residual stream, layer norms, adapters and their tokens stay in float32, which
             keeps MVFA's numbers (see :mod:`medad.backbone` ``PRECISIONS``).
 
-    ``state_dict`` holds the adapters only: the backbone is frozen and always comes from its own
-    weights (see :func:`medad.create_clip`), so checkpoints stay small and loadable anywhere.
+    ``state_dict`` leaves the backbone out: it is frozen and always comes from its own weights
+    (see :func:`medad.create_clip`), so checkpoints stay small and loadable anywhere.
     """
 
     def __init__(
-        self,
-        visual: nn.Module,
-        levels: Sequence[int] = (6, 12, 18, 24),
-        bottleneck: int | None = None,
-        stream_weights: tuple[float, float, float] = (0.8, 0.1, 0.1),
-        matmul_dtype: torch.dtype = torch.float32,
+        self, visual: nn.Module | VisionTower, levels: Sequence[int] | None = None, matmul_dtype: torch.dtype = torch.float32
     ) -> None:
         super().__init__()
-        levels = tuple(int(level) for level in levels)
-        depth = len(visual.transformer.resblocks)
+        #: The tower's :class:`medad.towers.VisionTower` view (not a submodule: ``visual`` is).
+        self.tower = vision_tower(visual)
+        depth = len(self.tower.blocks)
+        levels = default_levels(depth) if levels is None else tuple(int(level) for level in levels)
         if not levels or list(levels) != sorted(set(levels)) or levels[0] < 1 or levels[-1] > depth:
             raise ValueError(f"levels must be increasing block numbers in 1..{depth}, got {levels}")
-        width = visual.conv1.out_channels
-        bottleneck = int(bottleneck or visual.output_dim)
-        self.visual = visual.requires_grad_(False).eval()
+        self.visual = self.tower.module.requires_grad_(False).eval()
         self.levels = levels
-        self.stream_weights = tuple(float(w) for w in stream_weights)
         self.matmul_dtype = matmul_dtype
-        self.seg_adapters = nn.ModuleList(ResidualAdapter(width, bottleneck) for _ in levels)
-        self.det_adapters = nn.ModuleList(ResidualAdapter(width, bottleneck) for _ in levels)
         self.register_state_dict_post_hook(_drop_backbone_keys)
         self.register_load_state_dict_post_hook(_ignore_missing_backbone_keys)
 
     @property
     def grid_size(self) -> tuple[int, int]:
         """Patch grid of the backbone at its configured image size."""
-        return tuple(self.visual.grid_size)
+        return self.tower.grid_size
 
-    def train(self, mode: bool = True) -> AdaptedVisualTower:
+    def train(self, mode: bool = True) -> FrozenTower:
         super().train(mode)
         self.visual.eval()  # frozen backbone: no dropout or other train-time behaviour
         return self
@@ -109,42 +118,82 @@ class AdaptedVisualTower(nn.Module):
         can be cached when the same images are seen again (few-shot training).
         """
         with torch.no_grad():
-            # open_clip: patchify, class token, positions, ln_pre, in float32 (about 1 % of the
-            # work; in bf16 it alone added a third of the maps' difference from float32, measured)
-            x = self.visual._embeds(images.float())
-            with self._blocks_precision(images.device):
-                for block in self.visual.transformer.resblocks[: self.levels[0]]:
-                    x = block(x)
+            # patchify, prefix tokens, positions, pre-norm, in float32 (about 1 % of the work; in
+            # bf16 it alone added a third of the maps' difference from float32, measured)
+            x = self.tower.embed(images.float())
+            x = self._blocks(x, 0, self.levels[0])
         return x.float()
+
+    def _blocks(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Blocks ``start + 1 .. stop`` (1-based) on the stream ``x``, in :attr:`matmul_dtype`."""
+        with self._blocks_precision(x.device):
+            for block in self.tower.blocks[start:stop]:
+                x = block(x)
+        return x
+
+    def adapt(self, x: torch.Tensor) -> AdapterTokens:
+        """Run the part of the network after the first level on a :meth:`trunk` output."""
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor) -> AdapterTokens:
+        """Tokens per level for images ``(B, 3, S, S)`` in [0, 1] (no CLIP normalisation, as MVFA)."""
+        return self.adapt(self.trunk(images))
+
+
+class AdaptedVisualTower(FrozenTower):
+    """Frozen CLIP vision tower with seg/det residual adapters after given blocks (MVFA).
+
+    Args:
+        visual, levels, matmul_dtype: as :class:`FrozenTower` (levels: after which blocks the
+            adapters sit).
+        bottleneck: adapter token size; defaults to the CLIP embedding size so that tokens
+            compare with text features (768 for ViT-L/14).
+        stream_weights: weights of (stream, seg correction, det correction); MVFA: 0.8, 0.1, 0.1.
+
+    ``state_dict`` holds the adapters only.
+    """
+
+    def __init__(
+        self,
+        visual: nn.Module | VisionTower,
+        levels: Sequence[int] | None = None,
+        bottleneck: int | None = None,
+        stream_weights: tuple[float, float, float] = (0.8, 0.1, 0.1),
+        matmul_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__(visual, levels, matmul_dtype)
+        width = self.tower.width
+        bottleneck = int(bottleneck or self.tower.output_dim)
+        self.stream_weights = tuple(float(w) for w in stream_weights)
+        self.seg_adapters = nn.ModuleList(ResidualAdapter(width, bottleneck) for _ in self.levels)
+        self.det_adapters = nn.ModuleList(ResidualAdapter(width, bottleneck) for _ in self.levels)
+
+    @property
+    def token_dim(self) -> int:
+        """The size of the tokens compared with text and memory (the adapters' bottleneck)."""
+        return self.seg_adapters[0].fc1[0].out_features
 
     def adapt(self, x: torch.Tensor) -> AdapterTokens:
         """Run the adapted part of the network on a :meth:`trunk` output."""
-        blocks = self.visual.transformer.resblocks
         w_stream, w_seg, w_det = self.stream_weights
         seg, det = [], []
         done = self.levels[0]
         last = len(self.levels) - 1
+        scored = self.tower.scored_tokens
         for i, level in enumerate(self.levels):
-            with self._blocks_precision(x.device):
-                for block in blocks[done:level]:
-                    x = block(x)
+            x = self._blocks(x, done, level).float()  # adapters, their tokens and the mixing stay in float32
             done = level
-            x = x.float()  # adapters, their tokens and the stream mixing stay in float32
             if i == last:
                 # Nothing reads the stream after the last adapter: skip the unused fc2 corrections.
-                seg.append(self.seg_adapters[i].fc1(x))
-                det.append(self.det_adapters[i].fc1(x))
+                seg.append(scored(self.seg_adapters[i].fc1(x)))
+                det.append(scored(self.det_adapters[i].fc1(x)))
                 break
             seg_token, seg_out = self.seg_adapters[i](x)
             det_token, det_out = self.det_adapters[i](x)
             x = w_stream * x + w_seg * seg_out + w_det * det_out
-            seg.append(seg_token)
-            det.append(det_token)
+            seg.append(scored(seg_token))
+            det.append(scored(det_token))
         return AdapterTokens(tuple(seg), tuple(det))
-
-    def forward(self, images: torch.Tensor) -> AdapterTokens:
-        """Adapter tokens for images ``(B, 3, S, S)`` in [0, 1] (no CLIP normalisation, as MVFA)."""
-        return self.adapt(self.trunk(images))
 
     def adapter_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """Adapters in the released MVFA checkpoint format ``{'seg_adapters': ..., 'det_adapters': ...}``."""
@@ -161,6 +210,45 @@ class AdaptedVisualTower(nn.Module):
         for name in ("seg_adapters", "det_adapters"):
             _check_shapes(getattr(self, name), state[name], name)
             getattr(self, name).load_state_dict(state[name], strict=True)
+
+
+class BackboneTokens(FrozenTower):
+    """The frozen tower's own tokens after given blocks, without adapters (the baselines).
+
+    Args:
+        visual, levels, matmul_dtype: as :class:`FrozenTower`.
+        projected: pass each level's tokens through the tower's final norm and projection
+            (:meth:`medad.towers.VisionTower.project`), into CLIP's joint space where they
+            compare with text (the ``clip`` baseline); ``False``: the raw residual stream
+            (the ``memory`` baseline).
+
+    Both token sets (``seg`` and ``det``) are the same tokens. ``state_dict`` is empty.
+    """
+
+    def __init__(
+        self,
+        visual: nn.Module | VisionTower,
+        levels: Sequence[int] | None = None,
+        projected: bool = True,
+        matmul_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__(visual, levels, matmul_dtype)
+        self.projected = projected
+
+    @property
+    def token_dim(self) -> int:
+        """The size of the tokens: CLIP's embedding size when projected, else the stream's width."""
+        return self.tower.output_dim if self.projected else self.tower.width
+
+    @torch.no_grad()
+    def adapt(self, x: torch.Tensor) -> AdapterTokens:
+        """Tokens ``(B, 1 + L, token_dim)`` per level from a :meth:`trunk` output."""
+        tokens, done = [], self.levels[0]
+        for level in self.levels:
+            x = self._blocks(x, done, level).float()
+            done = level
+            tokens.append(self.tower.scored_tokens(self.tower.project(x) if self.projected else x))
+        return AdapterTokens(tuple(tokens), tuple(tokens))
 
 
 def _check_shapes(module: nn.Module, state: Mapping[str, torch.Tensor], name: str) -> None:

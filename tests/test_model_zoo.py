@@ -39,7 +39,7 @@ CONFIGS = ROOT / "configs"
 METADATA = json.loads((CONFIGS / "metadata.json").read_text())
 NAME, VERSION = METADATA["name"], METADATA["version"]
 TINY = json.loads((CONFIGS / "tiny.json").read_text())
-IMAGE_SIZE = json.loads((CONFIGS / "train.json").read_text())["image_size"]  # MVFA's, as metadata.json says
+IMAGE_SIZE = medad.backbone.MVFA_IMAGE_SIZE  # train.json's default for ViT-L-14-336, as metadata.json says
 
 _spec = importlib.util.spec_from_file_location("build_bundle", ROOT / "scripts" / "build_bundle.py")
 build_bundle = importlib.util.module_from_spec(_spec)
