@@ -27,6 +27,7 @@ from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
 from medad.detector import AnomalyScores, unwrap
+from medad.network import AdaptedVisualTower
 from medad.volumes import VolumeScores, predict_images
 
 __all__ = ["MVFAEvaluator", "MVFATrainer", "adapter_parameter_groups"]
@@ -37,9 +38,12 @@ def adapter_parameter_groups(network: nn.Module) -> list[dict]:
 
     MVFA gives each adapter set its own Adam with the same settings; one Adam with two groups
     is the same optimiser, because Adam keeps its state per parameter and skips parameters
-    without gradients, which is how a set is left out of a step here.
+    without gradients, which is how a set is left out of a step here. A baseline has no adapters:
+    both groups are empty (the bundle builds its optimiser, but never trains a baseline).
     """
     encoder = unwrap(network).encoder
+    if not isinstance(encoder, AdaptedVisualTower):
+        return [{"params": [], "name": "seg_adapters"}, {"params": [], "name": "det_adapters"}]
     return [
         {"params": list(encoder.seg_adapters.parameters()), "name": "seg_adapters"},
         {"params": list(encoder.det_adapters.parameters()), "name": "det_adapters"},

@@ -23,7 +23,7 @@ from monai.handlers import CheckpointLoader, CheckpointSaver, StatsHandler, Tens
 from monai.utils.enums import CommonKeys as Keys
 
 from medad.checkpoint import read_checkpoint
-from medad.detector import unwrap
+from medad.detector import MVFADetector, unwrap
 from medad.io import atomic_write
 from medad.metrics import AnomalyEvaluation
 
@@ -86,11 +86,16 @@ class FewShotMemoryHandler:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        detector = unwrap(engine.network)
+        self.build(unwrap(engine.network))
+
+    def build(self, detector: MVFADetector) -> None:
+        """Build ``detector``'s memory (unless its method has none: the ``clip`` baseline),
+        calibration and thresholds from the items."""
         was_training = detector.training
         detector.eval()
         start = time.perf_counter()
-        detector.build_memory(self.images[self.normal], self.batch_size, self.memory_size)
+        if detector.takes_memory:
+            detector.build_memory(self.images[self.normal], self.batch_size, self.memory_size)
         detector.calibrate(
             self.images, self.batch_size, labels=(~self.normal).long(), masks=self.masks, annotated=self.annotated
         )
