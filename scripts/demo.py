@@ -6,7 +6,9 @@ randomly initialised backbone of ``configs/tiny.json`` (no weights can be downlo
 1. zero-shot training on every demo domain but the held-out target, and its evaluation;
 2. few-shot training on k normal + k abnormal images of the target, and its evaluation;
 3. normal-only adaptation of the zero-shot model to k normal images (no training), and its evaluation;
-4. inference on a few target images (RGB PNG and JPEG): anomaly maps, overlays and a scores table.
+4. the paper's baselines on the same backbone and k support images, nothing trained: CLIP without
+   adapters (``method: clip``) and the memory bank of the backbone's own tokens (``method: memory``);
+5. inference on a few target images (RGB PNG and JPEG): anomaly maps, overlays and a scores table.
 
 It prints a results table and writes ``roc.png`` under the output folder; every evaluation also
 writes its report (``eval/report.html``), and the demo prints the few-shot one's path.
@@ -95,7 +97,7 @@ def main() -> None:
 
     data = args.output / "data"
     if args.fresh:
-        for name in ("zero_shot", "few_shot", "normal_only"):
+        for name in ("zero_shot", "few_shot", "normal_only", "clip_baseline", "memory_baseline"):
             shutil.rmtree(args.output / name, ignore_errors=True)
     if not data.exists():
         begin = step(f"Building the demo data set in {data}")
@@ -119,6 +121,11 @@ def main() -> None:
            init_checkpoint=zero / "models" / "model.pt", **common)
     step(f"Normal-only evaluation on {args.target}")
     bundle("evaluating", ["train", "fewshot", "evaluate"], normal, shot=args.shot, **common)
+    baselines = {method: args.output / f"{method}_baseline" for method in ("clip", "memory")}
+    for method, root in baselines.items():
+        step(f"The {method} baseline (no adapters, nothing trained) on the {args.shot}-shot support set, and its evaluation")
+        bundle("training", ["train", "fewshot"], root, shot=args.shot, method=method, **common)
+        bundle("evaluating", ["train", "fewshot", "evaluate"], root, shot=args.shot, **common)
 
     step("Inference on a few test images as RGB PNG and JPEG files (as BMAD ships them): maps, overlays, scores")
     from PIL import Image
@@ -132,7 +139,8 @@ def main() -> None:
                 image.convert("RGB").save(samples / f"{cls}_{source.stem}{suffix}", quality=95)
     bundle("inferring", ["inference"], few, dataset_dir=samples, num_workers=args.workers, overwrite=True)
 
-    runs = (("zero-shot", zero), (f"few-shot (k={args.shot})", few), (f"normal-only (k={args.shot})", normal))
+    runs = (("zero-shot", zero), (f"few-shot (k={args.shot})", few), (f"normal-only (k={args.shot})", normal),
+            ("CLIP baseline, no adapters", baselines["clip"]), (f"memory baseline, no adapters (k={args.shot})", baselines["memory"]))
     results = {name: json.loads((root / "eval" / "metrics.json").read_text()) for name, root in runs}
     plot_roc({name: root / "eval" / "scores.csv" for name, root in runs}, args.output / "roc.png")
     print(f"\nResults on the held-out domain {args.target} (test split):\n")

@@ -18,6 +18,7 @@ Three parts, used by ``scripts/prepare_bmad.py`` and ``scripts/reproduce.py``:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -31,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medad.augment import FEWSHOT_AUGMENTATIONS
+from medad.backbone import weights_come_with_name
+from medad.detector import METHODS
 from medad.data import (
     BMAD,
     BMAD_DATASETS,
@@ -490,12 +493,13 @@ class CellFailed(RuntimeError):
 class Cell:
     """One experiment: zero-shot (``shot`` 0) or few-shot on ``target``, with its support pick
     (``pick`` ``seed_index`` for a line of MVFA's seed file, ``random_seed`` for a seeded random
-    draw, None for zero-shot)."""
+    draw, None for zero-shot), by ``method`` (MVFA, or a baseline: :data:`medad.METHODS`)."""
 
     target: str
     shot: int = 0
     pick: str | None = None
     value: int | None = None
+    method: str = "mvfa"
 
     @property
     def setting(self) -> str:
@@ -504,13 +508,16 @@ class Cell:
     @property
     def relpath(self) -> Path:
         if self.shot == 0:
-            return Path("zero_shot") / self.target
-        return Path(f"k{self.shot}") / self.target / f"{self.pick}_{self.value}"
+            path = Path("zero_shot") / self.target
+        else:
+            path = Path(f"k{self.shot}") / self.target / f"{self.pick}_{self.value}"
+        return path if self.method == "mvfa" else Path(self.method) / path
 
     @property
     def label(self) -> str:
         pick = f" {self.pick}={self.value}" if self.pick else ""
-        return f"{self.setting} {self.target}{pick}"
+        method = "" if self.method == "mvfa" else f" [{self.method}]"
+        return f"{self.setting} {self.target}{pick}{method}"
 
     def configs(self, run_id: str) -> list[str]:
         """Bundle config files (names without ``.json``) of a workflow of this cell."""
@@ -520,6 +527,8 @@ class Cell:
     def overrides(self) -> dict[str, object]:
         """The cell's own bundle overrides (the grid's are in :class:`GridOptions`)."""
         values: dict[str, object] = {"target": self.target}
+        if self.method != "mvfa":
+            values["method"] = self.method
         if self.shot:
             values["shot"] = self.shot
         if self.pick == "seed_index":
@@ -535,8 +544,9 @@ def plan_grid(
     shots: Sequence[int] = (0, 2, 4, 8, 16),
     seeds: Sequence[int] | None = None,
     seed_dir: str | os.PathLike | None = None,
+    methods: Sequence[str] = ("mvfa",),
 ) -> list[Cell]:
-    """The cells of the grid, zero-shot first, then by k, target and pick.
+    """The cells of the grid, zero-shot first, then by k, method, target and pick.
 
     Args:
         dataset_dir: the prepared data (``<Name>_AD`` folders).
@@ -546,11 +556,14 @@ def plan_grid(
         seeds: with ``seed_dir``, the seed-file indices to run (default: those the file holds,
             at most five); without, the seeds of random support picks (default 0-4).
         seed_dir: MVFA's seed files, ``<seed_dir>/<target>/<k>-shot.txt``.
+        methods: ``mvfa`` and the baselines (:data:`medad.METHODS`): ``clip`` scores with text
+            alone, the same with or without support images, so it runs once per target, as a
+            zero-shot cell; ``memory`` needs support images and runs the few-shot cells' picks.
 
     Raises:
         FileNotFoundError: no data sets, or a seed file is missing.
-        ValueError: an unknown target, zero-shot with a single data set, or a seed index the
-            file lacks.
+        ValueError: an unknown target or method, zero-shot with a single data set, a seed index
+            the file lacks, or the memory baseline without few-shot shots.
     """
     available = list_datasets(dataset_dir) if Path(dataset_dir).is_dir() else []
     if not available:
@@ -563,6 +576,11 @@ def plan_grid(
         raise ValueError(f"shots must be 0 (zero-shot) or positive, got {list(shots)}")
     if 0 in shots and len(available) < 2:
         raise ValueError(f"zero-shot trains on the other data sets, but {dataset_dir} holds only {available}")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"methods must be some of {list(METHODS)}, got {list(methods)}")
+    if "memory" in methods and not any(shots):
+        raise ValueError("the memory baseline is a few-shot memory bank: give shots k > 0")
     cells = []
     for shot in sorted(set(shots)):
         for target in targets:
@@ -580,7 +598,12 @@ def plan_grid(
             if absent:
                 raise ValueError(f"{seed_file} has no seed indices {absent} (it has {indices})")
             cells += [Cell(target, shot, "seed_index", i) for i in (seeds if seeds else indices[:DEFAULT_PICKS])]
-    return cells
+    by_method = {
+        "mvfa": cells,
+        "clip": [Cell(target, method="clip") for target in targets],
+        "memory": [dataclasses.replace(cell, method="memory") for cell in cells if cell.shot],
+    }
+    return sorted((cell for method in dict.fromkeys(methods) for cell in by_method[method]), key=lambda cell: cell.shot)
 
 
 @dataclass
@@ -651,13 +674,18 @@ class GridOptions:
         """A value of ``configs/train.json`` (for the report, where not overridden)."""
         return json.loads((Path(self.bundle) / "configs" / "train.json").read_text()).get(key)
 
+    def _default_weights(self) -> str:
+        """The bundle's default CLIP weights for the grid's backbone (train.json's ``clip_weights``)."""
+        model = self.clip_model or str(self.bundle_default("clip_model"))
+        return "those of the model (hf-hub:/local-dir:)" if weights_come_with_name(model) else "openai"
+
     def protocol(self) -> dict[str, object]:
         """What the report states about how the numbers were made."""
         return {
             "model_selection": self.model_selection,
             "epochs": self.epochs if self.epochs is not None else self.bundle_default("epochs"),
             "clip_model": self.clip_model or ("medad-tiny" if self.tiny else self.bundle_default("clip_model")),
-            "clip_weights": self.clip_weights or ("random (tiny smoke test)" if self.tiny else self.bundle_default("clip_weights")),
+            "clip_weights": self.clip_weights or ("random (tiny smoke test)" if self.tiny else self._default_weights()),
             "dataset_dir": str(self.dataset_dir),
             "seed_dir": str(self.seed_dir) if self.seed_dir else None,
             "extra": dict(self.extra),
@@ -787,7 +815,9 @@ PAPER_RESULTS: dict[int, dict[str, tuple[float, float | None]]] = {
         "Retina_RESC": (96.18, 98.97),
     },
 }
-_FIRST_COLUMNS = ("setting", "shot", "target", "pick", "has_masks", "folder")
+_FIRST_COLUMNS = ("setting", "method", "shot", "target", "pick", "has_masks", "folder")
+#: How the report names each method's rows.
+METHOD_ROWS = {"mvfa": "ours", "clip": "CLIP (no adapters)", "memory": "memory bank (no adapters)"}
 
 
 def _finite(value: object) -> float | None:
@@ -810,6 +840,7 @@ def collect_results(cells: Sequence[Cell], options: GridOptions) -> list[dict]:
         metrics = json.loads(path.read_text())
         row = {
             "setting": cell.setting,
+            "method": cell.method,
             "shot": cell.shot,
             "target": cell.target,
             "pick": f"{cell.pick}={cell.value}" if cell.pick else "",
@@ -875,24 +906,26 @@ def format_report(rows: Sequence[dict], cells: Sequence[Cell], protocol: Mapping
     picks_text = []
     for shot in shots:
         group = [cell for cell in cells if cell.shot == shot]
-        ours, paper, delta = [], [], []
-        for name, metric in columns:
-            planned = sum(cell.target == name for cell in group)
-            values = [
-                row[metric]
-                for row in rows
-                if row["shot"] == shot and row["target"] == name and row.get(metric) is not None
-            ]
-            ours.append(_summary(values, planned))
-            published = PAPER_RESULTS.get(shot, {}).get(name)
-            number = None if published is None else published[0 if metric == "image_auroc" else 1]
-            paper.append("" if number is None else f"{number:.2f}")
-            delta.append("" if number is None or not values else f"{100 * statistics.fmean(values) - number:+.2f}")
         setting = "zero-shot" if shot == 0 else f"k={shot}"
-        lines.append("| " + " | ".join([setting, "ours", *ours]) + " |")
-        if any(paper):
-            lines.append("| " + " | ".join(["", "paper", *paper]) + " |")
-            lines.append("| " + " | ".join(["", "Δ", *delta]) + " |")
+        for method in dict.fromkeys(cell.method for cell in group):
+            ours, paper, delta = [], [], []
+            for name, metric in columns:
+                planned = sum(cell.target == name and cell.method == method for cell in group)
+                values = [
+                    row[metric]
+                    for row in rows
+                    if row["shot"] == shot and row["target"] == name and row.get("method", "mvfa") == method
+                    and row.get(metric) is not None
+                ]
+                ours.append(_summary(values, planned))
+                published = PAPER_RESULTS.get(shot, {}).get(name) if method == "mvfa" else None
+                number = None if published is None else published[0 if metric == "image_auroc" else 1]
+                paper.append("" if number is None else f"{number:.2f}")
+                delta.append("" if number is None or not values else f"{100 * statistics.fmean(values) - number:+.2f}")
+            lines.append("| " + " | ".join([setting, METHOD_ROWS[method], *ours]) + " |")
+            if any(paper):
+                lines.append("| " + " | ".join(["", "paper", *paper]) + " |")
+                lines.append("| " + " | ".join(["", "Δ", *delta]) + " |")
         if shot:
             kinds = sorted({(cell.pick, cell.value) for cell in group})
             kind_names = {"seed_index": "seed-file indices", "random_seed": "random picks with seeds"}
@@ -927,6 +960,13 @@ def format_report(rows: Sequence[dict], cells: Sequence[Cell], protocol: Mapping
         "mean ± sample standard deviation over the support picks; (n/N): only n of N runs finished; "
         "—: none finished.",
     ]
+    if any(cell.method != "mvfa" for cell in cells):
+        out.append(
+            "Baselines on the same backbone, data and metrics, nothing trained: CLIP (no adapters) scores each "
+            "level's tokens, through the tower's final norm and projection, against the same prompts (MVFA's "
+            "zero-shot formulas); memory bank (no adapters) scores the backbone's own tokens at the same levels "
+            "against the augmented normal support images (MVFA's few-shot distance)."
+        )
     if any(shot in PAPER_RESULTS for shot in shots):
         out.append(
             "Paper: Huang et al., CVPR 2024, Tables 1 and 2, as transcribed in `scripts/reproduction.py` "
@@ -949,7 +989,7 @@ def estimate_runtime(cells: Sequence[Cell], options: GridOptions, seconds_per_im
     train_images = eval_images = 0
     for cell in cells:
         per_epoch = sum(n for name, n in sizes.items() if name != cell.target) if cell.shot == 0 else 2 * cell.shot * FEWSHOT_AUGMENTATIONS
-        train_images += per_epoch * epochs
+        train_images += per_epoch * epochs if cell.method == "mvfa" else 0  # baselines train nothing
         validations = 1 + (epochs * (5 if cell.shot == 0 else 1) if options.model_selection == "paper" else 0)
         eval_images += validations * sizes[cell.target]
     train_s = train_images * seconds_per_image

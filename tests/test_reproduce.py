@@ -17,6 +17,7 @@ from reproduction import (  # scripts/reproduction.py
     BMADLayoutError,
     Cell,
     GridOptions,
+    estimate_runtime,
     format_report,
     plan_grid,
     prepare_bmad,
@@ -291,3 +292,28 @@ def test_prepare_then_reproduce_the_grid_resumably(download, tmp_path, capsys, m
     for extra in (["--epochs", "2"], ["--epochs", "2", "--report-only"]):
         assert reproduce.main([*argv, *extra]) == 2
         assert "was run with other settings (changed: ['epochs'])" in capsys.readouterr().err
+
+
+def test_baselines_join_the_grid_and_the_table(synthetic_bmad, tmp_path):
+    cells = plan_grid(synthetic_bmad, ["Alpha"], [0, 2], seeds=[0, 1], methods=["mvfa", "clip", "memory"])
+    assert [(c.shot, c.method, c.value) for c in cells] == [
+        (0, "mvfa", None), (0, "clip", None), (2, "mvfa", 0), (2, "mvfa", 1), (2, "memory", 0), (2, "memory", 1)]
+    options = GridOptions(synthetic_bmad, tmp_path / "runs")
+    memory = cells[4]
+    assert memory.relpath == Path("memory") / "k2" / "Alpha" / "random_seed_0"  # MVFA's cells keep their folders
+    assert options.overrides(memory)["method"] == "memory" and "method" not in options.overrides(cells[2])
+    assert "estimate for 6 cells: 120 training steps" in estimate_runtime(cells, GridOptions(synthetic_bmad, tmp_path, epochs=1))
+    rows = [{**_row("Alpha", 0, 0.70, 0.80), "method": "mvfa"}, {**_row("Alpha", 0, 0.60, 0.65), "method": "clip"},
+            {**_row("Alpha", 2, 0.90, 0.95, "0"), "method": "mvfa"}, {**_row("Alpha", 2, 0.80, 0.85, "0"), "method": "memory"},
+            {**_row("Alpha", 2, 0.70, 0.75, "1"), "method": "memory"}]
+    table = [line for line in format_report(rows, cells, {}).splitlines() if line.startswith("|")]
+    assert table[2:] == [
+        "| zero-shot | ours | 70.00 | 80.00 |",
+        "| zero-shot | CLIP (no adapters) | 60.00 | 65.00 |",
+        "| k=2 | ours | 90.00 (1/2) | 95.00 (1/2) |",
+        "| k=2 | memory bank (no adapters) | 75.00 ± 7.07 | 80.00 ± 7.07 |",
+    ]
+    with pytest.raises(ValueError, match="methods must be some of"):
+        plan_grid(synthetic_bmad, ["Alpha"], [0], methods=["winclip"])
+    with pytest.raises(ValueError, match="memory baseline is a few-shot memory bank"):
+        plan_grid(synthetic_bmad, ["Alpha"], [0], methods=["memory"])
