@@ -303,13 +303,13 @@ class MLflowArtifacts:
 
     Args:
         paths: what to log; missing paths are skipped.
-        artifact_path: the folder in the run's artifacts.
+        artifact_folder: the folder in the run's artifacts.
         save_rank: under ``torch.distributed`` only this rank logs.
     """
 
-    def __init__(self, paths: Sequence[str | os.PathLike], artifact_path: str | None = None, save_rank: int = 0) -> None:
+    def __init__(self, paths: Sequence[str | os.PathLike], artifact_folder: str | None = None, save_rank: int = 0) -> None:
         self.paths = [Path(path) for path in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
-        self.artifact_path, self.save_rank = artifact_path, save_rank
+        self.artifact_folder, self.save_rank = artifact_folder, save_rank
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
@@ -319,10 +319,10 @@ class MLflowArtifacts:
             return
         for client, run_id in _mlflow_runs(engine):
             for path in self.paths:
-                if path.is_dir():  # a folder keeps its name: <artifact_path>/<folder>/...
-                    client.log_artifacts(run_id, str(path), "/".join(filter(None, (self.artifact_path, path.name))))
+                if path.is_dir():  # a folder keeps its name: <artifact_folder>/<folder>/...
+                    client.log_artifacts(run_id, str(path), "/".join(filter(None, (self.artifact_folder, path.name))))
                 elif path.is_file():
-                    client.log_artifact(run_id, str(path), self.artifact_path)
+                    client.log_artifact(run_id, str(path), self.artifact_folder)
 
 
 class EvaluationReport:
