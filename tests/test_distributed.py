@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -213,7 +214,14 @@ def test_torchrun_training_and_evaluation_equal_one_process(uneven_bmad, bundle_
     evaluate = ("train", "evaluate")
     _torchrun("evaluating", (*evaluate, "multi_gpu_evaluate"), few, output_dir=few / "eval_ddp", **settings)
     _in_process(evaluate, few, "infer", output_dir=few / "eval_single", **settings)
-    assert sorted(p.name for p in (few / "eval_ddp").iterdir()) == ["metrics.csv", "metrics.json", "scores.csv"]
+    # rank 0 alone writes: one TensorBoard file, and the same files and report galleries as one process
+    written = {name: sorted(p.name for p in (few / name).iterdir()) for name in ("eval_ddp", "eval_single")}
+    assert sum(name.startswith("events.out.tfevents") for name in written["eval_ddp"]) == 1
+    without_events = {name: [f for f in files if not f.startswith("events.out")] for name, files in written.items()}
+    assert without_events["eval_ddp"] == without_events["eval_single"] == [
+        "metrics.csv", "metrics.json", "report.html", "report_figures", "scores.csv"]
+    galleries = {name: re.findall(r'data-image="([^"]*)"', (few / name / "report.html").read_text()) for name in written}
+    assert galleries["eval_ddp"] == galleries["eval_single"] and galleries["eval_single"]
     distributed, one = (json.loads((few / name / "metrics.json").read_text()) for name in ("eval_ddp", "eval_single"))
     assert distributed.keys() == one.keys() and "val_aupro" in one
     for name, value in one.items():
