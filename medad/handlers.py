@@ -278,7 +278,14 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
 class RunSettings:
     """The settings of a training run, saved in its resume checkpoints (as ``settings``): a run
-    resumes only from a checkpoint of the same settings."""
+    resumes only from a checkpoint of the same settings.
+
+    A checkpoint made before a setting existed ran with that setting's value of then
+    (:attr:`ADDED_LATER`), so a run with that value still resumes from it.
+    """
+
+    #: Settings added after the first resumable checkpoints, with the value every older run had.
+    ADDED_LATER: Mapping[str, Any] = {"method": "mvfa", "memory_size": None, "init_checkpoint": None}
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
         # plain JSON values, as they come back from a checkpoint (paths as text, tuples as lists)
@@ -295,6 +302,7 @@ class RunSettings:
         ``epochs``: a resumed run that trains longer equals an uninterrupted run of that length
         (the data order of an epoch depends only on the seed and the epoch, the learning rate
         is constant), so continuing a run for more epochs is allowed."""
+        saved = {**self.ADDED_LATER, **saved}
         keys = dict.fromkeys([*saved, *self.settings])
         longer = lambda key: key == "epochs" and isinstance(saved.get(key), int) and saved[key] <= self.settings.get(key, 0)  # noqa: E731
         return [

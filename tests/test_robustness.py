@@ -20,6 +20,7 @@ from PIL import Image
 import medad
 from medad.checks import DataCheckError, check_items
 from medad.data import bmad_datalist
+from medad.handlers import RunSettings
 from medad.transforms import mvfa_preprocessing
 
 from synthetic import write_dataset
@@ -219,3 +220,12 @@ def test_killed_training_resumes_to_the_same_adapters(synthetic_bmad, bundle_bac
     assert adapters
     for key in adapters:
         assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes_with_that_settings_value_of_then():
+    # a resume checkpoint of an older medad records no `method`: it trained MVFA
+    older = {"seed": 111, "image_size": 240, "levels": [6, 12, 18, 24]}
+    now = {**older, "method": "mvfa", "memory_size": None}
+    assert RunSettings(now).differences(older) == []
+    assert RunSettings({**now, "method": "clip"}).differences(older) == ["method: 'mvfa' -> 'clip'"]
+    assert RunSettings({**now, "memory_size": 64}).differences(older) == ["memory_size: None -> 64"]
