@@ -198,20 +198,22 @@ def test_a_failed_map_write_keeps_the_previous_map(tmp_path, monkeypatch):
 
 def test_killed_training_resumes_to_the_same_adapters(synthetic_bmad, bundle_backbone, tmp_path):
     settings = common(synthetic_bmad, bundle_backbone)
-    run_bundle("training", ("train",), tmp_path / "straight", epochs=3, **settings)
+    epochs = 6  # an epoch of this tiny run takes well under a second: room to kill it mid-run
+    run_bundle("training", ("train",), tmp_path / "straight", epochs=epochs, **settings)
 
     interrupted = tmp_path / "interrupted"
-    command = bundle_command("training", ("train",), interrupted, epochs=3, **settings)
+    command = bundle_command("training", ("train",), interrupted, epochs=epochs, **settings)
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    first = interrupted / "models" / "resume_checkpoint_epoch=1.pt"
+    # only the newest resume checkpoint is kept: from the first epoch's end on, one always exists
+    saved = lambda: sorted((interrupted / "models").glob("resume_checkpoint_epoch=*.pt"))  # noqa: E731
     deadline = time.time() + 600
-    while not first.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert first.exists(), process.stderr.read() if process.poll() is not None else "no checkpoint in time"
-    process.send_signal(signal.SIGKILL)  # mid-epoch 2, no chance to clean up
+    while not saved() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert saved(), process.stderr.read() if process.poll() is not None else "no checkpoint in time"
+    process.send_signal(signal.SIGKILL)  # mid-run, no chance to clean up
     process.wait()
-    assert not (interrupted / "models" / "model.pt").exists()
-    log = run_bundle("training", ("train",), interrupted, epochs=3, **settings)
+    assert not (interrupted / "models" / "model.pt").exists(), "the run ended before it could be killed"
+    log = run_bundle("training", ("train",), interrupted, epochs=epochs, **settings)
     assert "Restored all variables" in log
 
     straight = torch.load(tmp_path / "straight" / "models" / "model.pt", weights_only=True)
