@@ -19,7 +19,6 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,12 +47,16 @@ _SCORES = ("zero_score", "few_score")
 
 
 class _Spill:
-    """Append-only float32 arrays of equal-shaped records on disk, read back in chunks."""
+    """Append-only float32 arrays of equal-shaped records on disk, read back in chunks.
+
+    The file is anonymous (``tempfile.TemporaryFile``: unlinked at once on POSIX), so it goes
+    away when it is closed or the process ends, however it ends; a named file was left behind
+    by every evaluation, since the last one is only closed by the next ``reset``.
+    """
 
     def __init__(self, directory: str | os.PathLike | None, record_shape: tuple[int, ...], dtype: np.dtype) -> None:
         self.record_shape, self.dtype = record_shape, np.dtype(dtype)
-        handle, self.path = tempfile.mkstemp(prefix="medad-scores-", suffix=".bin", dir=directory)
-        self.file = os.fdopen(handle, "wb")
+        self.file = tempfile.TemporaryFile(prefix="medad-scores-", suffix=".bin", dir=directory)
         self.count = 0
 
     def append(self, records: np.ndarray) -> None:
@@ -61,17 +64,16 @@ class _Spill:
         self.count += len(records)
 
     def chunks(self, size: int):
+        record_bytes = math.prod(self.record_shape) * self.dtype.itemsize
         self.file.flush()
-        per_record = math.prod(self.record_shape)
-        with open(self.path, "rb") as handle:
-            for start in range(0, self.count, size):
-                n = min(size, self.count - start)
-                values = np.fromfile(handle, dtype=self.dtype, count=n * per_record)
-                yield values.reshape(n, *self.record_shape)
+        for start in range(0, self.count, size):
+            n = min(size, self.count - start)
+            # positional reads leave the file's offset, where appends go, as it is
+            data = os.pread(self.file.fileno(), n * record_bytes, start * record_bytes)
+            yield np.frombuffer(bytearray(data), dtype=self.dtype).reshape(n, *self.record_shape)
 
     def close(self) -> None:
         self.file.close()
-        Path(self.path).unlink(missing_ok=True)
 
 
 class AnomalyEvaluation(Metric):

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
+import medad
 from medad.metric_ops import BinnedScores, PROCurve, image_metrics
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -383,3 +384,25 @@ def test_cuda_accumulates_on_the_gpu_and_matches_the_cpu(lesion_maps):
     assert torch.equal(gpu.counts.cpu(), cpu.counts)
     assert binned_metrics(gpu) == pytest.approx(binned_metrics(cpu), abs=1e-12)
     assert gpu_pro.aupro() == pytest.approx(cpu_pro.aupro(), abs=1e-12)
+
+
+def test_anomaly_evaluation_leaves_no_score_file_behind(tmp_path):
+    """The spilled maps live in anonymous files: none is left in the spill folder, also after
+    ``compute`` without a later ``reset`` (as at the end of every evaluation), and they read back
+    what was written (pixel AUROC of maps that equal their masks is 1)."""
+    from medad.metrics import AnomalyEvaluation
+
+    torch.manual_seed(0)
+    detector = medad.build_detector(["Alpha"], "Alpha", medad.TINY_MODEL_NAME, 56, random_init=True, levels=(1, 2, 3, 4))
+    metric = AnomalyEvaluation(detector, spill_dir=tmp_path)
+    masks = torch.zeros(6, 1, 56, 56)
+    masks[3:, :, 10:30, 20:40] = 1
+    maps = masks[:, 0] * 0.8 + 0.1 * torch.rand(6, 56, 56)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    for part in (slice(0, 4), slice(4, 6)):
+        metric.update({"zero_map": maps[part], "zero_score": maps[part].flatten(1).amax(1), "label": labels[part],
+                       "mask": masks[part]})
+    result = metric.compute()
+    assert list(tmp_path.iterdir()) == []
+    expected = roc_auc_score(masks.flatten().numpy() > 0, maps.flatten().numpy())
+    assert expected == 1.0 and result["pixel_auroc"] == pytest.approx(expected, abs=1e-4)
