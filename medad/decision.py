@@ -30,7 +30,7 @@ import torch
 from medad.checkpoint import Thresholds
 from medad.metric_ops import BinnedScores
 
-__all__ = ["effective_thresholds", "f1_best_threshold", "pixel_f1_threshold"]
+__all__ = ["effective_thresholds", "f1_best_threshold", "map_scale", "pixel_f1_threshold"]
 
 #: Bins of the pixel-threshold search over the support maps' range.
 _PIXEL_BINS = 2**16
@@ -65,12 +65,19 @@ def pixel_f1_threshold(maps: torch.Tensor, masks: torch.Tensor) -> float | None:
     return binned.f1_best_threshold()
 
 
+def map_scale(levels: int, has_memory: bool) -> tuple[float, float]:
+    """The range ``(low, high)`` of a model's final maps by construction, one colour scale for
+    every image it scores: a model with a memory bank fuses min-max normalised scores with its
+    stored calibration, so its support set's maps span ``(0, 1)`` exactly (new images may exceed
+    it); a zero-shot model's map sums the abnormal probability of ``levels`` levels: ``(0, levels)``."""
+    return (0.0, 1.0) if has_memory else (0.0, float(levels))
+
+
 def effective_thresholds(stored: Thresholds, levels: int, has_memory: bool) -> Thresholds:
-    """The thresholds that apply: the stored ones, the rule's default where one is missing."""
-    if has_memory:
-        default, rule = 0.5, "calibrated_midpoint"
-    else:
-        default, rule = 0.5 * levels, "zero_shot_prior"
+    """The thresholds that apply: the stored ones, the rule's default where one is missing (the
+    middle of :func:`map_scale`)."""
+    low, high = map_scale(levels, has_memory)
+    default, rule = 0.5 * (low + high), "calibrated_midpoint" if has_memory else "zero_shot_prior"
     image, image_rule = (stored.image, stored.image_rule) if stored.image is not None else (default, rule)
     pixel, pixel_rule = (stored.pixel, stored.pixel_rule) if stored.pixel is not None else (default, rule)
     return Thresholds(float(image), float(pixel), image_rule, pixel_rule)

@@ -42,7 +42,7 @@ from medad.checkpoint import (
     stored_description,
     weights_record,
 )
-from medad.decision import effective_thresholds, f1_best_threshold, pixel_f1_threshold
+from medad.decision import effective_thresholds, f1_best_threshold, map_scale, pixel_f1_threshold
 from medad.network import AdaptedVisualTower, AdapterTokens, BackboneTokens, FrozenTower
 from medad.prompts import encode_text_features
 from medad.scoring import FusionRange, coreset_indices, few_shot_maps, fuse, zero_shot_maps, zero_shot_scores
@@ -167,6 +167,11 @@ class MVFADetector(nn.Module):
     def effective_thresholds(self) -> Thresholds:
         """The thresholds every surface applies unless the user gives its own (:mod:`medad.decision`)."""
         return effective_thresholds(self.thresholds, len(self.encoder.levels), self.has_memory)
+
+    def map_scale(self) -> tuple[float, float]:
+        """The range of this detector's final maps, one colour scale for all its images
+        (:func:`medad.decision.map_scale`)."""
+        return map_scale(len(self.encoder.levels), self.has_memory)
 
     def _set_text_features(self, text_features: Mapping[str, torch.Tensor]) -> None:
         self.datasets = list(text_features)

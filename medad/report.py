@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from monai.handlers import MLFlowHandler
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
@@ -44,7 +43,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 
 from medad.decision import f1_best_threshold
 from medad.detector import MVFADetector, unwrap
-from medad.handlers import gather_rows, is_saving_rank
+from medad.handlers import gather_rows, is_saving_rank, mlflow_runs
 from medad.io import atomic_write
 from medad.metrics import AnomalyEvaluation
 from medad.transforms import annotate_overlay, heat_overlay, input_size
@@ -53,7 +52,6 @@ __all__ = [
     "GALLERIES",
     "SECTION_IDS",
     "EvaluationReport",
-    "MLflowArtifacts",
     "Section",
     "confusion_figure",
     "confusion_matrix",
@@ -61,7 +59,6 @@ __all__ = [
     "figure_png",
     "gallery_picks",
     "histogram_figure",
-    "map_display_range",
     "mask_contour",
     "png_tag",
     "render_page",
@@ -84,17 +81,6 @@ SECTION_IDS = (
 #: Most points a plotted curve keeps (:func:`thin_curve`).
 _CURVE_POINTS = 4096
 _PANEL_HEIGHT = 180
-
-
-def map_display_range(detector: torch.nn.Module) -> tuple[float, float]:
-    """The colour scale of every map ``detector`` produces, the same for all its images.
-
-    A model with a memory bank fuses min-max normalised scores with its stored calibration, so
-    its support set's maps span ``[0, 1]`` exactly: ``(0.0, 1.0)`` (new images may exceed 1 and
-    show as the top colour). A zero-shot model's map sums the abnormal probability of each
-    adapted level: ``(0.0, levels)``; its prior threshold is the middle of that range."""
-    detector = unwrap(detector)
-    return (0.0, 1.0) if detector.has_memory else (0.0, float(len(detector.encoder.levels)))
 
 
 def gallery_picks(scores: np.ndarray, labels: np.ndarray, size: int = 8) -> dict[str, list[int]]:
@@ -270,59 +256,6 @@ def render_page(title: str, subtitle: str, sections: Sequence[Section]) -> str:
         f"<style>{_STYLE}</style></head><body><header><h1>{html.escape(title)}</h1><p>{html.escape(subtitle)}</p>"
         f"</header><nav>{nav}</nav>{parts}</body></html>\n"
     )
-
-
-def _mlflow_runs(engine: Engine) -> list[tuple[Any, str]]:
-    """``(client, run_id)`` of every active MONAI ``MLFlowHandler`` attached to ``engine``, and of
-    MLflow's active fluent run if any."""
-    runs = []
-    # MONAI's MLFlowHandler logs through its own client, not MLflow's active run, and ignite has
-    # no public list of attached handlers: its registry is read here, and nowhere else.
-    for handlers in engine._event_handlers.values():
-        for handler, *_ in handlers:
-            owner = getattr(handler, "__self__", None)
-            if isinstance(owner, MLFlowHandler) and getattr(owner, "cur_run", None) is not None:
-                run = (owner.client, owner.cur_run.info.run_id)
-                if run[1] not in [known[1] for known in runs]:
-                    runs.append(run)
-    try:
-        import mlflow
-    except ImportError:
-        return runs
-    active = mlflow.active_run()
-    if active is not None and active.info.run_id not in [known[1] for known in runs]:
-        runs.append((mlflow.MlflowClient(), active.info.run_id))
-    return runs
-
-
-class MLflowArtifacts:
-    """Log ``paths`` (files, or folders by name with everything under them) as artifacts of the engine's
-    MLflow run(s) when it completes: the runs of the MONAI ``MLFlowHandler`` attached to it
-    (``--tracking mlflow``) or MLflow's active run; nothing without one. Attach it before the
-    ``MLFlowHandler`` closes its run (bundle handler lists: anywhere, MONAI appends its own last).
-
-    Args:
-        paths: what to log; missing paths are skipped.
-        artifact_folder: the folder in the run's artifacts.
-        save_rank: under ``torch.distributed`` only this rank logs.
-    """
-
-    def __init__(self, paths: Sequence[str | os.PathLike], artifact_folder: str | None = None, save_rank: int = 0) -> None:
-        self.paths = [Path(path) for path in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
-        self.artifact_folder, self.save_rank = artifact_folder, save_rank
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.COMPLETED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        if not is_saving_rank(self.save_rank):
-            return
-        for client, run_id in _mlflow_runs(engine):
-            for path in self.paths:
-                if path.is_dir():  # a folder keeps its name: <artifact_folder>/<folder>/...
-                    client.log_artifacts(run_id, str(path), "/".join(filter(None, (self.artifact_folder, path.name))))
-                elif path.is_file():
-                    client.log_artifact(run_id, str(path), self.artifact_folder)
 
 
 class EvaluationReport:
@@ -577,14 +510,12 @@ class EvaluationReport:
         page = render_page("medad evaluation report", subtitle, sections)
         with atomic_write(self.path, encoding="utf-8") as handle:
             handle.write(page)
-        outputs = [self.path]
         for name, png in [item for section in figures.values() for item in section]:
             with atomic_write(self.figures_dir / f"{name}.png", "wb") as handle:
                 handle.write(png)
-            outputs.append(self.figures_dir / f"{name}.png")
         if self.tensorboard:
             self._tensorboard(engine, figures, galleries)
-        for client, run_id in _mlflow_runs(engine):
+        for client, run_id in mlflow_runs(engine):
             client.log_artifact(run_id, str(self.path), "report")
             client.log_artifacts(run_id, str(self.figures_dir), "report/figures")
 

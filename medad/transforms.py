@@ -432,7 +432,7 @@ class SaveOverlayd(MapTransform):
     up, the patient's right on the left) and with the pixel spacing's aspect ratio.
 
     Colours span ``value_range``: give one range for every image a model scores (the bundle's
-    inference gives :func:`medad.report.map_display_range` of its model unless ``overlay_range``
+    inference gives :meth:`medad.MVFADetector.map_scale` of its model unless ``overlay_range``
     is set), so that overlays compare; ``None`` stretches each map, or volume, over its own
     minimum to maximum, which shows where a map is highest, not how high. A colour bar of that
     range (with ``pixel_threshold`` marked) fills a margin of :data:`COLOUR_BAR_WIDTH` pixels on

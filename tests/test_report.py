@@ -21,7 +21,7 @@ from sklearn.metrics import confusion_matrix as sklearn_confusion, precision_rec
 import medad
 from medad.metric_ops import BinnedScores
 from medad.report import (
-    GALLERIES, SECTION_IDS, confusion_matrix, gallery_picks, map_display_range, mask_contour,
+    GALLERIES, SECTION_IDS, confusion_matrix, gallery_picks, mask_contour,
 )
 from medad.transforms import COLOUR_BAR_WIDTH, SaveOverlayd, mvfa_preprocessing
 
@@ -119,7 +119,7 @@ def test_overlays_keep_the_image_size_and_share_the_model_scale(tmp_path, tiny_d
     low_map = torch.full((size, size), 1.0)
     high_map = torch.full((size, size), 1.0)
     high_map[40:70, 40:70] = 3.5
-    scale = map_display_range(tiny_detector)
+    scale = tiny_detector.map_scale()
     assert scale == (0.0, 4.0)  # zero-shot: the abnormal probability summed over 4 levels
     save = SaveOverlayd(keys="pred", output_dir=tmp_path / "out", value_range=scale, threshold=2.0, pixel_threshold=2.0)
     save(_scored_item(tmp_path / "wide.png", low_map, 1.2))
