@@ -14,9 +14,9 @@ import os
 
 import torch
 
+from medad.checkpoint import save_model
 from medad.detector import unwrap
 from medad.handlers import FewShotMemoryHandler, is_saving_rank
-from medad.io import atomic_write
 
 __all__ = ["BaselineBuild"]
 
@@ -52,8 +52,7 @@ class BaselineBuild:
                 "configs/fewshot.json and give shot k)"
             )
         if is_saving_rank():
-            with atomic_write(self.save_path, "wb") as handle:
-                torch.save(detector.state_dict(), handle)
+            save_model(detector, self.save_path)
         logger.info(
             "%s baseline built (nothing to train; %s): thresholds %s; saved %s", detector.method,
             "memory and calibration from the support images" if self.support is not None else "zero-shot",

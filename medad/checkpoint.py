@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from medad.backbone import BackboneSpec, weights_come_with_name
+from medad.io import atomic_write
 
 __all__ = [
     "FORMAT_VERSION",
@@ -42,7 +43,10 @@ __all__ = [
     "checkpoint_kind",
     "describe",
     "description_tensor",
+    "model_versions",
     "read_checkpoint",
+    "restore_model_version",
+    "save_model",
     "stored_description",
     "weights_record",
 ]
@@ -237,3 +241,92 @@ def describe(path_or_state: str | os.PathLike | Mapping[str, Any]) -> ModelDescr
     if checkpoint_kind(state, source) == "adapters":
         return None
     return stored_description(state, source=source)
+
+
+#: Where :func:`save_model` keeps earlier versions of a model file: ``<models>/versions/``.
+VERSIONS_FOLDER = "versions"
+
+
+def _version_name(path: Path) -> str:
+    """``<stem>-<UTC time to the microsecond>.pt``: sortable by age."""
+    from datetime import datetime, timezone
+
+    return f"{path.stem}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S%fZ')}{path.suffix}"
+
+
+def _keep_version(path: Path) -> Path:
+    """Link the model file ``path`` into ``versions/`` under a new name (it stays in place too)."""
+    versions = path.parent / VERSIONS_FOLDER
+    versions.mkdir(parents=True, exist_ok=True)
+    while True:
+        kept = versions / _version_name(path)
+        try:
+            os.link(path, kept)
+            return kept
+        except FileExistsError:
+            continue  # two saves within one microsecond: take the next name
+        except OSError:  # a filesystem without hard links
+            import shutil
+
+            if not kept.exists():
+                shutil.copy2(path, kept)
+                return kept
+
+
+def save_model(model: torch.nn.Module | Mapping[str, Any], path: str | os.PathLike, keep_previous: bool = False) -> Path | None:
+    """Write a detector's ``model.pt``: the one way every run (training, the baselines,
+    normal-only adaptation, MONAI Label) saves a model, always as a whole, never a half file.
+
+    The state dict is written to a temporary name beside ``path`` and renamed onto it, so readers
+    see the old or the new model. Call it only when the run that made the model has completed.
+
+    Args:
+        model: the detector (its ``state_dict()`` is saved) or a state dict.
+        path: the model file.
+        keep_previous: keep the model ``path`` held before in ``versions/`` beside it
+            (:func:`model_versions`, :func:`restore_model_version`) instead of dropping it.
+
+    Returns:
+        The version file that now holds the replaced model (``None`` without one).
+    """
+    path = Path(path)
+    state = model.state_dict() if isinstance(model, torch.nn.Module) else dict(model)
+    kept = None
+    with atomic_write(path, "wb") as handle:
+        torch.save(state, handle)
+        if keep_previous and path.is_file():  # once the new model is written: a failed save keeps no copy
+            kept = _keep_version(path)
+    return kept
+
+
+def model_versions(path: str | os.PathLike) -> list[Path]:
+    """The earlier versions :func:`save_model` kept of the model file ``path``, oldest first."""
+    path = Path(path)
+    return sorted((path.parent / VERSIONS_FOLDER).glob(f"{path.stem}-*{path.suffix}"))
+
+
+def restore_model_version(path: str | os.PathLike, version: str | os.PathLike | None = None) -> tuple[Path, Path | None]:
+    """Put an earlier version back as the model file ``path`` (the newest one kept, or
+    ``version``: a file name from :func:`model_versions`), byte for byte; the current model is
+    kept as a version in turn, so going back can be undone. The version is read first: a
+    broken one is refused.
+
+    Returns:
+        The version that was restored (now gone from ``versions/``) and the version file that
+        now holds the model it replaced.
+    """
+    path = Path(path)
+    kept = model_versions(path)
+    if version is None:
+        if not kept:
+            raise FileNotFoundError(f"{path}: no earlier version is kept in {path.parent / VERSIONS_FOLDER}")
+        chosen = kept[-1]
+    else:
+        chosen = path.parent / VERSIONS_FOLDER / Path(version).name
+        if chosen not in kept:
+            names = ", ".join(p.name for p in kept) or "none"
+            raise FileNotFoundError(f"{path}: no kept version {Path(version).name} (kept: {names})")
+    checkpoint_kind(read_checkpoint(chosen), str(chosen))
+    replaced = _keep_version(path) if path.is_file() else None
+    os.replace(chosen, path)
+    return chosen, replaced

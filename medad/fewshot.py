@@ -15,7 +15,7 @@ from medad.augment import FEWSHOT_AUGMENTATIONS, augment_fewshot
 from medad.checks import check_items
 from medad.data import fewshot_selection
 from medad.detector import MVFADetector, unwrap
-from medad.io import atomic_write
+from medad.checkpoint import save_model
 from medad.transforms import mvfa_preprocessing
 
 __all__ = ["NormalOnlyAdaptation", "fewshot_training_data", "support_items"]
@@ -115,8 +115,7 @@ class NormalOnlyAdaptation:
         detector: MVFADetector = unwrap(self.network).eval()
         images, _ = _load(self.items, self.image_size)
         thresholds = adapt_to_normal_images(detector, images, augment=True, batch_size=self.batch_size)
-        with atomic_write(self.save_path, "wb") as handle:
-            torch.save(detector.state_dict(), handle)
+        save_model(detector, self.save_path)
         logger.info(
             "normal-only adaptation to %d normal images: thresholds %s; saved %s", len(images), thresholds, self.save_path
         )

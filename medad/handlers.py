@@ -18,11 +18,12 @@ from pathlib import Path
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers import DiskSaver
 from monai.data import decollate_batch
 from monai.handlers import CheckpointLoader, CheckpointSaver, MLFlowHandler, StatsHandler, TensorBoardStatsHandler
 from monai.utils.enums import CommonKeys as Keys
 
-from medad.checkpoint import read_checkpoint
+from medad.checkpoint import read_checkpoint, save_model
 from medad.detector import MVFADetector, unwrap
 from medad.io import atomic_write
 from medad.metrics import AnomalyEvaluation
@@ -31,9 +32,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "AtomicCheckpointSaver",
+    "AtomicDiskSaver",
     "FewShotMemoryHandler",
     "MLflowArtifacts",
     "MetricsJSONWriter",
+    "ModelSaver",
     "RunSettings",
     "ScoresWriter",
     "TrainingCheckpoint",
@@ -263,19 +266,77 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "resume") -> st
     return max(found)[1] if found else None
 
 
-class AtomicCheckpointSaver(CheckpointSaver):
-    """MONAI's ``CheckpointSaver`` writing every file to a temporary name and renaming it, so a
-    run killed while saving never leaves a truncated ``model.pt`` or resume checkpoint.
+class AtomicDiskSaver(DiskSaver):
+    """Ignite's ``DiskSaver`` writing each checkpoint through :func:`medad.io.atomic_write`: a run
+    killed while saving never leaves a truncated file, a failed save removes its temporary file,
+    files get the permissions ``open()`` gives (``0o666`` less the umask), and a full disk is named
+    with the file being written (torch reports it as ``unexpected pos``).
 
-    MONAI turns ignite's atomic writes off because they used to leave files readable by their
-    owner only; ignite now adds group and other read permission after the rename.
+    ``filename``: always this name (as MONAI's savers of ``final_filename`` and
+    ``key_metric_filename``), instead of the one ignite's ``Checkpoint`` makes.
     """
+
+    def __init__(self, dirname: str | os.PathLike, filename: str | None = None, **kwargs: Any) -> None:
+        super().__init__(dirname, **kwargs)
+        self.filename = filename
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        with atomic_write(Path(self.dirname) / (self.filename or filename), "wb") as handle:
+            torch.save(checkpoint, handle)
+
+    def remove(self, filename: str) -> None:
+        super().remove(self.filename or filename)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` saving through :class:`AtomicDiskSaver` (resume checkpoints and
+    the selected model; ``model.pt`` itself is written by :class:`ModelSaver`)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
-            if checkpoint is not None:
-                checkpoint.save_handler._atomic = True  # ignite's DiskSaver(atomic=True), set after MONAI built it
+            if checkpoint is not None:  # MONAI builds ignite's DiskSaver for each; ignite's Checkpoint takes any
+                fixed = getattr(checkpoint.save_handler, "filename", None)
+                checkpoint.save_handler = AtomicDiskSaver(self.save_dir, fixed, require_empty=False)
+
+
+class ModelSaver:
+    """Write ``model.pt`` when training completes, and only then (:func:`medad.checkpoint.save_model`).
+
+    MONAI's ``CheckpointSaver(save_final=True)`` also saves when the run fails, which would leave a
+    ``model.pt`` without what completion adds (the few-shot memory, calibration and thresholds,
+    built at ``COMPLETED`` by :class:`FewShotMemoryHandler` before any handler runs). This handler
+    listens to ``COMPLETED`` alone: an exception, SIGINT or SIGTERM leaves the previous model as it
+    was, whatever the order of the handler list.
+
+    Args:
+        save_path: the model file.
+        selected: a model file that model selection wrote during training (the paper's protocol:
+            the best validation so far, see ``configs/paper_selection.json``); when it exists, it
+            becomes ``model.pt`` instead of the last state, and is removed.
+        save_rank: under ``torch.distributed`` only this rank saves.
+    """
+
+    def __init__(self, save_path: str | os.PathLike, selected: str | os.PathLike | None = None, save_rank: int = 0) -> None:
+        self.save_path = Path(save_path)
+        self.selected = None if selected is None else Path(selected)
+        self.save_rank = save_rank
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if not is_saving_rank(self.save_rank):
+            return
+        if self.selected is not None and self.selected.is_file():
+            save_model(read_checkpoint(self.selected), self.save_path)
+            self.selected.unlink()
+            logger.info("saved the selected model (%s) as %s", self.selected.name, self.save_path)
+            return
+        if self.selected is not None:
+            logger.warning("no model was selected during training (no validation ran): saving the last state")
+        save_model(unwrap(engine.network), self.save_path)
+        logger.info("saved %s", self.save_path)
 
 
 class RunSettings:
