@@ -487,9 +487,19 @@ def build_detector(
     return detector
 
 
-def _weights_for(model: str, description: ModelDescription | None, clip_weights: str | os.PathLike | None) -> tuple[str | None, bool]:
+def _names_a_path(recorded: str) -> bool:
+    """Whether a value a model file records names something on this machine (a file or folder, a
+    ``local-dir:`` backbone) rather than an open_clip tag or a hub name."""
+    text = recorded.removeprefix("local-dir:")
+    return recorded.startswith("local-dir:") or any(mark in text for mark in ("/", "\\")) or text.startswith(("~", "."))
+
+
+def _weights_for(
+    model: str, description: ModelDescription | None, clip_weights: str | os.PathLike | None, trust_paths: bool = False
+) -> tuple[str | None, bool]:
     """``(pretrained, random_init)`` for loading a trained model: the given weights, else the ones it
-    records (a tag, or the seeded random backbone of tests and the demo)."""
+    records (a tag, or the seeded random backbone of tests and the demo); a recorded local path
+    only where ``trust_paths``."""
     recorded = description.clip_weights if description is not None else None
     if recorded == "random":
         if clip_weights not in (None, ""):
@@ -503,6 +513,11 @@ def _weights_for(model: str, description: ModelDescription | None, clip_weights:
         return None, False  # the hf-hub:/local-dir: model brings its own
     if clip_weights not in (None, ""):
         return str(clip_weights), False
+    if recorded is not None and _names_a_path(recorded) and not trust_paths:
+        raise CheckpointError(
+            f"{model} records a local path as its CLIP weights ({recorded!r}); a model file cannot make medad open "
+            "files of its choosing: give that path as clip_weights yourself if you trust it (or trust_model_paths)"
+        )
     if recorded is None or recorded.startswith("file:"):
         name = "its CLIP weights" if recorded is None else f"the CLIP weights file {recorded[5:]!r}"
         raise MissingWeightsError(
@@ -518,9 +533,15 @@ def load_detector(
     precision: str = "fp32",
     device: str | torch.device = "cpu",
     expect: Mapping[str, Any] | None = None,
+    trust_model_paths: bool = False,
 ) -> MVFADetector:
     """A trained detector from its ``model.pt`` (or released MVFA adapters) and the CLIP weights,
     in eval mode on ``device``: the architecture comes from the file.
+
+    A model file is data: the paths it records (CLIP weights given as a local file path, a
+    ``local-dir:`` backbone) are opened only where the caller allows it, by giving the same
+    backbone name in ``expect`` (``model_name``) or the weights as ``clip_weights``, or with
+    ``trust_model_paths``.
 
     Args:
         model: a medad ``model.pt``, or a released MVFA adapter checkpoint (MVFA's defaults:
@@ -533,6 +554,7 @@ def load_detector(
         expect: architecture values a user gave (``model_name``, ``image_size``, ``levels``,
             ``quick_gelu``, ``method``; ``None`` values are ignored): any that contradicts the file
             is an error.
+        trust_model_paths: open the local paths the file records without their being given.
 
     Raises:
         FileNotFoundError, CheckpointError: the file is missing, unreadable, foreign, or does not
@@ -555,7 +577,13 @@ def load_detector(
                 f"{model} was made for {key}={architecture[key]!r}, but {key}={value!r} was given: leave {key} "
                 "unset (the model file describes its architecture) or use a model made for that value"
             )
-    pretrained, random_init = _weights_for(model, description, clip_weights)
+    named = (expect or {}).get("model_name")
+    if _names_a_path(architecture["model_name"]) and not trust_model_paths and named != architecture["model_name"]:
+        raise CheckpointError(
+            f"{model} was made for the local backbone {architecture['model_name']!r}; a model file cannot make medad "
+            "open folders of its choosing: give clip_model with that name yourself if you trust it (or trust_model_paths)"
+        )
+    pretrained, random_init = _weights_for(model, description, clip_weights, trust_model_paths)
     if description is None and target is None:
         raise ValueError(f"{model} holds released MVFA adapters, which name no data set: give target")
     detector = build_detector(

@@ -1,21 +1,29 @@
-"""What the bundle configs call where a user's input can be wrong: the library's functions, with
-errors that end the run with one clear last line.
+"""What the bundle configs call where a user's input can be wrong, and the bundle entry point's
+one-line ending.
 
 MONAI's config parser wraps every exception in ``Failed to evaluate ConfigExpression`` and a
-traceback of its own, hundreds of lines that end far from the reason. These wrappers let a
-user-input problem (a missing or bad file, bad data, a model that does not fit, a bad setting)
-end the process with its message as the last line and exit status 1 (:class:`RunError`, a
-``SystemExit``), and log any other failure's traceback before a one-line summary. From Python,
-call the library functions themselves: they raise ordinary exceptions.
+traceback of its own, hundreds of lines that end far from the reason. Under ``python -m
+monai.bundle`` (and ``torchrun -m monai.bundle``) importing this module, which every medad config
+does first, installs :func:`summarise_failure` as the process's exception hook: a run that fails
+on a user-input problem (a missing or bad file, bad data, a model that does not fit, a bad
+setting, a full disk) ends with one line, ``medad: <what and where, and what to do>``, found by
+following the exception's ``__cause__`` and ``__context__`` to its root; any other failure ends
+with its traceback and then that line. SIGTERM is handled as SIGINT is (the run unwinds: staged
+outputs and temporary files are removed). Library functions, and the wrappers below, raise
+ordinary exceptions, so Python callers (``monai.bundle.load``, ``ConfigWorkflow``) catch them.
 """
 
 from __future__ import annotations
 
+import difflib
+import errno
 import functools
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable, Mapping, Sequence
+import traceback
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,18 +31,25 @@ from medad.backbone import MissingWeightsError
 from medad.checks import check_items
 from medad.detector import MVFADetector, load_detector
 from medad.handlers import check_resumable
+from medad.io import RunLock, discard_unfinished
 from medad.volumes import list_inputs
 
 __all__ = [
     "RunError",
     "bundle_command",
     "check_choice",
+    "check_command_line",
     "checked_items",
+    "error_summary",
     "inputs",
+    "lock_output",
+    "lock_run",
     "model_detector",
     "placed_network",
     "resumable",
     "run_engine",
+    "summarise_failure",
+    "unknown_keys",
 ]
 
 logger = logging.getLogger(__name__)
@@ -45,11 +60,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 INPUT_ERRORS = (OSError, ValueError, KeyError, MissingWeightsError)
 
 
-class RunError(SystemExit):
-    """Ends a bundle run: Python prints the message as the last line and exits with status 1."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(f"medad: {message}" if "\n" not in message else f"medad:\n{message}")
+class RunError(RuntimeError):
+    """A bundle run cannot go on because of its input; the message says what and where, in one line."""
 
 
 def _ending_on_input_errors(function: F) -> F:
@@ -58,7 +70,6 @@ def _ending_on_input_errors(function: F) -> F:
         try:
             return function(*args, **kwargs)
         except INPUT_ERRORS as error:
-            logger.debug("%s failed", function.__name__, exc_info=True)
             raise RunError(str(error).strip()) from error
 
     return wrapper
@@ -72,6 +83,194 @@ checked_items = _ending_on_input_errors(check_items)
 inputs = _ending_on_input_errors(list_inputs)
 #: :func:`medad.handlers.check_resumable`, ending the run before it resumes with other settings.
 resumable = _ending_on_input_errors(check_resumable)
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """``error`` and what caused it, outermost first (``__cause__``, else ``__context__``)."""
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def error_summary(error: BaseException) -> tuple[str, bool]:
+    """The line a failed run ends with, and whether the failure is the user's input (shown
+    without a traceback).
+
+    The line comes from the root of the exception chain (``__cause__``, else ``__context__``),
+    where the reason is: MONAI's ``Failed to evaluate ...`` and torch's ``unexpected pos`` are
+    wrappers around it. A full disk anywhere in the chain is named as such. A :class:`RunError`
+    is shown whole (the data checks' report lists every bad file before its summary line).
+
+    >>> try:
+    ...     try:
+    ...         raise FileNotFoundError("/data/x.png: file not found")
+    ...     except OSError as e:
+    ...         raise RuntimeError("Failed to evaluate ConfigExpression") from e
+    ... except RuntimeError as wrapped:
+    ...     error_summary(wrapped)
+    ('/data/x.png: file not found', True)
+    """
+    if isinstance(error, KeyboardInterrupt):
+        return f"interrupted ({error or 'SIGINT'}): earlier results are unchanged, this run's unfinished outputs removed", True
+    chain = _chain(error)
+    disk_full = [e for e in chain if isinstance(e, OSError) and e.errno == errno.ENOSPC]
+    root = disk_full[0] if disk_full else next((e for e in chain if isinstance(e, RunError)), chain[-1])
+    lines = [line.strip() for line in str(root).strip().splitlines() if line.strip()]
+    if isinstance(root, RunError):
+        return "\n".join(lines), True
+    text = lines[-1] if lines else ""
+    if isinstance(root, (OSError, ValueError, MissingWeightsError)):  # a KeyError is more often a bug
+        return text or type(root).__name__, True
+    return f"the run failed: {type(root).__name__}: {text}", False
+
+
+def _close_progress_bars() -> None:
+    """Close the run's progress bars now: a bar left open redraws itself when the interpreter
+    collects it at exit, after the summary, which then is no longer the last line. Ignite's
+    ``ProgressBar`` closes its ``tqdm`` bar only when an epoch completes, and neither has a public
+    list of open bars; tqdm's own registry of instances is read for that, here only."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def summarise_failure(kind: type[BaseException], error: BaseException, trace: Any) -> None:
+    """``sys.excepthook`` of a bundle run: the traceback (to the log only for user-input
+    problems) and then :func:`error_summary`'s line as the last line on stderr."""
+    text, user = error_summary(error)
+    _close_progress_bars()
+    if user:
+        logger.debug("the run failed", exc_info=(kind, error, trace))
+    else:
+        traceback.print_exception(kind, error, trace)
+    print(f"medad: {text}", file=sys.stderr, flush=True)
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
+
+
+def _bundle_command_line() -> list[str] | None:
+    """``sys.argv`` when this process is ``python -m monai.bundle`` (also under torchrun), else ``None``."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    return list(sys.argv) if spec is not None and spec.name in ("monai.bundle.__main__", "monai.bundle") else None
+
+
+def _install_bundle_entry_point() -> None:
+    if _bundle_command_line() is None or sys.excepthook is summarise_failure:
+        return
+    sys.excepthook = summarise_failure
+    try:
+        signal.signal(signal.SIGTERM, _terminated)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+
+
+#: ``python -m monai.bundle run`` arguments that are MONAI's, not config keys.
+_MONAI_ARGUMENTS = {
+    "run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file",
+    "workflow_type", "workflow_name", "properties_path",
+}
+#: The key that lists keys to pass on purpose although no config defines them.
+EXTRA_KEYS = "extra_keys"
+
+
+def unknown_keys(config_files: Sequence[str | os.PathLike], overrides: Iterable[str], extra: Iterable[str] = ()) -> list[str]:
+    """One message per override key that no config defines (a misspelt ``--epoch`` would otherwise
+    be accepted and do nothing), with the nearest known key.
+
+    Args:
+        config_files: the run's config files, merged in order as MONAI merges them.
+        overrides: the keys given (``epochs``, ``train#trainer#max_epochs``, ``+imports``).
+        extra: keys to accept all the same (``--extra_keys "['my_key']"``).
+    """
+    from monai.bundle import ConfigParser
+    from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
+
+    parser = ConfigParser(ConfigParser.load_config_files([str(path) for path in config_files]))
+    known = set(parser.get()) | set(DEFAULT_MLFLOW_SETTINGS["configs"]) | _MONAI_ARGUMENTS | {EXTRA_KEYS}
+    problems = []
+    for key in overrides:
+        plain = key.lstrip("+").replace("::", "#")
+        if plain in known or plain in set(extra) or plain.startswith("_meta_") or plain in parser:
+            continue
+        nearest = difflib.get_close_matches(plain, sorted(known), n=1)
+        hint = f"did you mean --{nearest[0]}?" if nearest else "no config defines it"
+        problems.append(f"--{key}: {hint} (to pass a key no config defines on purpose, add --{EXTRA_KEYS} \"['{plain}']\")")
+    return problems
+
+
+def _command_line_pairs(argv: Sequence[str]) -> dict[str, str]:
+    """The ``--key value`` pairs of a ``monai.bundle run`` command line (as ``fire`` reads them:
+    ``--key value`` or ``--key=value``)."""
+    pairs: dict[str, str] = {}
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        if token.startswith("--") and len(token) > 2:
+            key, has_value, value = token[2:].partition("=")
+            if not has_value and index + 1 < len(argv) and not argv[index + 1].startswith("--"):
+                index += 1
+                value = argv[index]
+            pairs[key] = value
+        index += 1
+    return pairs
+
+
+def _literal(text: str) -> Any:
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def check_command_line() -> None:
+    """Refuse ``--key`` overrides that no config of this ``python -m monai.bundle run`` defines,
+    naming the nearest known key (every config calls this first). Nothing to check for Python
+    callers, which pass their keys as arguments (see :func:`unknown_keys`)."""
+    argv = _bundle_command_line()
+    if argv is None or "run" not in argv[1:3]:
+        return
+    pairs = _command_line_pairs(argv[1:])
+    if "args_file" in pairs:
+        from monai.bundle import ConfigParser
+
+        pairs = {**{k: str(v) for k, v in ConfigParser.load_config_file(pairs["args_file"]).items()}, **pairs}
+    files = _literal(pairs.get("config_file", ""))
+    files = [files] if isinstance(files, str) else list(files)
+    files = [f for name in files for f in str(name).split(",") if f] if len(files) == 1 and not Path(files[0]).is_file() else files
+    extra = _literal(pairs.get(EXTRA_KEYS, "[]"))
+    extra = [extra] if isinstance(extra, str) else list(extra)
+    problems = unknown_keys(files, [key for key in pairs if key not in _MONAI_ARGUMENTS], extra)
+    if problems:
+        raise RunError("; ".join(problems))
+
+
+def lock_run(folder: str | os.PathLike, what: str = "run", filename: str = ".medad.lock") -> RunLock:
+    """Take ``folder``'s :class:`medad.io.RunLock` for this process (one run at a time), ending the
+    run at once, naming the other run, when another process holds it."""
+    try:
+        return RunLock(folder, what, filename).acquire()
+    except OSError as error:
+        raise RunError(str(error)) from error
+
+
+def lock_output(output_dir: str | os.PathLike) -> RunLock:
+    """:func:`lock_run` for an output folder written as a whole (inference): the lock file lies
+    beside it (``.<name>.lock``), since the folder itself is replaced when the run publishes."""
+    output = Path(output_dir)
+    return lock_run(output.parent, f"inference into {output.name}", f".{output.name}.lock")
+
+
+_install_bundle_entry_point()
 
 
 @_ending_on_input_errors
@@ -92,18 +291,15 @@ def placed_network(detector: MVFADetector, device: Any, compile: bool = False) -
 
 
 def run_engine(engine: Any) -> None:
-    """Run a MONAI engine; a failure ends the run with a one-line summary of its root cause after
-    the traceback in the log (errors raised in DataLoader workers carry the worker's traceback
-    in their text: the summary keeps its last line, the reason)."""
+    """Run a MONAI engine. However it fails (an exception in any handler, whatever their order;
+    SIGINT; SIGTERM under the bundle), the staging folders of its outputs are removed
+    (:func:`medad.io.discard_unfinished`) before the error goes on to the caller; under the bundle
+    the run then ends with the one line of :func:`summarise_failure`."""
     try:
         engine.run()
-    except Exception as error:  # any failure: the traceback is logged, the summary ends the output
-        logger.error("the run failed", exc_info=True)
-        root = error
-        while root.__cause__ is not None:
-            root = root.__cause__
-        lines = [line.strip() for line in str(root).strip().splitlines() if line.strip()]
-        raise RunError(f"the run failed: {type(root).__name__}: {lines[-1] if lines else ''}") from error
+    except BaseException:
+        discard_unfinished()
+        raise
 
 
 def _cli_value(value: object) -> str:

@@ -238,7 +238,7 @@ def test_overwrite_replaces_the_previous_outputs_as_a_whole(tmp_path):
     staging = Path(first.prepare())
     (staging / "old_anomaly_map.nii.gz").write_text("old")
     first.publish()
-    assert [p.name for p in output.iterdir()] == ["old_anomaly_map.nii.gz"]
+    assert sorted(p.name for p in output.iterdir()) == [".medad-output", "old_anomaly_map.nii.gz"]
     with pytest.raises(FileExistsError, match=r"not empty \(old_anomaly_map.nii.gz\).*overwrite"):
         StagedOutput(output).prepare()
     second = StagedOutput(output, overwrite=True)
@@ -246,9 +246,9 @@ def test_overwrite_replaces_the_previous_outputs_as_a_whole(tmp_path):
     (staging / "new_anomaly_map.nii.gz").write_text("new")
     assert (output / "old_anomaly_map.nii.gz").is_file()  # untouched until the run completes
     second.publish()
-    assert [p.name for p in output.iterdir()] == ["new_anomaly_map.nii.gz"]
+    assert sorted(p.name for p in output.iterdir()) == [".medad-output", "new_anomaly_map.nii.gz"]
     failed = StagedOutput(output, overwrite=True)
     (Path(failed.prepare()) / "partial.nii.gz").write_text("half")
     failed.discard()
     assert [p.name for p in tmp_path.iterdir()] == ["outputs"]
-    assert [p.name for p in output.iterdir()] == ["new_anomaly_map.nii.gz"]
+    assert sorted(p.name for p in output.iterdir()) == [".medad-output", "new_anomaly_map.nii.gz"]
