@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -21,9 +22,18 @@ from PIL import Image, UnidentifiedImageError
 
 from medad.data import IMAGE_SUFFIXES
 from medad.io import atomic_write
-from medad.transforms import normalise_pil_mode
+from medad.transforms import (
+    MAX_IMAGE_PIXELS,
+    MAX_SIDE,
+    DicomVolumeReader,
+    UnsupportedInputError,
+    is_dicom_file,
+    normalise_pil_mode,
+    read_dicom_image,
+    size_problem,
+)
 
-__all__ = ["DataCheckError", "Problem", "check_items", "check_volume", "read_array"]
+__all__ = ["MAX_IMAGE_PIXELS", "MAX_SIDE", "DataCheckError", "Problem", "check_items", "check_volume", "read_array"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,52 +55,102 @@ class Problem(NamedTuple):
 
 
 def read_array(path: str | os.PathLike) -> np.ndarray:
-    """Pixel data of an image file as an array ``(H, W)`` or ``(H, W, C)``.
+    """Pixel data of a 2D image file as an array ``(H, W)`` or ``(H, W, C)``: PNG, JPEG, BMP, TIFF
+    (as the 2D pipeline reads them) and single-frame DICOM files
+    (:func:`medad.transforms.read_dicom_image`: colour as 8-bit RGB).
 
-    Raises ``ValueError`` naming the file for missing, empty, truncated or unreadable files.
+    Raises ``ValueError`` for missing, empty, truncated or unreadable files, and for images over
+    the size limits (:func:`medad.transforms.size_problem`: a side over :data:`MAX_SIDE`, more
+    than :data:`MAX_IMAGE_PIXELS` pixels), which are refused before they are decoded.
     """
     path = Path(path)
     if not path.is_file():
         raise ValueError("file not found")
     if path.stat().st_size == 0:
         raise ValueError("empty file")
+    if is_dicom_file(path):
+        return read_dicom_image(path)  # its ValueErrors name the reason
     if not path.name.lower().endswith(IMAGE_SUFFIXES):
-        raise ValueError(f"not a 2D image file ({', '.join(IMAGE_SUFFIXES)})")
+        raise ValueError(f"not a 2D image file ({', '.join(IMAGE_SUFFIXES)}, or a single-frame colour DICOM)")
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # medad's own limit is lower
+            image = Image.open(path)
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"{error}: over medad's limit of {MAX_IMAGE_PIXELS:,} pixels (MAX_IMAGE_PIXELS): downsample it") from error
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"unreadable image ({type(error).__name__}: {error})") from error
+    with image:
+        problem = size_problem((image.height, image.width))  # from the header: nothing decoded yet
+        if problem is not None:
+            raise ValueError(problem)
+        try:
             image.load()  # decode fully: truncated files fail here, not in a worker later
             # the pixel values the pipeline sees (medad.transforms.normalise_pil_mode)
             return np.asarray(normalise_pil_mode(image))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ValueError(f"unreadable image ({type(error).__name__}: {error})") from error
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+            raise ValueError(f"unreadable image ({type(error).__name__}: {error})") from error
+
+
+def _non_finite(data: np.ndarray) -> bool:
+    """Whether floating ``data`` holds NaN or infinity (its minimum or maximum is not finite; no
+    copy of the data)."""
+    if data.size == 0 or not np.issubdtype(data.dtype, np.floating):
+        return False
+    return not (np.isfinite(np.min(data)) and np.isfinite(np.max(data)))
+
+
+def _read_nifti(path: Path) -> tuple[tuple[int, ...], np.ndarray, np.ndarray]:
+    """Shape, affine and data (as stored, unscaled) of a NIfTI file, read in full: a file cut
+    short fails here, naming the reason, not in the middle of a run."""
+    import nibabel as nib
+
+    try:
+        image = nib.load(path)
+        header = image.header
+        shape, affine = tuple(int(n) for n in header.get_data_shape()), header.get_best_affine()
+    except Exception as error:  # nibabel raises several types for broken headers
+        raise ValueError(f"unreadable NIfTI ({type(error).__name__}: {error})") from error
+    try:
+        proxy = image.dataobj
+        data = proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else np.asanyarray(proxy)
+    except Exception as error:  # EOFError, zlib.error, OSError, ValueError ("Expected n bytes")
+        raise ValueError(
+            f"unreadable or truncated NIfTI data ({type(error).__name__}: {error}): the file is incomplete or "
+            "corrupt; copy or export it again"
+        ) from error
+    return shape, affine, data
 
 
 def check_volume(path: str | os.PathLike) -> list[str]:
     """Problems of a volume (NIfTI file, DICOM file or DICOM series folder) that would stop or
-    silently corrupt its scoring: unreadable or empty files, 4D data with several frames (a time
-    series or several channels: which frame to score is not defined), and a singular affine
-    (no voxel-to-world geometry to slice by). Headers only for NIfTI; DICOM through MONAI."""
+    silently corrupt its scoring: unreadable, truncated or empty files, non-finite values (NaN or
+    infinity), 4D data with several frames (a time series or several channels: which frame to
+    score is not defined), a side over :data:`MAX_SIDE` (the anomaly map's NIfTI limit), colour
+    DICOM that is no single-frame image (:class:`medad.transforms.DicomVolumeReader`), and a
+    singular affine (no voxel-to-world geometry to slice by). Every file is read in full."""
     path = Path(path)
     if not path.exists():
         return ["file not found"]
     if path.is_file() and path.stat().st_size == 0:
         return ["empty file"]
     if path.name.lower().endswith((".nii", ".nii.gz")):
-        import nibabel as nib
-
         try:
-            header = nib.load(path).header
-            shape, affine = tuple(int(n) for n in header.get_data_shape()), header.get_best_affine()
-        except Exception as error:  # nibabel raises several types for broken headers
-            return [f"unreadable NIfTI ({type(error).__name__}: {error})"]
+            shape, affine, data = _read_nifti(path)
+        except ValueError as error:
+            return [str(error)]
     else:
         from monai.transforms import LoadImage
 
         try:
-            image = LoadImage(image_only=True)(str(path))
+            # the reader the volume pipeline uses, given at call time: no fallback to MONAI's own
+            data = LoadImage(image_only=True, dtype=None)(str(path), reader=DicomVolumeReader())
+        except UnsupportedInputError as error:  # colour or too large: the reason as it is
+            return [str(error)]
         except Exception as error:  # MONAI wraps each reader's own error types
             return [f"unreadable image ({type(error).__name__}: {error})"]
-        shape, affine = tuple(image.shape), np.asarray(image.affine)
+        shape, affine = tuple(data.shape), np.asarray(data.affine)
+        data = data.numpy()
     reasons = []
     if len(shape) > 3 and any(n > 1 for n in shape[3:]):
         reasons.append(
@@ -99,6 +159,11 @@ def check_volume(path: str | os.PathLike) -> list[str]:
         )
     if min(shape[:2], default=0) < 2:
         reasons.append(f"image too small: {shape}")
+    problem = size_problem(shape[:3], image=False)
+    if problem is not None:
+        reasons.append(problem)
+    if _non_finite(data):
+        reasons.append("non-finite values (NaN or infinity)")
     spatial = np.asarray(affine, dtype=np.float64)[:3, :3]
     if not np.isfinite(spatial).all() or abs(np.linalg.det(spatial)) < 1e-12:
         reasons.append("its affine (voxel to world) is singular or not finite: the header's qform/sform needs fixing")
@@ -111,7 +176,12 @@ def _check_image(path: str, volumes: bool) -> tuple[np.ndarray | None, list[str]
     if input_kind(path) == "volume":
         if volumes:
             return None, check_volume(path)
-        return None, ["a volume (NIfTI or DICOM): training and evaluation take 2D images (PNG, JPEG, BMP, TIFF)"]
+        return None, [
+            (
+                "a volume (NIfTI or DICOM): training and evaluation take 2D images (PNG, JPEG, BMP, TIFF, or "
+                "single-frame colour DICOM)"
+            )
+        ]
     try:
         pixels = read_array(path)
     except ValueError as error:
@@ -145,6 +215,21 @@ def _check_mask(path: str, image: np.ndarray | None) -> list[str]:
     return reasons
 
 
+def _same_file_key(path: str | os.PathLike) -> str:
+    """One name per file: the absolute path with symbolic links, ``..`` and ``~`` resolved."""
+    try:
+        return str(Path(path).expanduser().resolve())
+    except (OSError, RuntimeError):  # a symlink loop: compare as written
+        return os.path.abspath(os.fspath(path))
+
+
+def _entry_key(item: dict) -> tuple:
+    """What makes two data list items the same entry: the image file, the mask file (or none)
+    and the label. One image listed with different masks or labels is not a duplicate."""
+    mask = item.get("mask")
+    return (_same_file_key(item["image"]), _same_file_key(mask) if mask else None, str(item.get("label")))
+
+
 def check_items(
     items: Sequence[dict],
     on_error: str = "raise",
@@ -156,9 +241,14 @@ def check_items(
     """Check every image (and mask) of a data list before it is used.
 
     Problems found: missing, empty, truncated or unreadable files; unsupported channel counts;
-    non-finite values; an image and its mask of different sizes; masks that are not
-    binary-like; an empty list. (An abnormal image without a mask is no problem: it counts
-    for image-level metrics and trains the detection adapters only.)
+    non-finite values; images too small (a side under 2) or too large (a side over
+    :data:`MAX_SIDE`, the anomaly map's NIfTI limit, or more than :data:`MAX_IMAGE_PIXELS`
+    pixels); an image and its mask of different sizes; masks that are not binary-like; an entry
+    listed twice (the same image file, after resolving the path, with the same mask and label:
+    a repeated test image would count twice in the metrics, a repeated case be scored twice;
+    the first is kept); an empty list.
+    (An abnormal image without a mask is no problem: it counts for image-level metrics and
+    trains the detection adapters only.)
 
     Args:
         items: data list items with ``image`` and optionally ``mask``, ``label``, ``has_mask``.
@@ -178,7 +268,17 @@ def check_items(
         raise DataCheckError("the data list is empty: no images to use")
     problems: list[Problem] = []
     kept = []
-    for item in items:
+    first: dict[tuple, int] = {}
+    for number, item in enumerate(items):
+        key = _entry_key(item)
+        if key in first:
+            earlier = items[first[key]]["image"]
+            same = "" if str(earlier) == str(item["image"]) else f", {earlier}"
+            problems.append(
+                Problem(str(item["image"]), f"duplicate of item {first[key]} (same file{same}): listed twice, kept once")
+            )
+            continue
+        first[key] = number
         image, reasons = _check_image(item["image"], volumes)
         found = [Problem(item["image"], reason) for reason in reasons]
         if item.get("mask"):

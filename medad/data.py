@@ -213,12 +213,24 @@ def _folder_items(root: Path, name: str, split: str) -> list[dict]:
 
 def target_datalist(dataset_dir: str | os.PathLike, name: str, split: str = "test") -> list[dict]:
     """All items of one split (``valid`` or ``test``) of a data set in any layout medad reads
-    (:func:`data_layout`): normal images first, then abnormal, each sorted as listed."""
+    (:func:`data_layout`): normal images first, then abnormal, each sorted as listed.
+
+    A ``test`` split without normal or without abnormal images is refused here, before any
+    evaluation runs (``ValueError`` naming the folder or file): image AUROC needs both classes."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     layout = data_layout(dataset_dir, name)
     if layout == "bmad":
-        return bmad_datalist(dataset_dir, name, split)
+        items = bmad_datalist(dataset_dir, name, split)
+        if split == "test":
+            root = _dataset_root(dataset_dir, name) / split
+            for label, kind, folder in ((0, "normal", root / "good" / "img"), (1, "abnormal", root / "Ungood" / "img")):
+                if not any(item["label"] == label for item in items):
+                    raise ValueError(
+                        f"{folder}: no {kind} images in the test split of {name!r}: evaluation needs both classes "
+                        f"(image AUROC compares normal with abnormal scores); add {kind} images ({', '.join(IMAGE_SUFFIXES)}) there"
+                    )
+        return items
     items = _datalist_items(dataset_dir, name, split) if layout == "datalist" else _folder_items(Path(dataset_dir), name, split)
     if not items:
         raise FileNotFoundError(f"{dataset_dir}: no images in the {split} split of data set {name!r} ({layout} layout)")

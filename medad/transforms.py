@@ -10,19 +10,34 @@ data (16-bit PNG/TIFF, CT, MR, float) is windowed per image, or per volume, betw
 and 99.5th percentiles; a CT window (a preset of :data:`CT_WINDOWS` or ``[center, width]`` in
 HU) replaces that for CT. Volumes keep their voxel grid here; :mod:`medad.volumes` cuts them into
 slices and resizes those to the model's size batch by batch.
+
+DICOM (:func:`read_dicom_image`, :class:`DicomVolumeReader`): a single-frame colour DICOM
+(``SamplesPerPixel`` 3: RGB, YBR_FULL, YBR_FULL_422, ...; or PALETTE COLOR) is a 2D colour
+image, read as 8-bit RGB as PNG colour images are; multi-frame colour DICOM and series of
+colour images are refused. MONOCHROME1 pixel data (the lowest value displayed white) is
+inverted to MONOCHROME2 over the value range of the file's bit depth
+(:func:`monochrome1_to_monochrome2`), so that the same picture stored either way scores the same.
+
+Size limits (:func:`size_problem`): no side over :data:`MAX_SIDE` (the anomaly map's NIfTI
+header stores each dimension as a 16-bit integer), no 2D image over :data:`MAX_IMAGE_PIXELS`;
+readers refuse such files before decoding them. Images much larger than the model's input are
+first shrunk by block averaging (:func:`shrink_for_resize`), which bounds the memory and time of
+the anti-aliased resize.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 import os
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor, PILReader
+from monai.data import ImageReader, MetaTensor, PILReader, PydicomReader
 from monai.data.utils import to_affine_nd
 from monai.transforms import (
     Compose,
@@ -34,6 +49,7 @@ from monai.transforms import (
     Invertd,
     ScaleIntensityRanged,
 )
+from monai.utils import TraceKeys, convert_to_dst_type, ensure_tuple
 from PIL import Image, ImageDraw, ImageFont
 
 from medad.io import atomic_write, output_stem
@@ -41,23 +57,35 @@ from medad.io import atomic_write, output_stem
 __all__ = [
     "COLOUR_BAR_WIDTH",
     "CT_WINDOWS",
+    "MAX_IMAGE_PIXELS",
+    "MAX_SIDE",
     "SLICE_PLANES",
     "BinarizeMaskd",
+    "DicomImageReader",
+    "DicomVolumeReader",
     "EnsureSliceAxisd",
     "FillMissingMaskd",
     "LoadInputd",
     "MapToInputGridd",
     "SaveOverlayd",
     "SaveSliceScoresd",
+    "ShrinkResized",
     "ToRGBd",
+    "UnsupportedInputError",
     "annotate_overlay",
     "heat_overlay",
     "at_input_size",
     "input_size",
     "UnitIntensityd",
     "input_slice_indices",
+    "is_colour_dicom_image",
+    "is_dicom_file",
+    "monochrome1_to_monochrome2",
     "mvfa_preprocessing",
     "normalise_pil_mode",
+    "read_dicom_image",
+    "shrink_for_resize",
+    "size_problem",
     "to_rgb",
     "window_range",
 ]
@@ -84,6 +112,305 @@ def normalise_pil_mode(image: Image.Image) -> Image.Image:
     """PIL ``converter`` for MONAI's ``PILReader``: palette, alpha and other non-intensity modes
     become RGB, while grayscale, RGB and 16-bit images keep their values and bit depth."""
     return image.convert("RGB") if image.mode in _CONVERT_TO_RGB else image
+
+
+# ----------------------------------------------------------------------------- reading files
+
+#: The largest side (rows, columns or slices) of an input medad scores: the anomaly map is
+#: written as NIfTI-1, whose header stores each dimension as a 16-bit signed integer.
+MAX_SIDE = 32767
+#: The most pixels of a 2D image medad reads: 2**26 (67,108,864, e.g. 8192 x 8192). Inference
+#: holds a few float32 copies of the image at its own size (intensities, the overlay, the map
+#: resampled back to the image's grid), about 60 bytes per pixel, 4 GB at this limit.
+#: Larger images are refused before they are decoded: downsample them (the model sees
+#: 240 x 240 pixels).
+MAX_IMAGE_PIXELS = 2**26
+#: Downscale factor from which :func:`shrink_for_resize` first averages blocks of pixels.
+SHRINK_FACTOR = 8
+
+# DICOM Photometric Interpretations of colour pixel data (SamplesPerPixel 3, or a palette).
+_DICOM_COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "PALETTE COLOR")
+
+
+class UnsupportedInputError(ValueError):
+    """A file medad can read but does not score as it is (too large, multi-frame or colour DICOM
+    where a volume is expected); the message says why and what to do."""
+
+
+def size_problem(shape: Sequence[int], image: bool = True) -> str | None:
+    """Why an input of ``shape`` (rows, columns[, slices]) cannot be scored, or ``None``: a side
+    over :data:`MAX_SIDE`, or, for a 2D ``image``, more than :data:`MAX_IMAGE_PIXELS` pixels."""
+    size = " x ".join(str(int(n)) for n in shape)
+    if any(int(n) > MAX_SIDE for n in shape):
+        return (
+            f"size {size} has a side over {MAX_SIDE} pixels, the most an anomaly map (NIfTI, 16-bit dimensions) "
+            "can hold: crop or downsample it"
+        )
+    if image and math.prod(int(n) for n in shape[:2]) > MAX_IMAGE_PIXELS:
+        return (
+            f"size {size} is {math.prod(int(n) for n in shape[:2]):,} pixels, over medad's limit of "
+            f"{MAX_IMAGE_PIXELS:,} (medad.transforms.MAX_IMAGE_PIXELS, 8192 x 8192): downsample it"
+        )
+    return None
+
+
+def _checked_pil_mode(image: Image.Image) -> Image.Image:
+    """PIL ``converter`` of the 2D pipeline: :func:`size_problem` refuses too large images before
+    they are decoded, then :func:`normalise_pil_mode`."""
+    problem = size_problem((image.height, image.width))
+    if problem is not None:
+        raise UnsupportedInputError(problem)
+    return normalise_pil_mode(image)
+
+
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """``.dcm`` files, and files of any name with DICOM's 128-byte preamble and ``DICM`` prefix."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if path.name.lower().endswith(".dcm"):
+        return True
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def _pydicom() -> Any:
+    try:
+        import pydicom
+    except ImportError as error:
+        raise ImportError("reading DICOM needs pydicom: pip install pydicom") from error
+    return pydicom
+
+
+def _photometric(ds: Any) -> str:
+    return str(ds.get("PhotometricInterpretation", "")).strip().upper()
+
+
+def _frames(ds: Any) -> int:
+    return int(ds.get("NumberOfFrames", 1) or 1)
+
+
+def _is_colour(ds: Any) -> bool:
+    return int(ds.get("SamplesPerPixel", 1) or 1) > 1 or _photometric(ds) in _DICOM_COLOUR
+
+
+def is_colour_dicom_image(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a single-frame colour DICOM file (read as a 2D colour image, not a
+    volume; headers only). Unreadable files are not: the volume checks report them."""
+    if not is_dicom_file(path):
+        return False
+    try:
+        header = _pydicom().dcmread(
+            path, stop_before_pixels=True,
+            specific_tags=["SamplesPerPixel", "PhotometricInterpretation", "NumberOfFrames"],
+        )
+    except Exception:  # pydicom raises several types for broken files
+        return False
+    return _is_colour(header) and _frames(header) == 1
+
+
+def _rescale(ds: Any) -> tuple[float, float]:
+    """``(RescaleSlope, RescaleIntercept)`` of a DICOM data set, 1 and 0 where absent or empty."""
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    return (float(slope) if slope not in (None, "") else 1.0, float(intercept) if intercept not in (None, "") else 0.0)
+
+
+def monochrome1_to_monochrome2(data: np.ndarray, ds: Any, rescaled: bool) -> np.ndarray:
+    """MONOCHROME1 pixel data (the lowest value displayed white) as MONOCHROME2: ``lo + hi - v``.
+
+    ``[lo, hi]`` is the range of stored values the file's bit depth allows (``BitsStored``,
+    ``PixelRepresentation``: 0 to 4095 for unsigned 12-bit), mapped through ``RescaleSlope`` and
+    ``RescaleIntercept`` where ``rescaled`` (``data`` holds modality values). This is the DICOM
+    definition of the two interpretations and does not depend on the values a file happens to
+    hold, so a MONOCHROME1 file and its MONOCHROME2 counterpart (``hi - v`` stored) read alike,
+    an 8-bit one keeps 8-bit scaling (divided by 255), and the slices of a series are inverted
+    alike. Float pixel data (no bit depth) is inverted over its own minimum and maximum."""
+    bits = ds.get("BitsStored")
+    if bits is None or np.issubdtype(data.dtype, np.floating) and not rescaled:
+        finite = data[np.isfinite(data)] if np.issubdtype(data.dtype, np.floating) else data
+        if finite.size == 0:
+            return data
+        return (finite.min() + finite.max()) - data
+    bits = int(bits)
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if int(ds.get("PixelRepresentation", 0) or 0) else (0, 2**bits - 1)
+    if rescaled:
+        slope, intercept = _rescale(ds)
+        return (np.float32((lo + hi) * slope + 2 * intercept) - data).astype(data.dtype, copy=False)
+    inverted = (lo + hi) - np.clip(data.astype(np.int64), lo, hi)
+    return inverted.astype(data.dtype)
+
+
+def _rgb8(ds: Any, pixels: np.ndarray) -> np.ndarray:
+    """Colour pixel data ``(rows, columns, 3)`` (or palette indices) as 8-bit RGB."""
+    pydicom = _pydicom()
+    photometric = _photometric(ds)
+    if photometric == "PALETTE COLOR":
+        try:
+            from pydicom.pixels import apply_color_lut
+        except ImportError:  # pydicom < 3
+            from pydicom.pixel_data_handlers.util import apply_color_lut
+        pixels = apply_color_lut(pixels, ds)
+        bits = 8 if pixels.dtype == np.uint8 else 16
+    else:
+        compressed = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        compressed = bool(getattr(compressed, "is_compressed", False))
+        if photometric.startswith("YBR_FULL") and int(pydicom.__version__.split(".")[0]) < 3 and not compressed:
+            # pydicom 3 returns RGB; pydicom 2 returns uncompressed YBR data as stored
+            from pydicom.pixel_data_handlers.util import convert_color_space
+
+            pixels = convert_color_space(pixels, photometric, "RGB")
+        bits = int(ds.get("BitsStored", 8) or 8)
+    if pixels.ndim != 3 or pixels.shape[-1] != 3:
+        raise ValueError(f"colour DICOM ({photometric}) with pixel data of shape {pixels.shape}, expected (rows, columns, 3)")
+    if pixels.dtype == np.uint8:
+        return pixels
+    scale = 255.0 / (2**bits - 1)
+    return np.clip(np.rint(pixels.astype(np.float32) * scale), 0, 255).astype(np.uint8)
+
+
+def read_dicom_image(path: str | os.PathLike) -> np.ndarray:
+    """The pixels of a single-frame DICOM file as a 2D image: ``(rows, columns, 3)`` 8-bit RGB for
+    colour (RGB, YBR_* converted to RGB, PALETTE COLOR through its palette; more than 8 bits per
+    sample scaled to 8), ``(rows, columns)`` for gray (modality values, MONOCHROME1 inverted).
+
+    Raises ``ValueError`` for multi-frame files and sizes over the limits (:func:`size_problem`,
+    checked before the pixel data is decoded), and for files pydicom cannot read or decode."""
+    pydicom = _pydicom()
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as error:  # pydicom raises several types for broken files
+        raise ValueError(f"unreadable DICOM ({type(error).__name__}: {error})") from error
+    frames, colour = _frames(ds), _is_colour(ds)
+    if frames > 1:
+        kind = f"colour ({_photometric(ds)})" if colour else "gray"
+        raise UnsupportedInputError(
+            f"a multi-frame {kind} DICOM ({frames} frames): medad reads a DICOM file as a 2D image only when it has "
+            "one frame; export the frame to score as a single-frame DICOM or PNG"
+        )
+    problem = size_problem((int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)))
+    if problem is not None:
+        raise UnsupportedInputError(problem)
+    try:
+        pixels = ds.pixel_array
+    except Exception as error:  # missing, truncated or undecodable pixel data
+        raise ValueError(f"unreadable DICOM pixel data ({type(error).__name__}: {error})") from error
+    if colour:
+        return _rgb8(ds, pixels)
+    rescaled = "RescaleSlope" in ds or "RescaleIntercept" in ds  # as MONAI's PydicomReader rescales
+    if rescaled:
+        slope, intercept = _rescale(ds)
+        pixels = pixels.astype(np.float32) * slope + intercept
+    if _photometric(ds) == "MONOCHROME1":
+        pixels = monochrome1_to_monochrome2(pixels, ds, rescaled)
+    return pixels
+
+
+class DicomImageReader(ImageReader):
+    """MONAI reader of single-frame DICOM files as 2D images (:func:`read_dicom_image`), laid out
+    as the 2D pipeline's PIL reader lays out PNG files: ``(rows, columns)`` or ``(rows, columns,
+    3)`` with the channel last. MONAI's ``PydicomReader`` reads a colour frame as a volume of 3
+    slices."""
+
+    def verify_suffix(self, filename: Sequence[str | os.PathLike] | str | os.PathLike) -> bool:
+        return all(is_dicom_file(name) for name in ensure_tuple(filename))
+
+    def read(self, data: Sequence[str | os.PathLike] | str | os.PathLike, **kwargs: Any) -> np.ndarray:
+        names = ensure_tuple(data)
+        if len(names) != 1:
+            raise ValueError(f"DicomImageReader reads one file at a time, got {len(names)}")
+        return read_dicom_image(names[0])
+
+    def get_data(self, img: np.ndarray) -> tuple[np.ndarray, dict]:
+        meta = {"spatial_shape": np.asarray(img.shape[:2]), "original_channel_dim": -1 if img.ndim == 3 else float("nan")}
+        return img, meta
+
+
+class DicomVolumeReader(PydicomReader):
+    """MONAI's ``PydicomReader`` (DICOM files and series folders as volumes) with MONOCHROME1
+    pixel data inverted to MONOCHROME2 (:func:`monochrome1_to_monochrome2`), sides checked
+    (:func:`size_problem`), and colour pixel data refused: a single-frame colour DICOM is a 2D
+    image (:class:`DicomImageReader`), and several colour frames are no volume medad scores."""
+
+    def _get_array_data(self, img: Any, filename: Any) -> np.ndarray:
+        if _is_colour(img):
+            raise UnsupportedInputError(
+                f"colour DICOM ({_photometric(img)}, {_frames(img)} frame(s)) in a volume: medad reads a colour "
+                "DICOM as a 2D colour image only when it is a single-frame file on its own; export each frame to "
+                "score as a single-frame DICOM or PNG"
+            )
+        shape = (int(img.get("Rows", 0) or 0), int(img.get("Columns", 0) or 0), _frames(img))
+        problem = size_problem(shape, image=False)
+        if problem is not None:
+            raise UnsupportedInputError(problem)
+        data = super()._get_array_data(img, filename)
+        if _photometric(img) == "MONOCHROME1":
+            data = monochrome1_to_monochrome2(data, img, rescaled=hasattr(img, "RescaleSlope") or hasattr(img, "RescaleIntercept"))
+        return data
+
+
+def shrink_for_resize(image: torch.Tensor, size: Sequence[int]) -> tuple[torch.Tensor, list[float] | None]:
+    """``image`` ``(C, H, W)`` shrunk for an anti-aliased resize to ``size``, and the Gaussian
+    sigma (in the shrunk image's pixels) the resize should then smooth with.
+
+    Each side more than :data:`SHRINK_FACTOR` times its target is first averaged over blocks of
+    ``k = factor // 4`` pixels (``ceil(H / k)`` rows; the last block of a side averages the
+    pixels it has), as float32; the sigma is chosen so that block mean and Gaussian together
+    smooth as much (same variance) as MONAI's Gaussian of sigma ``(factor - 1) / 2`` at the full
+    size does. Other images are returned as they are, with sigma ``None`` (MONAI's default).
+
+    MONAI's anti-aliased ``Resize`` smooths at the input's size: for a 5000 x 5000 image shrunk to
+    240 x 240 a 169-tap filter, about a minute and 4 GB. Images less than 8 times the target
+    size (all of MVFA's data) are resized exactly as before."""
+    spatial = [int(n) for n in image.shape[1:]]
+    factors = [n / s for n, s in zip(spatial, size)]
+    blocks = [max(1, int(f) // 4) if f > SHRINK_FACTOR else 1 for f in factors]
+    if all(k == 1 for k in blocks):
+        return image, None
+    pixels = torch.as_tensor(image).to(torch.float32)
+    pool = torch.nn.functional.avg_pool2d if len(spatial) == 2 else torch.nn.functional.avg_pool3d
+    shrunk = pool(pixels[None], kernel_size=blocks, stride=blocks, ceil_mode=True)[0]
+    sigma = [math.sqrt(max(((f - 1) / 2) ** 2 - (k * k - 1) / 12, 0.0)) / k for f, k in zip(factors, blocks)]
+    return shrunk, sigma
+
+
+class ShrinkResized(Resized):
+    """MONAI's ``Resized`` that first shrinks images far larger than ``spatial_size`` by block
+    averaging (:func:`shrink_for_resize`), recorded so that ``Invertd`` (:class:`MapToInputGridd`)
+    and :func:`input_size` still see the one resize from the file's own size: the affine is
+    scaled by the block step, and the resize's ``orig_size`` is the size before shrinking."""
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor], lazy: bool | None = None) -> dict:
+        d = dict(data)
+        lazy_ = self.lazy if lazy is None else lazy
+        for key, mode, align_corners, anti_aliasing, anti_aliasing_sigma, dtype in self.key_iterator(
+            d, self.mode, self.align_corners, self.anti_aliasing, self.anti_aliasing_sigma, self.dtype
+        ):
+            image = d[key]
+            shrunk, sigma = shrink_for_resize(image, ensure_tuple(self.resizer.spatial_size)) if anti_aliasing else (image, None)
+            if sigma is not None and isinstance(image, MetaTensor):
+                from monai.transforms.utils import scale_affine
+
+                shrunk = convert_to_dst_type(shrunk, image, dtype=torch.float32)[0]
+                step = scale_affine(tuple(image.shape[1:]), tuple(shrunk.shape[1:]))
+                shrunk.affine = image.affine @ torch.as_tensor(
+                    to_affine_nd(image.affine.shape[0] - 1, step), dtype=image.affine.dtype
+                )
+            d[key] = self.resizer(
+                shrunk,
+                mode=mode,
+                align_corners=align_corners,
+                anti_aliasing=anti_aliasing,
+                anti_aliasing_sigma=anti_aliasing_sigma if sigma is None else sigma,
+                dtype=dtype,
+                lazy=lazy_,
+            )
+            operations = getattr(d[key], "applied_operations", None)
+            if sigma is not None and operations and operations[-1].get(TraceKeys.CLASS_NAME) == "Resize":
+                operations[-1][TraceKeys.ORIG_SIZE] = tuple(int(n) for n in image.shape[1:])
+        return d
 
 
 def _source(image: object, default: str = "image") -> str:
@@ -194,13 +521,37 @@ class ToRGBd(MapTransform):
 
 class LoadInputd(LoadImaged):
     """``LoadImaged`` whose errors name the file that could not be read and why (MONAI's name
-    the transform, and pydicom's not even the file)."""
+    the transform, and pydicom's not even the file), and which reads DICOM files (and, for
+    volumes, series folders) with ``dicom_reader``: :class:`DicomImageReader` in the 2D pipeline,
+    :class:`DicomVolumeReader` for volumes."""
+
+    def __init__(self, keys: KeysCollection, *args: Any, dicom_reader: ImageReader | None = None, **kwargs: Any) -> None:
+        super().__init__(keys, *args, **kwargs)
+        self.dicom_reader = dicom_reader
+        # With a reader given, MONAI's LoadImage tries its default readers after a failure, which
+        # would read what ours refuse (too large images); given at call time, it tries no other.
+        given = kwargs.get("reader")
+        self.file_reader = given if isinstance(given, ImageReader) and dicom_reader is not None else None
+
+    def _is_dicom(self, data: Mapping[Hashable, object]) -> bool:
+        paths = [data[key] for key in self.key_iterator(dict(data))]
+        return bool(paths) and all(
+            isinstance(path, (str, os.PathLike)) and (is_dicom_file(path) or Path(path).is_dir()) for path in paths
+        )
 
     def __call__(self, data: Mapping[Hashable, object], reader: object | None = None) -> dict:
+        if reader is None and self.dicom_reader is not None:
+            reader = self.dicom_reader if self._is_dicom(data) else self.file_reader
         try:
             return super().__call__(data, reader)
         except Exception as error:  # each reader raises its own types
             names = ", ".join(str(data[key]) for key in self.key_iterator(dict(data)))
+            if isinstance(error, UnsupportedInputError):
+                raise UnsupportedInputError(f"{names}: {error}") from error
+            if isinstance(error, Image.DecompressionBombError):  # PIL's own limit, above medad's
+                raise UnsupportedInputError(
+                    f"{names}: {error}: over medad's limit of {MAX_IMAGE_PIXELS:,} pixels (MAX_IMAGE_PIXELS): downsample it"
+                ) from error
             raise ValueError(f"{names}: cannot read ({type(error).__name__}: {error})") from error
 
 
@@ -280,12 +631,14 @@ def mvfa_preprocessing(
 ) -> Compose:
     """MONAI pipeline from file paths to MVFA inputs.
 
-    2D images (PNG, JPEG, BMP, TIFF; 8- or 16-bit, gray, RGB, palette): ``image`` (3, S, S) RGB in
-    [0, 1] at ``S = image_size`` and, with ``mask_key``, ``mask`` (1, S, S) in {0, 1} (zeros where
-    an item has no mask).
+    2D images (PNG, JPEG, BMP, TIFF; 8- or 16-bit, gray, RGB, palette; single-frame colour DICOM,
+    :class:`DicomImageReader`): ``image`` (3, S, S) RGB in [0, 1] at ``S = image_size`` and, with
+    ``mask_key``, ``mask`` (1, S, S) in {0, 1} (zeros where an item has no mask). Images over the
+    size limits (:func:`size_problem`) are refused before they are decoded; images more than 8
+    times ``S`` are shrunk by block averaging before the resize (:class:`ShrinkResized`).
 
-    ``volume=True``: NIfTI files, DICOM files and DICOM series folders through MONAI's default
-    reader selection, as ``image`` (C, H, W, D) in [0, 1] at the volume's own voxel grid,
+    ``volume=True``: NIfTI files through MONAI's default reader selection, DICOM files and DICOM
+    series folders through :class:`DicomVolumeReader` (MONOCHROME1 inverted), as ``image`` (C, H, W, D) in [0, 1] at the volume's own voxel grid,
     reoriented (MONAI ``Orientationd``, exact and undone by ``Invertd``) so that the slices of
     ``slice_plane`` (``"axial"``, ``"coronal"``, ``"sagittal"``) lie along the last axis: the
     voxel axis nearest to that anatomical direction in the file's affine, so oblique and
@@ -300,22 +653,23 @@ def mvfa_preprocessing(
         if slice_plane not in SLICE_PLANES:
             raise ValueError(f"unknown slice_plane {slice_plane!r}; expected one of {sorted(SLICE_PLANES)}")
         return Compose([
-            LoadInputd(keys=image_key, dtype=None, image_only=True),
+            LoadInputd(keys=image_key, dtype=None, image_only=True, dicom_reader=DicomVolumeReader()),
             EnsureChannelFirstd(keys=image_key),
             EnsureSliceAxisd(keys=image_key),
             Orientationd(keys=image_key, axcodes=SLICE_PLANES[slice_plane], labels=None),
             UnitIntensityd(keys=image_key, window=window),
         ])
-    reader = PILReader(converter=normalise_pil_mode, reverse_indexing=False)  # keep (rows, columns)
+    reader = PILReader(converter=_checked_pil_mode, reverse_indexing=False)  # keep (rows, columns)
     size = (image_size, image_size)
     steps: list = [
-        LoadInputd(keys=image_key, reader=reader, dtype=None, image_only=True),
+        LoadInputd(keys=image_key, reader=reader, dtype=None, image_only=True, dicom_reader=DicomImageReader()),
         EnsureChannelFirstd(keys=image_key),
         UnitIntensityd(keys=image_key, window=window),
-        ToRGBd(keys=image_key),
-        Resized(keys=image_key, spatial_size=size, mode="bicubic", anti_aliasing=True),
+        # channel by channel: resized before gray is repeated to RGB (a third of the memory)
+        ShrinkResized(keys=image_key, spatial_size=size, mode="bicubic", anti_aliasing=True),
         # bicubic overshoots: clip back into [0, 1]
         ScaleIntensityRanged(keys=image_key, a_min=0, a_max=1, b_min=0, b_max=1, clip=True),
+        ToRGBd(keys=image_key),
     ]
     if mask_key is not None:
         steps += [

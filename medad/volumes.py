@@ -37,7 +37,7 @@ from monai.transforms import Resize
 from medad.data import IMAGE_SUFFIXES
 from medad.detector import AnomalyScores, MVFADetector
 from medad.io import output_stem
-from medad.transforms import to_rgb
+from medad.transforms import is_colour_dicom_image, is_dicom_file, shrink_for_resize, to_rgb
 
 __all__ = [
     "DEFAULT_SLICE_BATCH",
@@ -69,13 +69,7 @@ ROBUST_PERCENTILE = 95.0
 
 def _is_dicom_file(path: Path) -> bool:
     """``.dcm`` files, and files of any name with DICOM's 128-byte preamble and ``DICM`` prefix."""
-    if path.name.lower().endswith(".dcm"):
-        return True
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
+    return is_dicom_file(path)
 
 
 def _visible(folder: Path) -> list[Path]:
@@ -83,16 +77,23 @@ def _visible(folder: Path) -> list[Path]:
 
 
 def input_kind(path: str | os.PathLike) -> str | None:
-    """``"image"`` (PNG, JPEG, BMP, TIFF), ``"volume"`` (NIfTI, DICOM file, folder holding DICOM
-    files) or ``None`` (anything else)."""
+    """``"image"`` (PNG, JPEG, BMP, TIFF, single-frame colour DICOM), ``"volume"`` (NIfTI, any other
+    DICOM file, folder holding DICOM files) or ``None`` (anything else).
+
+    A single-frame colour DICOM (``SamplesPerPixel`` 3 or PALETTE COLOR: photographs,
+    dermoscopy, endoscopy, secondary captures) is a 2D colour image, as a PNG of it would be
+    (:func:`medad.transforms.is_colour_dicom_image`, from its header); multi-frame colour DICOM
+    files are volumes, which the checks refuse with the reason."""
     path = Path(path)
     if path.is_dir():
         return "volume" if any(p.is_file() and _is_dicom_file(p) for p in _visible(path)) else None
     name = path.name.lower()
     if name.endswith(IMAGE_SUFFIXES):
         return "image"
-    if name.endswith(NIFTI_SUFFIXES) or _is_dicom_file(path):
+    if name.endswith(NIFTI_SUFFIXES):
         return "volume"
+    if _is_dicom_file(path):
+        return "image" if is_colour_dicom_image(path) else "volume"
     return None
 
 
@@ -145,7 +146,8 @@ def list_inputs(path: str | os.PathLike, kind: str = "auto") -> ClinicalInputs:
     ``.jpeg``, ``.bmp``, ``.tif``, ``.tiff``), NIfTI files (``.nii``, ``.nii.gz``), DICOM files
     (``.dcm`` or any name with the DICOM prefix; single- or multi-frame) and DICOM series
     (subfolders of DICOM files of one series each). A folder whose files are all DICOM files of
-    one series is itself one series. Other files are ignored.
+    one series is itself one series. A single-frame colour DICOM file is a 2D image
+    (:func:`input_kind`). Other files are ignored.
 
     ``kind``: ``"auto"`` takes the kind of all the cases found and refuses a mix of 2D images and
     volumes (they run through different pipelines); ``"image"`` or ``"volume"`` keeps that kind.
@@ -164,7 +166,8 @@ def list_inputs(path: str | os.PathLike, kind: str = "auto") -> ClinicalInputs:
         found = {p: k for p, k in found.items() if k is not None}
         for folder in [p for p in found if p.is_dir()]:
             _check_one_series(folder)
-        loose = [p for p in found if p.is_file() and _is_dicom_file(p)]
+        # DICOM files that may be slices of a series (single-frame colour DICOM files are 2D images)
+        loose = [p for p, k in found.items() if k == "volume" and p.is_file() and _is_dicom_file(p)]
         if loose:
             groups = _series_groups(loose)
             series = {uid: files for uid, files in groups.items() if len(files) > 1}
@@ -247,11 +250,13 @@ def _plain(tensor: torch.Tensor) -> torch.Tensor:
 
 def prepare_slices(slices: torch.Tensor, image_size: int) -> torch.Tensor:
     """Slices ``(n, C, H, W)`` in [0, 1] to model inputs ``(n, 3, S, S)``: resized as the 2D
-    pipeline resizes images (MONAI ``Resize``, bicubic with anti-aliasing), clipped to [0, 1],
-    gray repeated to RGB."""
+    pipeline resizes images (MONAI ``Resize``, bicubic with anti-aliasing, after block averaging
+    slices more than 8 times ``S``: :func:`medad.transforms.shrink_for_resize`), clipped to
+    [0, 1], gray repeated to RGB."""
     n, channels, height, width = slices.shape
     resize = Resize((image_size, image_size), mode="bicubic", anti_aliasing=True)
-    resized = _plain(resize(slices.reshape(n * channels, height, width)))
+    flat, sigma = shrink_for_resize(slices.reshape(n * channels, height, width), (image_size, image_size))
+    resized = _plain(resize(flat, anti_aliasing_sigma=sigma))
     return to_rgb(resized.reshape(n, channels, image_size, image_size).clamp(0, 1), channel_dim=1)
 
 
