@@ -1,10 +1,13 @@
 """The MONAI Label app (``bundle/monailabel``) against a real MONAI Label server.
 
 MONAI Label pins numpy<2 and pydicom<3, so it runs from its own environment, ``.venv-monailabel``
-(``scripts/monailabel_env.sh``); without it these tests are skipped. The server is started on
+(``scripts/monailabel_env.sh``); without it the server test is skipped. The server is started on
 127.0.0.1 with the tiny fixture CLIP, a bundle holding a zero-shot ``model.pt`` and a generated
 studies folder; the test talks to it over HTTP, as a viewer does, and only reads the bundle's
-``model.pt`` after the adaptation to check what the server saved.
+``models/`` after the adaptations and the restore to check what the server saved.
+
+The app's model store (``lib/store.py``: versions, restore, reloading) needs monai and medad but
+not monailabel, so its unit test runs in this environment, without a server.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import csv
 import email.parser
 import email.policy
 import gzip
+import importlib
 import io
 import json
 import os
@@ -20,6 +24,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -36,6 +41,7 @@ import torch
 from PIL import Image
 
 import medad
+from medad.checkpoint import Thresholds, describe, read_checkpoint
 
 from helpers import IMAGE_SIZE, ROOT, run_bundle
 from synthetic import head_phantom, write_dataset
@@ -43,18 +49,16 @@ from synthetic import head_phantom, write_dataset
 APP = ROOT / "bundle" / "monailabel"
 PYTHON = ROOT / ".venv-monailabel" / "bin" / "python"
 MODEL = "mvfa"
+RESTORE = "mvfa_restore"  # the restore task: POST /train/mvfa_restore
 # An oblique-free but permuted and flipped affine: the label must come back with it, not RAS.
 VOLUME_AFFINE = np.array([[0.0, -1.2, 0.0, 10.0], [1.5, 0.0, 0.0, -20.0], [0.0, 0.0, 3.0, 5.0], [0.0, 0.0, 0.0, 1.0]])
 VOLUME_SHAPE = (48, 40, 8)
 CASE_SIZE = (150, 130)  # width, height of the 2D case: not square, not the model's size
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not PYTHON.exists(),
-        reason=f"no MONAI Label environment at {PYTHON.parent.parent}: create it with scripts/monailabel_env.sh",
-    ),
-]
+needs_monailabel = pytest.mark.skipif(
+    not PYTHON.exists(),
+    reason=f"no MONAI Label environment at {PYTHON.parent.parent}: create it with scripts/monailabel_env.sh",
+)
 
 
 # ----------------------------------------------------------------------------- HTTP
@@ -79,6 +83,12 @@ def _form(**fields: str) -> dict[str, Any]:
 
 def _get_json(url: str) -> Any:
     return json.loads(_call("GET", url)[0])
+
+
+def train_sync(url: str, task: str, **options: Any) -> dict:
+    """``POST /train/<task>?run_sync=true``: the task runs in the server's process; its result."""
+    body, _ = _call("POST", f"{url}/train/{task}?run_sync=true", data=json.dumps(options).encode(), content_type="application/json")
+    return json.loads(body)
 
 
 def _multipart(body: bytes, content_type: str) -> dict[str, bytes]:
@@ -219,6 +229,17 @@ def _check_common(result: dict, kind: str, mode: str) -> None:
     assert result["label_names"] == {"anomaly": 1}
 
 
+def _same_state(a: dict, b: dict) -> bool:
+    """The same tensors under the same keys (NaN equal to NaN: an uncalibrated model's calibration)."""
+
+    def same(x: torch.Tensor, y: torch.Tensor) -> bool:
+        return x.dtype == y.dtype and x.shape == y.shape and (torch.equal(x, y) or torch.allclose(x, y, rtol=0, atol=0, equal_nan=True))
+
+    return a.keys() == b.keys() and all(same(a[key], b[key]) for key in a)
+
+
+@pytest.mark.slow
+@needs_monailabel
 def test_server_infers_2d_and_volumes_and_adapts_to_normal_studies(tiny_weights, tmp_path):
     bundle = _write_bundle(tmp_path / "bundle", tiny_weights)
     studies = _write_studies(tmp_path / "studies", tmp_path / "scratch")
@@ -232,8 +253,11 @@ def test_server_infers_2d_and_volumes_and_adapts_to_normal_studies(tiny_weights,
         assert info["name"] == json.loads((ROOT / "configs" / "metadata.json").read_text())["name"]
         assert info["models"][MODEL]["labels"] == {"anomaly": 1}
         assert set(info["models"][MODEL]["config"]) == {"result", "threshold", "score_threshold"}
-        assert MODEL in info["trainers"] and info["train_stats"][MODEL] == {}
+        assert set(info["trainers"]) == {MODEL}  # the restore task is not listed: "train all" must not run it
+        assert info["train_stats"] == {MODEL: {"versions": []}}
         assert info["datastore"]["total"] == 7
+        models = bundle / "models"
+        zero_shot = (models / "model.pt").read_bytes()
 
         # 2D: a PNG label at the image's own size (rows, columns), and the score in the JSON.
         result, label = infer(url, "case")
@@ -277,6 +301,10 @@ def test_server_infers_2d_and_volumes_and_adapts_to_normal_studies(tiny_weights,
         stats = _get_json(f"{url}/info/")["train_stats"][MODEL]
         assert stats["normal_studies"] == ["normal_000", "normal_001", "normal_002", "normal_volume", "reference"]
         assert stats["support_images"] == 4 + 2
+        # The zero-shot model it replaced is kept, unchanged, and the record names its file.
+        assert stats["action"] == "adaptation" and stats["versions"] == [stats["replaced_version"]]
+        assert (models / "versions" / stats["replaced_version"]).read_bytes() == zero_shot
+        first_bytes, first_state = (models / "model.pt").read_bytes(), read_checkpoint(models / "model.pt")
 
         adapted = medad.build_detector(
             [], None, model_name=medad.TINY_MODEL_NAME, image_size=IMAGE_SIZE, pretrained=tiny_weights["clip"],
@@ -301,6 +329,36 @@ def test_server_infers_2d_and_volumes_and_adapts_to_normal_studies(tiny_weights,
             result, _ = infer(url, study)
             assert result["decision"] == "normal" and result["score"] <= stats["score_threshold"] + 1e-5
 
+        # A second adaptation (run in the server's process) keeps the first adapted model, intact.
+        second = train_sync(url, MODEL, augment=False, slices_per_volume=1)
+        assert second["support_images"] == 4 + 1
+        versions = _get_json(f"{url}/info/")["train_stats"][MODEL]["versions"]
+        assert versions == [stats["replaced_version"], second["replaced_version"]]
+        kept = models / "versions" / second["replaced_version"]
+        assert kept.read_bytes() == first_bytes
+        kept_detector = medad.load_detector(kept, tiny_weights["clip"])
+        assert kept_detector.effective_thresholds() == adapted.effective_thresholds()
+        assert kept_detector.memory_seg.shape == adapted.memory_seg.shape  # 6 x 11 augmented images
+        assert read_checkpoint(models / "model.pt")["memory_seg"].shape[1] < adapted.memory_seg.shape[1]  # 5 images
+        result, _ = infer(url, "case")
+        assert result["threshold"] == pytest.approx(second["threshold"])
+
+        # Going back: the newest version, the first adaptation's model, is model.pt again, the
+        # second one is kept in its place, and the server serves the first one's answers.
+        restored = train_sync(url, RESTORE)
+        assert restored["action"] == "restore" and restored["restored_version"] == second["replaced_version"]
+        assert restored["versions"] == [stats["replaced_version"], restored["replaced_version"]]
+        assert not kept.exists() and restored["score_threshold"] == pytest.approx(stats["score_threshold"])
+        assert _same_state(read_checkpoint(models / "model.pt"), first_state)
+        assert (models / "versions" / restored["replaced_version"]).is_file()
+        assert _get_json(f"{url}/info/")["train_stats"][MODEL] == restored
+        result, label = infer(url, "case")
+        assert result["threshold"] == pytest.approx(stats["threshold"])
+        assert result["score"] == pytest.approx(server_case["score"], abs=1e-6)
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(label))), server_label)
+        with pytest.raises(AssertionError, match="HTTP 400: .*no kept version model-none.pt"):
+            train_sync(url, RESTORE, version="model-none.pt")
+
     # The same model gives the same answer through Python and the bundle's inferring.
     python = medad.predict_input(medad.load_detector(bundle / "models" / "model.pt", tiny_weights["clip"]), studies / "case.png")
     assert python.score == pytest.approx(server_case["score"], abs=1e-5)
@@ -313,3 +371,67 @@ def test_server_infers_2d_and_volumes_and_adapts_to_normal_studies(tiny_weights,
         (row,) = list(csv.DictReader(handle))
     assert float(row["score"]) == pytest.approx(server_case["score"], abs=1e-5)
     assert int(row["anomalous"]) == int(server_case["abnormal"])
+
+
+# ----------------------------------------------------------------------------- the store, without a server
+
+
+def _app_store():
+    """``bundle/monailabel/lib/store.py``: it needs monai and medad, not monailabel."""
+    sys.path.insert(0, str(APP))
+    try:
+        module = importlib.import_module("lib.store")
+    finally:
+        sys.path.remove(str(APP))
+    assert Path(module.__file__).is_relative_to(APP), module.__file__
+    return module
+
+
+def test_store_keeps_each_replaced_model_and_restores_it(tiny_detector, tiny_weights, tmp_path):
+    store_module = _app_store()
+    models = tmp_path / "bundle" / "models"
+    models.mkdir(parents=True)
+    torch.save(tiny_detector.state_dict(), models / "model.pt")
+    zero_shot = (models / "model.pt").read_bytes()
+    settings = store_module.AppSettings.from_conf(
+        {"bundle_path": str(tmp_path / "bundle"), "clip_weights": str(tiny_weights["clip"]), "device": "cpu"}
+    )
+    store = store_module.DetectorStore(settings)
+    assert store.versions() == [] and store.adaptation_record() == {}
+    with pytest.raises(FileNotFoundError, match="no earlier version"):
+        store.restore()
+
+    # Two "adaptations" (as lib.adapt does them): a memory bank and thresholds, saved by the store.
+    size = tiny_detector.image_size
+    records, states = [], []
+    for shots, threshold in ((2, 0.5), (3, 0.7)):
+        with store.detector(changes=True) as detector:
+            detector.build_memory(torch.rand(shots, 3, size, size, generator=torch.Generator().manual_seed(shots)))
+            detector.thresholds = Thresholds(threshold, threshold, "normal_heldout_max", "normal_heldout_max")
+            records.append(store.save(detector, {"action": "adaptation", "shots": shots}))
+            states.append({key: value.clone() for key, value in detector.state_dict().items()})
+    versions = store.versions()
+    assert [record["replaced_version"] for record in records] == versions and len(versions) == 2
+    assert (models / "versions" / versions[0]).read_bytes() == zero_shot
+    assert describe(models / "versions" / versions[1]).thresholds.image == 0.5
+    assert store.adaptation_record() == records[1]
+
+    # Restore (as the restore task does, in another process): the store reloads the changed file.
+    with store.detector() as detector:
+        assert detector.thresholds.image == 0.7 and detector.memory_seg.shape[1] == states[1]["memory_seg"].shape[1]
+    restored = store.restore()
+    assert restored["restored_version"] == versions[1] and restored["score_threshold"] == 0.5
+    assert restored["mode"] == "few-shot" and store.adaptation_record() == restored
+    assert store.versions() == [versions[0], restored["replaced_version"]] and not (models / "versions" / versions[1]).exists()
+    assert _same_state(read_checkpoint(models / "model.pt"), states[0])
+    with store.detector() as detector:
+        assert detector.thresholds.image == 0.5 and _same_state(detector.state_dict(), states[0])
+
+    # Back to the zero-shot model by name: the memory bank goes with it.
+    restored = store.restore(versions[0])
+    assert restored["mode"] == "zero-shot" and restored["score_threshold"] is None
+    assert _same_state(read_checkpoint(models / "model.pt"), tiny_detector.state_dict())
+    with store.detector() as detector:
+        assert not detector.has_memory and detector.thresholds == Thresholds()
+    with pytest.raises(FileNotFoundError, match="no kept version"):
+        store.restore("model-none.pt")

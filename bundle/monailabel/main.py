@@ -7,6 +7,9 @@ Start it (see README.md in this folder)::
 
 It offers one model, ``mvfa``: the infer task (:class:`lib.infer.AnomalyInfer`) and the train
 task (:class:`lib.adapt.NormalAdaptation`, few-shot adaptation to the studies marked normal).
+A second train task, ``mvfa_restore`` (:class:`lib.restore.RestoreVersion`), puts an earlier
+``model.pt`` back from ``models/versions/``; it is not listed among the trainers, so that
+MONAI Label's "train all" never runs it.
 """
 
 from __future__ import annotations
@@ -22,12 +25,15 @@ import medad
 
 from lib.adapt import NormalAdaptation
 from lib.infer import LABEL_NAMES, AnomalyInfer
+from lib.restore import RestoreVersion
 from lib.store import AppSettings, DetectorStore
 
 logger = logging.getLogger(__name__)
 
 #: The model name of both tasks: ``/infer/mvfa`` and ``/train/mvfa``.
 MODEL_NAME = "mvfa"
+#: The restore task: ``POST /train/mvfa_restore`` (not listed in ``/info/``).
+RESTORE_NAME = f"{MODEL_NAME}_restore"
 
 
 class MVFAApp(MONAILabelApp):
@@ -53,4 +59,13 @@ class MVFAApp(MONAILabelApp):
         return {MODEL_NAME: AnomalyInfer(self.store)}
 
     def init_trainers(self) -> dict[str, TrainTask]:
-        return {MODEL_NAME: NormalAdaptation(self.store)}
+        return {MODEL_NAME: NormalAdaptation(self.store), RESTORE_NAME: RestoreVersion(self.store)}
+
+    def info(self) -> dict:
+        # MONAI Label's "train all" (POST /train/, 3D Slicer's trainer "ALL") runs every trainer
+        # /info/ lists, one after the other: listed, the restore would undo each adaptation at once.
+        # Unlisted, POST /train/mvfa_restore still runs it; the kept versions are in train_stats.mvfa.
+        meta = super().info()
+        meta["trainers"].pop(RESTORE_NAME, None)
+        meta["train_stats"].pop(RESTORE_NAME, None)
+        return meta

@@ -14,7 +14,9 @@ spread over its extent, prepared as the bundle prepares them), then call the lib
 holds every support image (augmented x11 as MVFA does, unless ``augment=false``), and the
 calibration and the thresholds come from each study scored against the memory without its own
 images (an image never scores against itself). ``models/model.pt``, which now holds the memory,
-calibration and thresholds, is replaced atomically; the server reloads it on its next request.
+calibration and thresholds, is replaced atomically once the adaptation has completed; the model
+it replaces is kept in ``models/versions/`` (its file name is the record's ``replaced_version``;
+:mod:`lib.restore` puts it back), and the server reloads ``model.pt`` on its next request.
 
 The adapters are not trained here: the bundle's few-shot training (``configs/fewshot.json``)
 needs abnormal images with masks as well.
@@ -77,7 +79,8 @@ class NormalAdaptation(TrainTask):
         return dict(self._config)
 
     def stats(self) -> dict[str, Any]:
-        return self.store.adaptation_record()
+        """The record of the last adaptation (or restore) and the kept ``versions``, oldest first."""
+        return {**self.store.adaptation_record(), "versions": self.store.versions()}
 
     def _support_images(self, path: str, image_size: int, slices_per_volume: int) -> torch.Tensor:
         """One study as support images ``(n, 3, S, S)`` in [0, 1]."""
@@ -126,6 +129,7 @@ class NormalAdaptation(TrainTask):
             owners = [study for study in studies for _ in groups[study]]
             thresholds = adapt_to_normal_images(detector, support, owners, augment, batch_size)
             record = {
+                "action": "adaptation",
                 "threshold": thresholds.pixel,
                 "score_threshold": thresholds.image,
                 "threshold_rule": thresholds.image_rule,
@@ -136,6 +140,6 @@ class NormalAdaptation(TrainTask):
                 "adapted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "seconds": round(time.perf_counter() - start, 2),
             }
-            self.store.save(detector, record)
+            record = self.store.save(detector, record)
         logger.info("adaptation done: %s", record)
         return record

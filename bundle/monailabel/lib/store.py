@@ -8,6 +8,13 @@ or demo model, the seeded random backbone it records). The detector is loaded wi
 again whenever ``model.pt`` changes, which is how the server picks up a few-shot adaptation run
 in MONAI Label's training subprocess. Its thresholds are the ones every surface uses
 (:meth:`medad.MVFADetector.effective_thresholds`).
+
+Versions: the app writes ``model.pt`` only through :func:`medad.checkpoint.save_model` with
+``keep_previous=True``, so each model it replaces stays in ``models/versions/`` beside it
+(``model-<UTC time of the replacement>.pt``); :meth:`DetectorStore.restore` puts one back
+(:func:`medad.checkpoint.restore_model_version`). ``models/monailabel_adaptation.json`` records
+the last change the app made to ``model.pt`` (an adaptation or a restore) and, under
+``replaced_version``, the version file that holds the model the change replaced.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +33,7 @@ import torch
 from monai.transforms import Compose
 
 from medad import MVFADetector, load_detector
+from medad.checkpoint import describe, model_versions, read_checkpoint, restore_model_version, save_model
 from medad.io import atomic_write
 from medad.transforms import SLICE_PLANES, mvfa_preprocessing
 
@@ -32,7 +41,9 @@ from lib.options import int_option, parse_window
 
 logger = logging.getLogger(__name__)
 
-#: What the last adaptation did (informational: the thresholds themselves live in model.pt).
+
+#: What the last change of model.pt by the app did, an adaptation or a restore (informational:
+#: the thresholds themselves live in model.pt).
 ADAPTATION_FILE = "monailabel_adaptation.json"
 
 
@@ -154,15 +165,56 @@ class DetectorStore:
         )
 
     def adaptation_record(self) -> dict[str, Any]:
-        """What the last adaptation wrote (empty before the first one)."""
+        """What the last adaptation or restore wrote (empty before the first one)."""
         path = self.settings.adaptation_path
         return json.loads(path.read_text()) if path.is_file() else {}
 
-    def save(self, detector: MVFADetector, record: Mapping[str, Any]) -> None:
-        """Write ``model.pt`` and then the adaptation record, each atomically (readers see the old
-        or the new file, never half of one)."""
-        with atomic_write(self.settings.model_path, "wb") as handle:
-            torch.save(detector.state_dict(), handle)
+    def versions(self) -> list[str]:
+        """File names of the earlier models kept in ``models/versions/``, oldest first."""
+        return [path.name for path in model_versions(self.settings.model_path)]
+
+    def _write_record(self, record: Mapping[str, Any]) -> None:
         with atomic_write(self.settings.adaptation_path) as handle:
             json.dump(dict(record), handle, indent=2)
-        logger.info("saved the adapted detector to %s", self.settings.model_path)
+
+    def save(self, detector: MVFADetector, record: Mapping[str, Any]) -> dict[str, Any]:
+        """Write ``model.pt`` (:func:`medad.checkpoint.save_model`, keeping the model it replaces
+        in ``models/versions/``) and then the record, each atomically (readers see the old or the
+        new file, never half of one). Returns the record as written: ``record`` with
+        ``replaced_version``, the version file holding the replaced model."""
+        path = self.settings.model_path
+        kept = save_model(detector, path, keep_previous=True)
+        replaced = kept.name if kept is not None else None
+        record = {**record, "replaced_version": replaced}
+        self._write_record(record)
+        logger.info("saved the adapted detector to %s (the model it replaced: versions/%s)", path, replaced)
+        return record
+
+    def restore(self, version: str | None = None) -> dict[str, Any]:
+        """Put a kept version back as ``model.pt`` (:func:`medad.checkpoint.restore_model_version`):
+        ``version`` is a file name from :meth:`versions`, by default the newest (the model the last
+        adaptation or restore replaced). The current model is kept as a version in turn, so a
+        restore can be undone the same way. The server reloads the detector on its next request
+        (``model.pt`` is a new file). Returns the record written: which version was restored, which
+        version now holds the model it replaced, and the restored model's thresholds."""
+        path = self.settings.model_path
+        restored, kept = restore_model_version(path, version or None)
+        replaced = kept.name if kept is not None else None
+        state = read_checkpoint(path)
+        description = describe(state)
+        thresholds = description.thresholds if description is not None else None
+        memory = state.get("memory_seg")
+        record = {
+            "action": "restore",
+            "restored_version": restored.name,
+            "replaced_version": replaced,
+            "threshold": thresholds.pixel if thresholds else None,
+            "score_threshold": thresholds.image if thresholds else None,
+            "threshold_rule": thresholds.image_rule if thresholds else None,
+            "target": description.target if description is not None else None,
+            "mode": "few-shot" if memory is not None and memory.shape[1] > 0 else "zero-shot",
+            "restored_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        self._write_record(record)
+        logger.info("restored %s from versions/%s (the model it replaced: versions/%s)", path, restored.name, replaced)
+        return record
