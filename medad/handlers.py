@@ -23,7 +23,7 @@ from monai.data import decollate_batch
 from monai.handlers import CheckpointLoader, CheckpointSaver, MLFlowHandler, StatsHandler, TensorBoardStatsHandler
 from monai.utils.enums import CommonKeys as Keys
 
-from medad.checkpoint import read_checkpoint, save_model
+from medad.checkpoint import CheckpointError, read_checkpoint, save_model
 from medad.detector import MVFADetector, unwrap
 from medad.io import atomic_write
 from medad.metrics import AnomalyEvaluation
@@ -384,7 +384,13 @@ def check_resumable(
     newest = latest_checkpoint(save_dir, file_prefix) if resume else None
     if newest is None:
         return
-    saved = read_checkpoint(newest).get("settings")
+    try:
+        saved = read_checkpoint(newest).get("settings")
+    except CheckpointError as error:
+        raise CheckpointError(
+            f"{error}: the run cannot resume from it; delete {newest} (the run then starts afresh), or set resume "
+            "to false"
+        ) from error
     now = RunSettings(settings)
     problems = ["it records no settings (made by an older medad)"] if saved is None else now.differences(saved)
     if problems:

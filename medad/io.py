@@ -196,6 +196,7 @@ class StagedOutput:
         if self.output_dir.exists() and not self.output_dir.is_dir():
             raise NotADirectoryError(f"output_dir {self.output_dir} is a file, not a folder")
         present = sorted(p.name for p in self.output_dir.iterdir()) if self.output_dir.is_dir() else []
+        present = [name for name in present if name != OUTPUT_MARKER]
         if present and not self.merge:
             shown = ", ".join(present[:5]) + (f" and {len(present) - 5} more" if len(present) > 5 else "")
             if not self.overwrite:

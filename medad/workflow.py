@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -49,6 +50,7 @@ __all__ = [
     "resumable",
     "run_engine",
     "summarise_failure",
+    "tracking_store",
     "unknown_keys",
 ]
 
@@ -254,6 +256,30 @@ def check_command_line() -> None:
         raise RunError("; ".join(problems))
 
 
+def tracking_store(uri: str) -> str:
+    """``uri`` (an MLflow tracking URI) once its store is known to be writable: a local store
+    (``sqlite:///``, ``file:``, a plain path) whose folder cannot be created or written ends the
+    run at once naming it, where MLflow would retry for minutes without naming it. Remote
+    stores (``http(s)://``, ``databricks``) are left to MLflow."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        folder = Path(uri.removeprefix("sqlite:///")).parent  # sqlite:////abs/x.db -> /abs, sqlite:///x.db -> .
+    elif parsed.scheme in ("", "file"):
+        folder = Path(parsed.path or uri)
+    else:
+        return uri
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise RunError(f"MLflow tracking store {uri}: cannot write to {folder} ({error.strerror or error}): choose "
+                       "another --tracking_uri or make the folder writable") from error
+    return uri
+
+
 def lock_run(folder: str | os.PathLike, what: str = "run", filename: str = ".medad.lock") -> RunLock:
     """Take ``folder``'s :class:`medad.io.RunLock` for this process (one run at a time), ending the
     run at once, naming the other run, when another process holds it."""
@@ -290,16 +316,21 @@ def placed_network(detector: MVFADetector, device: Any, compile: bool = False) -
     return detector.to(device).compile_paths(bool(compile))
 
 
-def run_engine(engine: Any) -> None:
-    """Run a MONAI engine. However it fails (an exception in any handler, whatever their order;
-    SIGINT; SIGTERM under the bundle), the staging folders of its outputs are removed
-    (:func:`medad.io.discard_unfinished`) before the error goes on to the caller; under the bundle
-    the run then ends with the one line of :func:`summarise_failure`."""
+def run_engine(engine: Any, lock: RunLock | None = None) -> None:
+    """Run a MONAI engine (or anything with ``run()``) holding ``lock``, the run's
+    :class:`medad.io.RunLock`, which is given back when the run ends. However it fails (an
+    exception in any handler, whatever their order; SIGINT; SIGTERM under the bundle), the staging
+    folders of its outputs are removed (:func:`medad.io.discard_unfinished`) before the error
+    goes on to the caller; under the bundle the run then ends with the one line of
+    :func:`summarise_failure`."""
     try:
         engine.run()
     except BaseException:
         discard_unfinished()
         raise
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _cli_value(value: object) -> str:

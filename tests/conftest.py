@@ -86,3 +86,22 @@ def bundle_backbone(tiny_clip_path) -> dict:
     from helpers import IMAGE_SIZE
 
     return {"clip_model": medad.TINY_MODEL_NAME, "clip_weights": tiny_clip_path, "image_size": IMAGE_SIZE, "levels": "[1,2,3,4]"}
+
+
+@pytest.fixture(scope="session")
+def random_fewshot_model(tmp_path_factory) -> Path:
+    """A few-shot ``model.pt`` on the seeded random tiny backbone at 112 px (the model records
+    it: inference needs no backbone keys), with a memory bank and a calibration with labels."""
+    from medad.checkpoint import save_model
+
+    torch.manual_seed(0)
+    detector = medad.build_detector(
+        ["Brain"], "Brain", model_name=medad.TINY_MODEL_NAME, image_size=112, pretrained=None, random_init=True,
+        levels=(1, 2, 3, 4),
+    ).eval()
+    with torch.no_grad():
+        detector.build_memory(torch.rand(2, 3, 112, 112))
+        detector.calibrate(torch.rand(6, 3, 112, 112), labels=torch.tensor([0, 0, 0, 1, 1, 1]))
+    path = tmp_path_factory.mktemp("random_fewshot_model") / "model.pt"
+    save_model(detector, path)
+    return path

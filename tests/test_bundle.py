@@ -36,7 +36,10 @@ def missing_properties(files: tuple[str, ...], kind: str, **overrides) -> list[s
         **{key: str(value) if isinstance(value, Path) else value for key, value in overrides.items()},
     )
     workflow.initialize()
-    return workflow.check_properties()
+    try:
+        return workflow.check_properties()
+    finally:
+        workflow.finalize()  # gives the bundle's run lock back (MONAI's lifecycle: initialize, run, finalize)
 
 
 def test_default_run_id_is_defined_everywhere():
@@ -163,13 +166,15 @@ def test_paper_selection_is_an_overlay_and_its_name_alone_is_refused(synthetic_b
         "medad: model_selection must be one of ['last'], got 'paper': the paper's selection needs "
         "configs/paper_selection.json merged after train.json (and fewshot.json)"
     )
-    # The overlay replaces train#handlers#3, the saver of the final model.pt, by the validator.
-    assert json.loads((CONFIGS / "train.json").read_text())["train"]["handlers"][3]["final_filename"] == "model.pt"
+    # The overlay appends the validator to train's handlers; model.pt is still written once, at completion.
+    paper = json.loads((CONFIGS / "paper_selection.json").read_text())
+    assert [h["_target_"] for h in paper["+train#handlers"]] == ["ValidationHandler"]
     root = tmp_path / "paper"
     log = run_bundle("training", ("train", "fewshot", "paper_selection"), root, shot=2, epochs=2, **settings)
     # The validator ran after each epoch, and model.pt is the best epoch by the authors' criterion.
     assert log.count("Key metric: val_selection_score best value") == 2, log[-3000:]
     assert "Epoch[2] Complete" in log and (root / "models" / "model.pt").is_file()
+    assert "saved the selected model (model_selected.pt)" in log and not (root / "models" / "model_selected.pt").exists()
     saved = medad.load_detector(root / "models" / "model.pt", bundle_backbone["clip_weights"])
     assert saved.has_memory and saved.is_calibrated
 

@@ -28,20 +28,12 @@ SIZE = 112
 
 
 @pytest.fixture(scope="module")
-def trained_root(tmp_path_factory) -> Path:
+def trained_root(tmp_path_factory, random_fewshot_model) -> Path:
     """A bundle root with a few-shot ``models/model.pt`` on the seeded random tiny backbone (the
     model records it: inference needs no backbone keys), calibrated with labels."""
     root = tmp_path_factory.mktemp("bundle")
-    torch.manual_seed(0)
-    detector = medad.build_detector(
-        ["Brain"], "Brain", model_name=medad.TINY_MODEL_NAME, image_size=SIZE, pretrained=None, random_init=True,
-        levels=(1, 2, 3, 4),
-    ).eval()
-    with torch.no_grad():
-        detector.build_memory(torch.rand(2, 3, SIZE, SIZE))
-        detector.calibrate(torch.rand(6, 3, SIZE, SIZE), labels=torch.tensor([0, 0, 0, 1, 1, 1]))
     (root / "models").mkdir()
-    torch.save(detector.state_dict(), root / "models" / "model.pt")
+    (root / "models" / "model.pt").write_bytes(random_fewshot_model.read_bytes())
     return root
 
 

@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,10 +26,7 @@ from medad.checkpoint import CheckpointError, description_tensor, save_model
 from medad.io import OUTPUT_MARKER, RunLock, StagedOutput, check_output_folder
 from medad.workflow import RunError, error_summary, unknown_keys
 
-from helpers import CONFIGS, IMAGE_SIZE, bundle_command, common, run_bundle
-
-SIZE = 112
-
+from helpers import CONFIGS, bundle_command, common, run_bundle
 
 def digest(folder: Path) -> dict[str, str]:
     """Every file under ``folder`` with its content's hash: what must survive a failed run."""
@@ -42,19 +38,8 @@ def digest(folder: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> Path:
-    """A few-shot model on the seeded random tiny backbone (it records that: no backbone keys needed)."""
-    torch.manual_seed(0)
-    detector = medad.build_detector(
-        ["Brain"], "Brain", model_name=medad.TINY_MODEL_NAME, image_size=SIZE, pretrained=None, random_init=True,
-        levels=(1, 2, 3, 4),
-    ).eval()
-    with torch.no_grad():
-        detector.build_memory(torch.rand(2, 3, SIZE, SIZE))
-        detector.calibrate(torch.rand(6, 3, SIZE, SIZE), labels=torch.tensor([0, 0, 0, 1, 1, 1]))
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    save_model(detector, path)
-    return path
+def model_file(random_fewshot_model) -> Path:
+    return random_fewshot_model
 
 
 def bundle_with_inputs(root: Path, model_file: Path, count: int = 3) -> Path:
@@ -319,3 +304,59 @@ def test_a_model_file_naming_a_local_weights_path_is_not_followed(model_file, tm
         medad.load_detector(path)
     with pytest.raises(medad.MissingWeightsError, match="weights.pt"):  # trusted: followed (and not there)
         medad.load_detector(path, trust_model_paths=True)
+
+
+def test_a_truncated_resume_checkpoint_says_how_to_recover(tmp_path):
+    from medad.handlers import check_resumable
+
+    (tmp_path / "resume_checkpoint_epoch=3.pt").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(CheckpointError, match=r"not a complete PyTorch checkpoint .*: the run cannot resume from it; "
+                                              r"delete .*resume_checkpoint_epoch=3.pt \(the run then starts afresh\)"):
+        check_resumable(tmp_path, {"seed": 1})
+    check_resumable(tmp_path, {"seed": 1}, resume=False)  # or resume set to false
+
+
+@pytest.mark.parametrize("configs, overrides, expected", [
+    (("train",), {"clip_model": "ViT-Nonexistent-1"}, "Unknown CLIP architecture 'ViT-Nonexistent-1'"),
+    (("train", "fewshot"), {"seed_dir": "/nonexistent/seeds"}, "/nonexistent/seeds"),
+    (("train", "fewshot"), {"abnormal_shots": 0, "init_checkpoint": "/nonexistent/model.pt"}, "/nonexistent/model.pt"),
+    (("train",), {"sources": "['Nonexistent']"}, "Nonexistent"),
+], ids=["backbone name", "seed folder", "init_checkpoint", "source data set"])
+def test_set_up_errors_of_training_end_in_one_line(synthetic_bmad, bundle_backbone, tmp_path, configs, overrides, expected):
+    settings = {**common(synthetic_bmad, bundle_backbone), **overrides}
+    lines = failing_run("training", configs, tmp_path, **settings)
+    assert lines[-1].startswith("medad: ") and expected in lines[-1], lines[-10:]
+    assert not any("Failed to evaluate" in line or line.startswith("Traceback") for line in lines), lines[-20:]
+
+
+def test_a_failed_evaluation_keeps_the_previous_results_whole(synthetic_bmad, bundle_backbone, tmp_path, monkeypatch):
+    settings = common(synthetic_bmad, bundle_backbone)
+    run_bundle("training", ("train",), tmp_path, epochs=1, **settings)
+    run_bundle("evaluating", ("train", "evaluate"), tmp_path, **settings)
+    results = ("metrics.json", "metrics.csv", "scores.csv", "report.html")
+    for name in results:  # the previous results, told apart from anything this run could write
+        (tmp_path / "eval" / name).write_text(f"the previous {name}")
+    before = {name: (tmp_path / "eval" / name).read_bytes() for name in results}
+
+    def fail(*args, **kwargs):
+        raise StepFailed("the report could not be drawn")
+
+    # The report is written last: metrics and scores of the failed run must not replace the old ones.
+    monkeypatch.setattr("medad.report.EvaluationReport.__call__", fail)
+    workflow = _workflow("evaluating", ("train", "evaluate"), tmp_path, "eval",
+                         **{**settings, "levels": [1, 2, 3, 4]})
+    raises_step_failed(workflow.run)
+    assert {name: (tmp_path / "eval" / name).read_bytes() for name in results} == before
+    assert not (tmp_path / ".eval.partial").exists()
+
+
+def test_an_unwritable_mlflow_store_is_named_at_once(tmp_path):
+    from medad.workflow import tracking_store
+
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the store's folder would be")
+    uri = f"sqlite:///{blocker}/eval/mlruns.db"
+    with pytest.raises(RunError, match=f"MLflow tracking store {uri}: cannot write to {blocker}/eval"):
+        tracking_store(uri)
+    assert tracking_store(f"sqlite:///{tmp_path}/eval/mlruns.db").endswith("mlruns.db")
+    assert tracking_store("https://mlflow.example.org") == "https://mlflow.example.org"  # remote: MLflow's to judge

@@ -16,7 +16,7 @@ from monai.engines.utils import IterationEvents
 
 import medad
 from medad.engines import MVFATrainer, adapter_parameter_groups
-from medad.handlers import AtomicCheckpointSaver, FewShotMemoryHandler
+from medad.handlers import FewShotMemoryHandler, ModelSaver
 
 from helpers import common, run_bundle
 
@@ -90,13 +90,13 @@ def test_the_memory_is_built_before_model_pt_is_saved_whatever_the_handler_order
     items = _support_items(tiny_config["image_size"])
     # The memory handler as a trainer argument: attached first, before a saver listed before it.
     detector = _fresh_detector(tiny_config, tiny_weights)
-    saver = AtomicCheckpointSaver(str(tmp_path / "a"), {"model": detector}, save_final=True, final_filename="model.pt")
+    saver = ModelSaver(tmp_path / "a" / "model.pt")
     _trainer(detector, items, [saver], fewshot_memory=FewShotMemoryHandler(items, batch_size=4)).run()
     saved = medad.load_detector(tmp_path / "a" / "model.pt", tiny_weights["clip"])
     assert saved.has_memory and saved.is_calibrated and saved.effective_thresholds().image_rule == "support_f1"
     # The same handler in the list after the saver comes too late: what the trainer argument prevents.
     detector = _fresh_detector(tiny_config, tiny_weights)
-    saver = AtomicCheckpointSaver(str(tmp_path / "b"), {"model": detector}, save_final=True, final_filename="model.pt")
+    saver = ModelSaver(tmp_path / "b" / "model.pt")
     _trainer(detector, items, [saver, FewShotMemoryHandler(items, batch_size=4)]).run()
     assert not medad.load_detector(tmp_path / "b" / "model.pt", tiny_weights["clip"]).has_memory
 
