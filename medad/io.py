@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import errno
+import fnmatch
 import logging
 import os
 import shutil
@@ -121,6 +122,19 @@ def discard_unfinished() -> None:
 atexit.register(discard_unfinished)
 
 
+#: What inference writes into its output folder (before :data:`OUTPUT_MARKER` existed, too).
+_INFERENCE_OUTPUTS = ("scores.csv", "input_problems.csv", "overlays", "slices", "*_anomaly_map.nii.gz")
+
+
+def _written_by_medad(folder: Path, names: list[str]) -> bool:
+    """Whether ``folder`` (holding ``names``) is a medad run's output: it carries
+    :data:`OUTPUT_MARKER`, or (written before the marker existed) it holds ``scores.csv`` and
+    nothing but what inference writes."""
+    if (folder / OUTPUT_MARKER).is_file():
+        return True
+    return "scores.csv" in names and all(any(fnmatch.fnmatch(name, kind) for kind in _INFERENCE_OUTPUTS) for name in names)
+
+
 def _is_rank_zero() -> bool:
     """Whether this process is rank 0 of a ``torchrun`` launch (``RANK``), or the only process;
     read from the environment, as it must be before the process group exists."""
@@ -204,7 +218,7 @@ class StagedOutput:
                     f"output_dir {self.output_dir} is not empty ({shown}): choose another output_dir, or set "
                     "overwrite to true to replace all of it with this run's outputs"
                 )
-            if not (self.output_dir / OUTPUT_MARKER).is_file():
+            if not _written_by_medad(self.output_dir, present):
                 raise FileExistsError(
                     f"output_dir {self.output_dir} was not written by medad (it holds {shown} but no {OUTPUT_MARKER} "
                     "marker): overwrite replaces only folders of earlier medad runs; choose another output_dir"

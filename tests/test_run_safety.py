@@ -360,3 +360,18 @@ def test_an_unwritable_mlflow_store_is_named_at_once(tmp_path):
         tracking_store(uri)
     assert tracking_store(f"sqlite:///{tmp_path}/eval/mlruns.db").endswith("mlruns.db")
     assert tracking_store("https://mlflow.example.org") == "https://mlflow.example.org"  # remote: MLflow's to judge
+
+
+def test_an_output_folder_of_an_older_medad_is_still_replaced(tmp_path):
+    older = tmp_path / "outputs"  # written before the marker existed
+    (older / "overlays").mkdir(parents=True)
+    (older / "scores.csv").write_text("image,score\n")
+    (older / "case_anomaly_map.nii.gz").write_bytes(b"map")
+    staged = StagedOutput(older, overwrite=True)
+    (Path(staged.prepare()) / "scores.csv").write_text("image,score\nnew,1\n")
+    staged.publish()
+    assert sorted(p.name for p in older.iterdir()) == [OUTPUT_MARKER, "scores.csv"]
+    (older / "notes.txt").write_text("a user's file beside the outputs")
+    (older / OUTPUT_MARKER).unlink()
+    with pytest.raises(FileExistsError, match="not written by medad"):
+        StagedOutput(older, overwrite=True).prepare()
