@@ -67,11 +67,6 @@ ROBUST_PERCENTILE = 95.0
 # ----------------------------------------------------------------------------- finding cases
 
 
-def _is_dicom_file(path: Path) -> bool:
-    """``.dcm`` files, and files of any name with DICOM's 128-byte preamble and ``DICM`` prefix."""
-    return is_dicom_file(path)
-
-
 def _visible(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
 
@@ -86,13 +81,13 @@ def input_kind(path: str | os.PathLike) -> str | None:
     files are volumes, which the checks refuse with the reason."""
     path = Path(path)
     if path.is_dir():
-        return "volume" if any(p.is_file() and _is_dicom_file(p) for p in _visible(path)) else None
+        return "volume" if any(p.is_file() and is_dicom_file(p) for p in _visible(path)) else None
     name = path.name.lower()
     if name.endswith(IMAGE_SUFFIXES):
         return "image"
     if name.endswith(NIFTI_SUFFIXES):
         return "volume"
-    if _is_dicom_file(path):
+    if is_dicom_file(path):
         return "image" if is_colour_dicom_image(path) else "volume"
     return None
 
@@ -114,7 +109,7 @@ def _series_groups(files: Sequence[Path]) -> dict[str, list[Path]]:
 
 
 def _check_one_series(folder: Path) -> None:
-    groups = _series_groups([p for p in _visible(folder) if p.is_file() and _is_dicom_file(p)])
+    groups = _series_groups([p for p in _visible(folder) if p.is_file() and is_dicom_file(p)])
     if len(groups) > 1:
         raise ValueError(
             f"{folder}: holds {len(groups)} DICOM series (SeriesInstanceUID {sorted(groups)}); "
@@ -167,7 +162,7 @@ def list_inputs(path: str | os.PathLike, kind: str = "auto") -> ClinicalInputs:
         for folder in [p for p in found if p.is_dir()]:
             _check_one_series(folder)
         # DICOM files that may be slices of a series (single-frame colour DICOM files are 2D images)
-        loose = [p for p, k in found.items() if k == "volume" and p.is_file() and _is_dicom_file(p)]
+        loose = [p for p, k in found.items() if k == "volume" and p.is_file() and is_dicom_file(p)]
         if loose:
             groups = _series_groups(loose)
             series = {uid: files for uid, files in groups.items() if len(files) > 1}
