@@ -22,9 +22,11 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -249,8 +251,6 @@ VERSIONS_FOLDER = "versions"
 
 def _version_name(path: Path) -> str:
     """``<stem>-<UTC time to the microsecond>.pt``: sortable by age."""
-    from datetime import datetime, timezone
-
     return f"{path.stem}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S%fZ')}{path.suffix}"
 
 
@@ -266,8 +266,6 @@ def _keep_version(path: Path) -> Path:
         except FileExistsError:
             continue  # two saves within one microsecond: take the next name
         except OSError:  # a filesystem without hard links
-            import shutil
-
             if not kept.exists():
                 shutil.copy2(path, kept)
                 return kept

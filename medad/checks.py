@@ -192,7 +192,7 @@ def _check_image(path: str, volumes: bool) -> tuple[np.ndarray | None, list[str]
         reasons.append(f"unsupported shape {pixels.shape} (expected gray, gray+alpha, RGB or RGBA)")
     if min(pixels.shape[:2]) < 2:
         reasons.append(f"image too small: {pixels.shape[:2]}")
-    if np.issubdtype(pixels.dtype, np.floating) and not np.isfinite(pixels).all():
+    if _non_finite(pixels):
         reasons.append("non-finite values (NaN or infinity)")
     return pixels, reasons
 

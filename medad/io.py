@@ -33,6 +33,8 @@ __all__ = [
     "atomic_write",
     "check_output_folder",
     "discard_unfinished",
+    "disk_full",
+    "exception_chain",
     "output_stem",
     "temporary_name",
 ]
@@ -75,14 +77,25 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Ite
         raise
 
 
+def exception_chain(error: BaseException) -> list[BaseException]:
+    """``error`` and what caused it, outermost first (``__cause__``, else ``__context__``), each once."""
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def disk_full(error: BaseException) -> OSError | None:
+    """The "no space left on device" ``OSError`` in ``error``'s chain, or ``None``."""
+    return next((e for e in exception_chain(error) if isinstance(e, OSError) and e.errno == errno.ENOSPC), None)
+
+
 def _raise_if_disk_full(error: BaseException, path: Path) -> None:
     """Re-raise a write failure whose cause is a full disk as the ``OSError`` that says so and
     where (torch and the image writers wrap it in errors of their own, such as ``unexpected pos``)."""
-    seen = error
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
-            raise OSError(errno.ENOSPC, f"No space left on device while writing {path}") from error
-        seen = seen.__cause__ or seen.__context__
+    if disk_full(error) is not None:
+        raise OSError(errno.ENOSPC, f"No space left on device while writing {path}") from error
 
 
 def atomic_image_writer(writer_class: type[ImageWriter]) -> type[ImageWriter]:

@@ -16,7 +16,6 @@ ordinary exceptions, so Python callers (``monai.bundle.load``, ``ConfigWorkflow`
 from __future__ import annotations
 
 import difflib
-import errno
 import functools
 import logging
 import os
@@ -32,7 +31,7 @@ from medad.backbone import MissingWeightsError
 from medad.checks import check_items
 from medad.detector import MVFADetector, load_detector
 from medad.handlers import check_resumable
-from medad.io import RunLock, discard_unfinished
+from medad.io import RunLock, discard_unfinished, disk_full, exception_chain
 from medad.volumes import list_inputs
 
 __all__ = [
@@ -87,15 +86,6 @@ inputs = _ending_on_input_errors(list_inputs)
 resumable = _ending_on_input_errors(check_resumable)
 
 
-def _chain(error: BaseException) -> list[BaseException]:
-    """``error`` and what caused it, outermost first (``__cause__``, else ``__context__``)."""
-    chain: list[BaseException] = []
-    while error is not None and error not in chain:
-        chain.append(error)
-        error = error.__cause__ or error.__context__
-    return chain
-
-
 def error_summary(error: BaseException) -> tuple[str, bool]:
     """The line a failed run ends with, and whether the failure is the user's input (shown
     without a traceback).
@@ -116,9 +106,8 @@ def error_summary(error: BaseException) -> tuple[str, bool]:
     """
     if isinstance(error, KeyboardInterrupt):
         return f"interrupted ({error or 'SIGINT'}): earlier results are unchanged, this run's unfinished outputs removed", True
-    chain = _chain(error)
-    disk_full = [e for e in chain if isinstance(e, OSError) and e.errno == errno.ENOSPC]
-    root = disk_full[0] if disk_full else next((e for e in chain if isinstance(e, RunError)), chain[-1])
+    chain = exception_chain(error)
+    root = disk_full(error) or next((e for e in chain if isinstance(e, RunError)), chain[-1])
     lines = [line.strip() for line in str(root).strip().splitlines() if line.strip()]
     if isinstance(root, RunError):
         return "\n".join(lines), True
