@@ -16,12 +16,13 @@ import os
 import shutil
 import socket
 import sys
+import math
 import uuid
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, ClassVar
+from typing import IO, Any, ClassVar
 
 from monai.data import ImageWriter
 
@@ -36,6 +37,7 @@ __all__ = [
     "disk_full",
     "exception_chain",
     "output_stem",
+    "strict_json",
     "temporary_name",
 ]
 
@@ -47,6 +49,28 @@ def output_stem(path: str | os.PathLike) -> str:
     two ending in ``.gz``, removed): ``scan`` for ``scan.nii.gz``, the folder name of a DICOM series."""
     stem, extension = os.path.splitext(Path(path).name)
     return os.path.splitext(stem)[0] if extension == ".gz" else stem
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` made fit for strict JSON (``json.dump(..., allow_nan=False)``): non-finite floats
+    (NaN, infinities: metrics of a data set without masks or without both classes) become
+    ``None`` (``null``), numpy and torch scalars and arrays become Python numbers and lists, tuples
+    become lists; dictionaries and lists are converted recursively, anything else is returned as
+    it is. Python's ``json`` writes NaN as a bare ``NaN``, which no other JSON parser accepts.
+
+    >>> import numpy as np
+    >>> strict_json({"auroc": float("nan"), "scores": (np.float32(0.5), float("inf")), "n": np.int64(3)})
+    {'auroc': None, 'scores': [0.5, None], 'n': 3}
+    """
+    if isinstance(value, Mapping):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    if not isinstance(value, (str, bytes)) and hasattr(value, "tolist"):  # numpy and torch scalars and arrays
+        return strict_json(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def temporary_name(path: str | os.PathLike) -> Path:
