@@ -8,6 +8,7 @@ from medad.losses import AlignmentLoss, MVFALosses, focal_loss
 from medad.network import AdaptedVisualTower, AdapterTokens, BackboneTokens, ResidualAdapter
 from medad.predict import Prediction, predict_input
 from medad.prompts import ORGAN_NAMES, encode_prompt_ensemble, encode_text_features, prompt_name
+from medad.site import set_site_threshold
 from medad.scoring import FusionRange, few_shot_maps, fuse, zero_shot_maps, zero_shot_scores
 
 __version__ = "0.1.0"
@@ -43,6 +44,7 @@ __all__ = [
     "fuse",
     "predict_input",
     "prompt_name",
+    "set_site_threshold",
     "zero_shot_maps",
     "zero_shot_scores",
 ]

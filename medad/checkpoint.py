@@ -13,7 +13,8 @@ Everything that opens a model file calls :func:`read_checkpoint` (``torch.load``
 description.
 
 Format versions: 1 (medad 0.1: an ``_extra_state`` dictionary with a single ``threshold``), 2
-(this one; ``method`` was added to it, and files without it are MVFA models). Older versions
+(``method`` was added to it, and files without it are MVFA models), 3 (this one: the images it
+was fitted on, ``fitted``, and site thresholds with their reference scores and provenance). Older versions
 load; a newer one is refused with both versions named.
 """
 
@@ -54,7 +55,7 @@ __all__ = [
 ]
 
 #: The version :class:`ModelDescription` writes.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 #: The state-dict key of the description tensor (format 2; format 1 had ``_extra_state``).
 DESCRIPTION_KEY = "description"
 _LEGACY_KEY = "_extra_state"
@@ -71,13 +72,32 @@ class Thresholds:
 
     ``image``: an image (or volume) is abnormal when its score is at least this; ``pixel``: a
     pixel is labelled anomalous when its map value is at least this. ``None`` where the model
-    has no threshold of its own (see :func:`medad.decision.thresholds_for`).
+    has no threshold of its own (see :func:`medad.decision.effective_thresholds`).
+    ``reference_scores``: the sorted scores of the normal images a site calibrated on, from
+    which every surface reports each score's conformal p-value (:mod:`medad.decision`);
+    ``provenance``: how a site threshold was chosen (rule parameters, data, counts, date).
     """
 
     image: float | None = None
     pixel: float | None = None
     image_rule: str = "none"
     pixel_rule: str = "none"
+    reference_scores: tuple[float, ...] = ()
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reference_scores", tuple(sorted(float(value) for value in self.reference_scores)))
+        object.__setattr__(self, "provenance", dict(self.provenance))
+
+    def summary(self) -> dict[str, Any]:
+        """The thresholds, their rules and provenance as plain values, with the number of reference
+        scores in place of the scores themselves (for metrics files, logs and reports)."""
+        summary = {"image": self.image, "pixel": self.pixel, "image_rule": self.image_rule, "pixel_rule": self.pixel_rule}
+        if self.reference_scores:
+            summary["reference_scores"] = len(self.reference_scores)
+        if self.provenance:
+            summary["provenance"] = dict(self.provenance)
+        return summary
 
 
 @dataclass(frozen=True)
@@ -97,6 +117,9 @@ class ModelDescription:
             weights of an ``hf-hub:``/``local-dir:`` model, or ``None`` (unknown, format 1).
         thresholds: the decision thresholds stored with the model.
         method: ``"mvfa"``, or a baseline, ``"clip"`` or ``"memory"`` (:data:`medad.detector.METHODS`).
+        fitted: the images the model was fitted on, which evaluation leaves out: one record per
+            image (:func:`medad.data.fitted_records`: ``name``, ``sha256`` of its bytes, ``label``,
+            ``role`` ``"support"`` or ``"calibration"``).
         format_version: the format the file was written in.
     """
 
@@ -108,12 +131,17 @@ class ModelDescription:
     clip_weights: str | None = None
     thresholds: Thresholds = field(default_factory=Thresholds)
     method: str = "mvfa"
+    fitted: tuple[Mapping[str, Any], ...] = ()
     format_version: int = FORMAT_VERSION
 
     def to_extra_state(self) -> dict[str, Any]:
         """The plain dictionary stored as ``_extra_state`` (always in the current format)."""
         state = asdict(self)
-        state.update(format_version=FORMAT_VERSION, levels=list(self.levels), datasets=list(self.datasets))
+        state.update(
+            format_version=FORMAT_VERSION, levels=list(self.levels), datasets=list(self.datasets),
+            fitted=[dict(record) for record in self.fitted],
+        )
+        state["thresholds"]["reference_scores"] = list(self.thresholds.reference_scores)
         return state
 
     @classmethod
@@ -141,6 +169,7 @@ class ModelDescription:
                 clip_weights=state.get("clip_weights"),
                 thresholds=thresholds,
                 method=state.get("method", "mvfa"),
+                fitted=tuple(dict(record) for record in state.get("fitted", ())),
                 format_version=version,
             )
         except (KeyError, TypeError) as error:

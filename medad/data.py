@@ -14,6 +14,8 @@ masks) count for image-level metrics and train the detection adapters only.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import random
 import re
@@ -29,15 +31,21 @@ __all__ = [
     "MASK_FOLDERS",
     "SPLITS",
     "bmad_datalist",
+    "calibration_items",
     "data_layout",
     "dataset_has_masks",
     "fewshot_selection",
+    "fitted_records",
+    "leave_out_fitted",
     "list_datasets",
     "read_fewshot_seed",
     "seed_file_indices",
+    "shares_pool",
     "source_datalist",
     "target_datalist",
 ]
+
+logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BMADDataset:
@@ -353,4 +361,91 @@ def fewshot_selection(
                 f"{wanted[label]}: {hint}"
             )
         chosen += [by_class[label][n] for n in rng.sample(pool, wanted[label])]
+    return chosen
+
+
+def _digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, or of a folder's (a DICOM series): its files' relative names
+    and bytes in sorted order. The content, not the name, identifies an image: a copy of a
+    support image under another name is still the support image."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode("utf-8") + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def fitted_records(items: Sequence[dict], role: str, root: str | os.PathLike | None = None) -> list[dict]:
+    """What a model stores of the images it is fitted on (:attr:`medad.checkpoint.ModelDescription.fitted`):
+    per item its ``name`` (the path relative to ``root`` where it lies under it, else the file
+    name: no folder of this machine is written into the model), the ``sha256`` of its bytes,
+    its ``label`` and ``role`` (``"support"``, ``"calibration"``)."""
+    records = []
+    for item in items:
+        path = Path(item["image"])
+        try:
+            name = str(path.resolve().relative_to(Path(root).resolve())) if root is not None else path.name
+        except ValueError:
+            name = path.name
+        records.append({"name": name, "sha256": _digest(path), "label": int(item.get("label", -1)), "role": role})
+    return records
+
+
+def leave_out_fitted(items: Sequence[dict], fitted: Sequence[dict], what: str = "evaluation") -> tuple[list[dict], list[dict]]:
+    """``items`` without those whose image the model was fitted on (same bytes as a record of
+    ``fitted``), and the items left out; their number and roles are logged.
+
+    This is what keeps every evaluation leak-free in every layout: the folder layout without
+    ``valid/``/``test/`` folders draws support and calibration images from the very pool it
+    evaluates."""
+    roles = {record["sha256"]: record.get("role", "fitted") for record in fitted}
+    if not roles:
+        return list(items), []
+    kept, left = [], []
+    for item in items:
+        role = roles.get(_digest(item["image"]))
+        (kept if role is None else left).append(item if role is None else {**item, "role": role})
+    if left:
+        counts = {role: sum(item["role"] == role for item in left) for role in dict.fromkeys(item["role"] for item in left)}
+        logger.warning(
+            "%s leaves out %d of %d images the model was fitted on (%s)", what, len(left), len(items),
+            ", ".join(f"{role}: {count}" for role, count in counts.items()),
+        )
+    return kept, left
+
+
+def shares_pool(dataset_dir: str | os.PathLike, name: str) -> bool:
+    """Whether the support pool (``valid``) and the evaluated images (``test``) are one pool: the
+    folder layout without ``valid/`` and ``test/`` folders."""
+    root = Path(dataset_dir)
+    return data_layout(root, name) == "folders" and not any((root / split).is_dir() for split in SPLITS)
+
+
+def calibration_items(
+    dataset_dir: str | os.PathLike,
+    name: str,
+    fitted: Sequence[dict] = (),
+    fraction: float = 0.5,
+    seed: int = 0,
+) -> list[dict]:
+    """The images a site threshold is chosen on (:mod:`medad.site`): the ``valid`` split of
+    ``name`` without the images the model was fitted on. Where that pool is also the evaluated
+    one (:func:`shares_pool`), a seeded draw of ``fraction`` of each class, so that the rest
+    stays for evaluation (support, calibration and test then split the pool deterministically,
+    and the model records which image went where)."""
+    pool, _ = leave_out_fitted(target_datalist(dataset_dir, name, "valid"), fitted, "calibration")
+    if not shares_pool(dataset_dir, name):
+        return pool
+    if not 0 < fraction < 1:
+        raise ValueError(f"calibration_fraction must be between 0 and 1 when calibration and evaluation share {dataset_dir}, got {fraction}")
+    rng = random.Random(seed)
+    chosen = []
+    for label in (0, 1):
+        group = [item for item in pool if item["label"] == label]
+        chosen += sorted(rng.sample(group, round(fraction * len(group))), key=lambda item: item["image"])
     return chosen

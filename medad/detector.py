@@ -121,6 +121,8 @@ class MVFADetector(nn.Module):
         self.register_buffer("calibration", torch.full((len(_CALIBRATION_ROWS), 2), float("nan")))
         #: Decision thresholds chosen on the support set by :meth:`calibrate` (see :mod:`medad.decision`).
         self.thresholds = Thresholds()
+        #: Records of the images the model was fitted on (:meth:`set_fitted`), left out of evaluations.
+        self.fitted: list[dict[str, Any]] = []
         self.register_state_dict_post_hook(_add_description)
 
     # ----------------------------------------------------------------- state
@@ -162,6 +164,7 @@ class MVFADetector(nn.Module):
             clip_weights=self.clip_weights,
             thresholds=self.thresholds,
             method=self.method,
+            fitted=tuple(self.fitted),
         )
 
     def effective_thresholds(self) -> Thresholds:
@@ -189,6 +192,7 @@ class MVFADetector(nn.Module):
         self.target = saved.target
         self.image_score_from_map = saved.image_score_from_map
         self.thresholds = saved.thresholds
+        self.fitted = [dict(record) for record in saved.fitted]
         self.clip_weights = saved.clip_weights if saved.clip_weights is not None else self.clip_weights
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
@@ -251,6 +255,12 @@ class MVFADetector(nn.Module):
         if len(datasets) == 1:
             return self.text_features[self.datasets.index(datasets[0])]
         return self.text_features[[self.datasets.index(name) for name in datasets]]
+
+    def set_fitted(self, records: Sequence[Mapping[str, Any]], role: str | None = None) -> None:
+        """Record the images the model is fitted on (:func:`medad.data.fitted_records`); those of
+        ``role`` replace the earlier ones of that role (all of them when ``role`` is ``None``)."""
+        kept = [] if role is None else [record for record in self.fitted if record.get("role") != role]
+        self.fitted = kept + [dict(record) for record in records]
 
     # ----------------------------------------------------------------- few-shot memory and calibration
 

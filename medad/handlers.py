@@ -24,8 +24,9 @@ from monai.handlers import CheckpointLoader, CheckpointSaver, MLFlowHandler, Sta
 from monai.utils.enums import CommonKeys as Keys
 
 from medad.checkpoint import CheckpointError, read_checkpoint, save_model
+from medad.decision import conformal_p_values, decision_rates
 from medad.detector import MVFADetector, unwrap
-from medad.io import atomic_write
+from medad.io import atomic_write, strict_json
 from medad.metrics import AnomalyEvaluation
 
 logger = logging.getLogger(__name__)
@@ -68,10 +69,17 @@ class FewShotMemoryHandler:
             memory is always built when training completes.
         memory_size: at most that many memory tokens per level (a coreset, see
             :meth:`medad.MVFADetector.build_memory`); ``None``: MVFA's exact memory.
+        fitted: records of the support images (:func:`medad.data.fitted_records`), stored with
+            the model so that evaluation leaves them out.
     """
 
     def __init__(
-        self, items: Sequence[dict], batch_size: int = 8, every: int | None = None, memory_size: int | None = None
+        self,
+        items: Sequence[dict],
+        batch_size: int = 8,
+        every: int | None = None,
+        memory_size: int | None = None,
+        fitted: Sequence[Mapping[str, Any]] = (),
     ) -> None:
         self.images = torch.stack([torch.as_tensor(item["image"]) for item in items])
         self.normal = torch.tensor([int(item["label"]) == 0 for item in items])
@@ -84,6 +92,7 @@ class FewShotMemoryHandler:
             torch.zeros(1, *size) if item.get("mask") is None else torch.as_tensor(item["mask"]).float() for item in items
         ])
         self.batch_size, self.every, self.memory_size = batch_size, every, memory_size
+        self.fitted = list(fitted)
 
     def attach(self, engine: Engine) -> None:
         if self.every:
@@ -104,6 +113,7 @@ class FewShotMemoryHandler:
         detector.calibrate(
             self.images, self.batch_size, labels=(~self.normal).long(), masks=self.masks, annotated=self.annotated
         )
+        detector.set_fitted(self.fitted)  # a new support set: earlier support and calibration no longer apply
         detector.train(was_training)
         seconds = time.perf_counter() - start
         logger.info(
@@ -114,18 +124,21 @@ class FewShotMemoryHandler:
 
 
 class ScoresWriter:
-    """Write one row per image or volume (``image``, ``score``, ``label`` where known, the
-    scalar outputs named in ``columns`` where present, e.g. ``score_p95`` of volumes, and
-    ``anomalous`` at ``threshold``) to ``output_dir/filename`` when the evaluator completes.
+    """Write one row per image or volume to ``output_dir/filename`` when the evaluator completes:
+    ``image``, ``score`` (the score inference decides on, with the model's calibration),
+    ``label`` where known, the scalar outputs named in ``columns`` where present (e.g.
+    ``score_p95`` of volumes), the decision ``anomalous`` with the ``threshold`` and the
+    ``threshold_rule`` that chose it, and ``p_value`` where the model holds a site's conformal
+    reference scores (:mod:`medad.decision`).
 
-    ``threshold="model"`` takes the detector's image threshold (:mod:`medad.decision`: stored
-    with the model, or the rule's default) when the run starts, after the model is loaded;
-    ``None`` writes no ``anomalous`` column.
+    ``threshold="model"`` takes the detector's image threshold (stored with the model, or the
+    rule's default) when the run starts, after the model is loaded; a number is used as given
+    (rule ``given``); ``None`` writes no decision.
 
-    ``evaluation``: the run's :class:`medad.metrics.AnomalyEvaluation`; the scores are then its
-    final scores, fused as its metrics are (``fusion`` column: ``set``, ``calibrated`` or
-    ``none`` for zero-shot models), so that the table and ``metrics.json`` agree; scores fused
-    over the set are on another scale than the model's thresholds, so they get no ``anomalous``.
+    ``evaluation``: the run's :class:`medad.metrics.AnomalyEvaluation`; ``score`` is then its
+    scores on the model's calibration (``decision_scores``), equal to inference's for the same
+    file, and with ``fusion="set"`` the paper's scores fused over the evaluated set, on which its
+    metrics are computed, are a separate column, ``score_set_fused``.
 
     Under ``torch.distributed`` every rank must attach it: ``save_rank`` gathers the rows and
     alone writes the file."""
@@ -144,7 +157,8 @@ class ScoresWriter:
         self.path = Path(output_dir) / filename
         self.threshold, self.columns, self.evaluation = threshold, tuple(columns), evaluation
         self.save_rank = save_rank
-        self._threshold: float | None = None
+        self._decision: tuple[float, str] | None = None
+        self._reference: tuple[float, ...] = ()
         self.rows: list[dict] = []
 
     def attach(self, engine: Engine) -> None:
@@ -154,8 +168,14 @@ class ScoresWriter:
 
     def start(self, engine: Engine) -> None:
         self.rows.clear()
-        model = unwrap(engine.network).effective_thresholds().image
-        self._threshold = model if self.threshold == "model" else self.threshold
+        model = unwrap(engine.network).effective_thresholds()
+        self._reference = model.reference_scores
+        if self.threshold is None:
+            self._decision = None
+        elif self.threshold == "model":
+            self._decision = (model.image, model.image_rule)
+        else:
+            self._decision = (float(self.threshold), "given")
 
     def collect(self, engine: Engine) -> None:
         output = engine.state.output
@@ -174,17 +194,25 @@ class ScoresWriter:
             self.rows.append(row)
 
     def write(self, engine: Engine) -> None:
-        rows, threshold = self.rows, self._threshold
+        rows, decision = self.rows, self._decision
         if self.evaluation is not None:
             self.evaluation.compute()  # cached: the metrics computed it already
-            fusion = self.evaluation.fusion if unwrap(engine.network).has_memory else "none"
-            for row, score in zip(rows, self.evaluation.image_scores, strict=True):
-                row.update(score=float(score), fusion=fusion)
-            if fusion == "set":
-                threshold = None  # set-level ranges: not the scale the model's thresholds were chosen on
+            evaluated, calibrated = self.evaluation.image_scores, self.evaluation.decision_scores
+            set_fused = self.evaluation.fusion == "set" and unwrap(engine.network).has_memory
+            for n, row in enumerate(rows):
+                if calibrated is not None:
+                    row["score"] = float(calibrated[n])
+                if set_fused:
+                    row["score_set_fused"] = float(evaluated[n])
+                elif calibrated is None:
+                    row["score"] = float(evaluated[n])
+            if calibrated is None:
+                decision = None  # an uncalibrated few-shot model: no score on its thresholds' scale
         for row in rows:
-            if threshold is not None:
-                row["anomalous"] = int(row["score"] >= threshold)
+            if decision is not None:
+                row.update(anomalous=int(row["score"] >= decision[0]), threshold=decision[0], threshold_rule=decision[1])
+            if self._reference:
+                row["p_value"] = float(conformal_p_values([row["score"]], self._reference)[0])
         rows = gather_rows(rows, self.save_rank)
         if rows is None:
             return
@@ -230,29 +258,56 @@ def for_this_rank(handlers: Sequence[Any], save_rank: int = 0) -> list[Any]:
 
 
 class MetricsJSONWriter:
-    """Write ``engine.state.metrics`` to ``output_dir/filename`` (JSON) when the engine completes,
-    with the decision thresholds that apply to the evaluated model (value and rule, see
-    :mod:`medad.decision`) and the fusion of the scores; both are logged too."""
+    """Write ``engine.state.metrics`` to ``output_dir/filename`` (strict JSON: ``null`` where a
+    value is undefined, e.g. pixel metrics without masks) when the engine completes, with the
+    decision thresholds that apply to the evaluated model (value, rule and provenance, see
+    :mod:`medad.decision`) and the fusion of the scores; both are logged too.
+
+    With ``evaluation`` (the run's :class:`medad.metrics.AnomalyEvaluation`) it adds
+    ``decision``: sensitivity and specificity of the model's decision (its stored image
+    threshold on the scores inference gives) with exact confidence intervals
+    (:func:`medad.decision.decision_rates`)."""
 
     def __init__(
-        self, output_dir: str | os.PathLike, filename: str = "metrics.json", fusion: str | None = None, save_rank: int = 0
+        self,
+        output_dir: str | os.PathLike,
+        filename: str = "metrics.json",
+        fusion: str | None = None,
+        evaluation: AnomalyEvaluation | None = None,
+        save_rank: int = 0,
     ) -> None:
         self.path = Path(output_dir) / filename
-        self.fusion, self.save_rank = fusion, save_rank
+        self.fusion, self.evaluation, self.save_rank = fusion, evaluation, save_rank
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
         detector = unwrap(engine.network)
+        thresholds = detector.effective_thresholds()
         metrics: dict = {name: float(value) for name, value in engine.state.metrics.items()}
-        metrics["thresholds"] = dataclasses.asdict(detector.effective_thresholds())
+        metrics["thresholds"] = thresholds.summary()
         metrics["fusion"] = self.fusion if detector.has_memory else "none"
+        if self.evaluation is not None:
+            self.evaluation.compute()  # cached
+            scores = self.evaluation.decision_scores
+            pairs = None if scores is None else list(zip(scores.tolist(), self.evaluation.labels.tolist()))
+            if pairs is not None and idist.get_world_size() > 1:
+                pairs = [pair for shard in idist.all_gather(pairs) for pair in shard]
+            if pairs is not None:
+                metrics["decision"] = decision_rates([s for s, _ in pairs], [label for _, label in pairs], thresholds.image)
+                metrics["decision"]["rule"] = thresholds.image_rule
         if not is_saving_rank(self.save_rank):
             return
         logger.info("decision thresholds: %s; fusion of the scores: %s", metrics["thresholds"], metrics["fusion"])
+        if "decision" in metrics:
+            decision = metrics["decision"]
+            logger.info(
+                "at the model's threshold %.6g (%s): sensitivity %s, specificity %s", thresholds.image,
+                thresholds.image_rule, decision["sensitivity"], decision["specificity"],
+            )
         with atomic_write(self.path) as handle:
-            json.dump(metrics, handle, indent=2, allow_nan=True)
+            json.dump(strict_json(metrics), handle, indent=2, allow_nan=False)
 
 
 def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "resume") -> str | None:

@@ -124,6 +124,7 @@ class AnomalyEvaluation(Metric):
         self._result: dict[str, float] | None = None
         self.image_scores: np.ndarray | None = None
         self.decision_scores: np.ndarray | None = None
+        self.labels: np.ndarray | None = None
         self.pixel_curve: BinnedScores | None = None
         self.pro_curve: PROCurve | None = None
         self.fusion_ranges: dict[str, FusionRange] | None = None
@@ -209,6 +210,8 @@ class AnomalyEvaluation(Metric):
                     pro.update(maps, masks)
             offset += n
         image_scores, labels = np.concatenate(image_scores), scores_seen["label"]
+        #: This process's labels (1 abnormal), in the order of ``image_scores``.
+        self.labels = labels
         #: This process's final image scores, in the order it saw the images (for the scores table).
         self.image_scores = image_scores
         #: The same images' scores with the detector's stored calibration, the scale its thresholds were

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from medad.checkpoint import Thresholds
+from medad.decision import conformal_p_values
 from medad.detector import MVFADetector
 from medad.transforms import MapToInputGridd, input_slice_indices, mvfa_preprocessing
 from medad.volumes import DEFAULT_SLICE_BATCH, input_kind, predict_images, score_volumes
@@ -35,6 +36,8 @@ class Prediction:
             columns), the input's voxel grid for volumes.
         score: image (volume) score; ``anomalous``: ``score >= thresholds.image``.
         thresholds: the thresholds applied and their rules (:mod:`medad.decision`).
+        p_value: the score's conformal p-value against the normal images a site calibrated on
+            (:func:`medad.decision.conformal_p_values`); ``None`` for a model without them.
         kind: ``"image"`` or ``"volume"``.
         blank: a 2D image that is background only (scored 0), or a volume without any
             non-empty slice.
@@ -49,6 +52,7 @@ class Prediction:
     thresholds: Thresholds
     kind: str
     blank: bool
+    p_value: float | None = None
     volume: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -142,10 +146,13 @@ def predict_input(
         effective.pixel if pixel_threshold is None else float(pixel_threshold),
         effective.image_rule if image_threshold is None else "given",
         effective.pixel_rule if pixel_threshold is None else "given",
+        effective.reference_scores,
+        effective.provenance,
     )
     name = str(source) if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__}>"
     meta = {"affine": np.asarray(restored.affine, dtype=np.float64), "filename_or_obj": name}
-    return Prediction(values, score, score >= thresholds.image, thresholds, kind, blank, extra, meta)
+    p_value = float(conformal_p_values([score], effective.reference_scores)[0]) if effective.reference_scores else None
+    return Prediction(values, score, score >= thresholds.image, thresholds, kind, blank, p_value, extra, meta)
 
 
 def _like(image: Any, values: torch.Tensor) -> Any:
