@@ -46,6 +46,7 @@ import medad
 from medad.augment import augment_fewshot
 from medad.backbone import PRECISIONS
 from medad.engines import adapter_parameter_groups
+from medad.io import atomic_write, strict_json
 
 DEFAULT_MODEL = "ViT-L-14-336"
 
@@ -462,8 +463,9 @@ def main() -> None:
     report["metric_cost"] = queue.get()
     child.join()
 
-    text = json.dumps(report, indent=2)
-    args.output.write_text(text)
+    text = json.dumps(strict_json(report), indent=2, allow_nan=False)
+    with atomic_write(args.output) as handle:
+        handle.write(text)
     print(text)
 
 

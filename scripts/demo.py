@@ -146,8 +146,10 @@ def main() -> None:
     print(f"\nResults on the held-out domain {args.target} (test split):\n")
     print("| setting | image AUROC | pixel AUROC | pixel AP | AUPRO |\n| --- | --- | --- | --- | --- |")
     for name, metrics in results.items():
-        print(f"| {name} | {metrics['val_image_auroc']:.3f} | {metrics['val_pixel_auroc']:.3f} | "
-              f"{metrics['val_pixel_ap']:.3f} | {metrics['val_aupro']:.3f} |")
+        # metrics.json is strict JSON: a metric the data cannot give (no masks) is null
+        cells = [f"{value:.3f}" if value is not None else "n/a" for value in
+                 (metrics[f"val_{key}"] for key in ("image_auroc", "pixel_auroc", "pixel_ap", "aupro"))]
+        print(f"| {name} | {' | '.join(cells)} |")
     print(f"""
 Written: {few / 'outputs'} (anomaly maps, overlays/, scores.csv), {args.output / 'roc.png'}
 Evaluation report of the few-shot model (open it in a browser): {few / 'eval' / 'report.html'}

@@ -45,7 +45,7 @@ from medad.data import (
     read_fewshot_seed,
     seed_file_indices,
 )
-from medad.io import atomic_write
+from medad.io import atomic_write, strict_json
 from medad.workflow import bundle_command
 
 __all__ = [
@@ -768,7 +768,7 @@ def run_grid(cells: Sequence[Cell], options: GridOptions, dry_run: bool = False,
             continue
         if not (folder / "settings.json").is_file():
             with atomic_write(folder / "settings.json") as handle:
-                json.dump(_settings(options, cell), handle, indent=2)
+                json.dump(strict_json(_settings(options, cell)), handle, indent=2, allow_nan=False)
         for run_id in stages:
             log = folder / "logs" / f"{run_id}.log"
             resumed = " (resuming)" if run_id == "training" and (folder / "models").is_dir() else ""
@@ -780,7 +780,7 @@ def run_grid(cells: Sequence[Cell], options: GridOptions, dry_run: bool = False,
                 raise CellFailed(f"{cell.label}: {run_id} failed, {err}") from None
             if run_id == "training":
                 with atomic_write(folder / "train_done.json") as handle:
-                    json.dump({"seconds": round(time.perf_counter() - start, 1)}, handle)
+                    json.dump({"seconds": round(time.perf_counter() - start, 1)}, handle, allow_nan=False)
         echo(f"{prefix}: done")
     return ran
 
@@ -868,7 +868,7 @@ def write_results(rows: Sequence[dict], cells: Sequence[Cell], options: GridOpti
         "unfinished": [str(cell.relpath) for cell in cells if str(cell.relpath) not in done],
     }
     with atomic_write(json_path) as handle:
-        json.dump(document, handle, indent=2)
+        json.dump(strict_json(document), handle, indent=2, allow_nan=False)  # a metric without masks is null
     return csv_path, json_path
 
 
