@@ -44,7 +44,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 from medad.decision import f1_best_threshold
 from medad.detector import MVFADetector, unwrap
 from medad.handlers import gather_rows, is_saving_rank, mlflow_runs
-from medad.io import atomic_write
+from medad.io import atomic_write, strict_json
 from medad.metrics import AnomalyEvaluation
 from medad.transforms import annotate_overlay, heat_overlay, input_size
 
@@ -452,16 +452,17 @@ class EvaluationReport:
             "shots": f"{shots} per class" if detector.has_memory and shots is not None else "none",
             "target": description.target,
             "backbone": f"{description.backbone.model_name} at {description.backbone.image_size} px",
-            "backbone (full)": json.dumps(asdict(description.backbone)),
+            "backbone (full)": json.dumps(strict_json(asdict(description.backbone)), allow_nan=False),
             "CLIP weights": description.clip_weights,
             "adapted blocks": list(description.levels),
             "fusion": self.evaluation.fusion if detector.has_memory else "none (zero-shot)",
-            "thresholds": json.dumps(asdict(detector.effective_thresholds())),
+            "thresholds": json.dumps(strict_json(asdict(detector.effective_thresholds())), allow_nan=False),
             "evaluated images": f"{len(rows)} ({sum(r['label'] for r in rows)} abnormal)",
             "medad version": __version__,
         }
         shown = {**model, **{key: value for key, value in self.settings.items() if key not in ("target", "shot")}}
-        return [(key, value if isinstance(value, str) else json.dumps(value, default=str)) for key, value in shown.items()]
+        return [(key, value if isinstance(value, str) else json.dumps(strict_json(value), default=str, allow_nan=False))
+                for key, value in shown.items()]
 
     def _write(self, engine: Engine, rows: list[dict], result: Mapping[str, float],
                figures: Mapping[str, list[tuple[str, bytes]]], galleries: Mapping[str, list[tuple[dict, bytes]]]) -> None:
