@@ -41,7 +41,7 @@ from PIL import Image
 from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from medad.decision import f1_best_threshold
+from medad.decision import decision_rates, f1_best_threshold
 from medad.detector import MVFADetector, unwrap
 from medad.handlers import gather_rows, is_saving_rank, mlflow_runs
 from medad.io import atomic_write, strict_json
@@ -401,14 +401,21 @@ class EvaluationReport:
             histograms.append(("histogram_decision", figure_png(histogram_figure(decision_scores, labels, lines, title))))
             stored = detector.effective_thresholds().image
             matrix = confusion_matrix(decision_scores, labels, stored)
-            figures["confusion"] = [("confusion", figure_png(confusion_figure(matrix, f"At the stored threshold {stored:.4g}")))]
+            rates = decision_rates(decision_scores, labels, stored)
+            title = "\n".join([f"At the stored threshold {stored:.4g}"] + [
+                f"{name} {rates[name]:.3f} [{rates[name + '_ci'][0]:.3f}, {rates[name + '_ci'][1]:.3f}]"
+                for name in ("sensitivity", "specificity") if rates[name] is not None
+            ])
+            figures["confusion"] = [("confusion", figure_png(confusion_figure(matrix, title)))]
         figures["histograms"] = histograms
         return figures
 
     @torch.no_grad()
     def _galleries(self, engine: Engine, rows: list[dict]) -> dict[str, list[tuple[dict, bytes]]]:
         """Each gallery's rows with a PNG of image and overlay; only those images are read again."""
-        picks = gallery_picks(np.array([row["score"] for row in rows]), np.array([row["label"] for row in rows]), self.gallery_size)
+        # Picked and shown by the score inference decides on (the model's calibration), as scores.csv gives it.
+        shown = [row["score"] if row["decision"] is None else row["decision"] for row in rows]
+        picks = gallery_picks(np.array(shown), np.array([row["label"] for row in rows]), self.gallery_size)
         wanted = sorted({i for indices in picks.values() for i in indices})
         detector = unwrap(engine.network)
         device = detector.text_features.device
@@ -445,7 +452,7 @@ class EvaluationReport:
         description = detector.description
         shots = self.settings.get("shot")
         mode = "few-shot" if detector.has_memory else "zero-shot"
-        if detector.effective_thresholds().image_rule == "normal_heldout_max":
+        if detector.effective_thresholds().pixel_rule == "normal_heldout_max":  # a site threshold keeps the pixel rule
             mode = "few-shot, normal-only adaptation"
         model = {
             "mode": mode,
@@ -456,7 +463,7 @@ class EvaluationReport:
             "CLIP weights": description.clip_weights,
             "adapted blocks": list(description.levels),
             "fusion": self.evaluation.fusion if detector.has_memory else "none (zero-shot)",
-            "thresholds": json.dumps(strict_json(asdict(detector.effective_thresholds())), allow_nan=False),
+            "thresholds": json.dumps(strict_json(detector.effective_thresholds().summary()), allow_nan=False),
             "evaluated images": f"{len(rows)} ({sum(r['label'] for r in rows)} abnormal)",
             "medad version": __version__,
         }
@@ -494,12 +501,13 @@ class EvaluationReport:
             cards = []
             for row, png in galleries[name]:
                 decision = decisions[row["image"]]
+                score = row["score"] if decision is None else decision
                 flag = "" if decision is None else " &middot; " + ("flagged" if decision >= stored else "not flagged")
                 if decision is not None and decision != row["score"]:
-                    flag = f" (calibrated {decision:.4g})" + flag
-                cards.append(f'<figure data-image="{html.escape(row["image"])}" data-score="{row["score"]!r}">'
+                    flag = f" (set-fused {row['score']:.4g})" + flag
+                cards.append(f'<figure data-image="{html.escape(row["image"])}" data-score="{score!r}">'
                              f"{png_tag(png, Path(row['image']).name, 'panel')}<figcaption>"
-                             f"<b>{html.escape(Path(row['image']).name)}</b> score {row['score']:.4g}{flag}<br>"
+                             f"<b>{html.escape(Path(row['image']).name)}</b> score {score:.4g}{flag}<br>"
                              f"{html.escape(row['image'])}</figcaption></figure>")
             note = (f"{rule}; left the image, right the anomaly map over it (one colour scale, "
                     f"{low:.3g} to {high:.3g}: the range of all evaluated maps), ground-truth mask contour in cyan; "

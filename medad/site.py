@@ -138,7 +138,10 @@ class SiteThresholdRun:
 
     def run(self) -> Thresholds:
         detector: MVFADetector = unwrap(self.network).eval()
-        items = calibration_items(self.dataset_dir, self.target, detector.fitted, self.fraction, self.seed)
+        # A new site threshold replaces the last one's calibration: only the support images stay out, so
+        # that running it again with the same seed takes the same images.
+        support = [record for record in detector.fitted if record.get("role") != "calibration"]
+        items = calibration_items(self.dataset_dir, self.target, support, self.fraction, self.seed)
         details = {"seed": self.seed, "fraction": self.fraction, "images": len(items)}
         thresholds = set_site_threshold(
             detector, items, self.rule, self.value, str(self.dataset_dir), details, self.window, self.slice_plane

@@ -31,7 +31,7 @@ from medad.workflow import bundle_command
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 # Log lines worth showing while a step runs (progress and results, not library chatter).
-PROGRESS = ("Epoch:", "Epoch[", "Metrics --", "Saved", "Restored", "Error", "error")
+PROGRESS = ("Epoch:", "Epoch[", "Metrics --", "Saved", "Restored", "site threshold", "Error", "error")
 
 
 def bundle(run_id: str, configs: list[str], bundle_root: Path, **overrides: object) -> None:
@@ -113,7 +113,9 @@ def main() -> None:
     bundle("evaluating", ["train", "evaluate"], zero, **common)
     step(f"Few-shot training on {args.shot} normal + {args.shot} abnormal {args.target} images ({args.few_shot_epochs} epochs)")
     bundle("training", ["train", "fewshot"], few, shot=args.shot, epochs=args.few_shot_epochs, **common)
-    step(f"Few-shot evaluation on {args.target}")
+    step(f"Site threshold for the few-shot model: conformal, 20 % false positives, on the {args.target} valid images it was not fitted on")
+    bundle("thresholding", ["inference", "threshold"], few, dataset_dir=data, target_fpr=0.2, num_workers=args.workers)
+    step(f"Few-shot evaluation on {args.target} (support and calibration images left out)")
     bundle("evaluating", ["train", "fewshot", "evaluate"], few, shot=args.shot, **common)
     normal = args.output / "normal_only"
     step(f"Normal-only adaptation of the zero-shot model to {args.shot} normal {args.target} images (no training)")
@@ -150,6 +152,10 @@ def main() -> None:
         cells = [f"{value:.3f}" if value is not None else "n/a" for value in
                  (metrics[f"val_{key}"] for key in ("image_auroc", "pixel_auroc", "pixel_ap", "aupro"))]
         print(f"| {name} | {' | '.join(cells)} |")
+    decision = results[f"few-shot (k={args.shot})"]["decision"]
+    print(f"\nFew-shot decision at the site threshold {decision['threshold']:.4g} ({decision['rule']}, test split): "
+          + ", ".join(f"{name} {decision[name]:.3f} (95 % CI {decision[name + '_ci'][0]:.3f}-{decision[name + '_ci'][1]:.3f})"
+                      for name in ("sensitivity", "specificity")))
     print(f"""
 Written: {few / 'outputs'} (anomaly maps, overlays/, scores.csv), {args.output / 'roc.png'}
 Evaluation report of the few-shot model (open it in a browser): {few / 'eval' / 'report.html'}
