@@ -33,7 +33,9 @@ class Prediction:
 
     Attributes:
         anomaly_map: float32 map on the input's own grid: ``(H, W)`` for 2D images (rows,
-            columns), the input's voxel grid for volumes.
+            columns, as PIL and numpy lay out images; the bundle's 2D NIfTI map, on the grid
+            MONAI's ``LoadImage`` reads the image on, is its transpose), the input's voxel grid
+            for volumes.
         score: image (volume) score; ``anomalous``: ``score >= thresholds.image``.
         thresholds: the thresholds applied and their rules (:mod:`medad.decision`).
         p_value: the score's conformal p-value against the normal images a site calibrated on
@@ -43,7 +45,8 @@ class Prediction:
             non-empty slice.
         volume: for volumes, ``score_p95``, ``slice_axis``, ``slice_scores`` (by index in the
             input file) and ``empty_slices``.
-        meta: the preprocessed image's MONAI meta data (affine, file name).
+        meta: the map's affine on MONAI's grid of the input (for 2D images that of
+            ``anomaly_map.T``) and the input's name.
     """
 
     anomaly_map: np.ndarray
@@ -140,6 +143,8 @@ def predict_input(
     values = np.asarray(restored.array[0], dtype=np.float32)
     if volume and len(image.meta["spatial_shape"]) == 2:
         values = values[..., 0]  # a 2D NIfTI or DICOM frame ran as a one-slice volume
+    elif not volume:
+        values = np.ascontiguousarray(values.T)  # MONAI's (columns, rows) to (rows, columns)
     effective = detector.effective_thresholds()
     thresholds = Thresholds(
         effective.image if image_threshold is None else float(image_threshold),

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import ImageReader, MetaTensor, PILReader, PydicomReader
+from monai.data import ImageReader, MetaTensor, NibabelWriter, PILReader, PILWriter, PydicomReader
 from monai.data.utils import to_affine_nd
 from monai.transforms import (
     Compose,
@@ -47,12 +47,14 @@ from monai.transforms import (
     Orientationd,
     Resized,
     Invertd,
+    SaveImage,
     ScaleIntensityRanged,
+    Transposed,
 )
 from monai.utils import TraceKeys, convert_to_dst_type, ensure_tuple
 from PIL import Image, ImageDraw, ImageFont
 
-from medad.io import atomic_write, output_stem
+from medad.io import atomic_image_writer, atomic_write, output_stem
 
 __all__ = [
     "COLOUR_BAR_WIDTH",
@@ -66,7 +68,10 @@ __all__ = [
     "EnsureSliceAxisd",
     "FillMissingMaskd",
     "LoadInputd",
+    "MAP_FORMATS",
     "MapToInputGridd",
+    "PNG_MAP_RANGE_KEYS",
+    "SaveMapd",
     "SaveOverlayd",
     "SaveSliceScoresd",
     "ShrinkResized",
@@ -84,6 +89,7 @@ __all__ = [
     "mvfa_preprocessing",
     "normalise_pil_mode",
     "read_dicom_image",
+    "read_map_png",
     "shrink_for_resize",
     "size_problem",
     "to_rgb",
@@ -310,9 +316,9 @@ def read_dicom_image(path: str | os.PathLike) -> np.ndarray:
 
 class DicomImageReader(ImageReader):
     """MONAI reader of single-frame DICOM files as 2D images (:func:`read_dicom_image`), laid out
-    as the 2D pipeline's PIL reader lays out PNG files: ``(rows, columns)`` or ``(rows, columns,
-    3)`` with the channel last. MONAI's ``PydicomReader`` reads a colour frame as a volume of 3
-    slices."""
+    as MONAI's readers lay out images (``PILReader`` PNG files, ``PydicomReader`` DICOM frames):
+    ``(columns, rows)`` or ``(columns, rows, 3)`` with the channel last. MONAI's
+    ``PydicomReader`` reads a colour frame as a volume of 3 slices."""
 
     def verify_suffix(self, filename: Sequence[str | os.PathLike] | str | os.PathLike) -> bool:
         return all(is_dicom_file(name) for name in ensure_tuple(filename))
@@ -324,8 +330,9 @@ class DicomImageReader(ImageReader):
         return read_dicom_image(names[0])
 
     def get_data(self, img: np.ndarray) -> tuple[np.ndarray, dict]:
-        meta = {"spatial_shape": np.asarray(img.shape[:2]), "original_channel_dim": -1 if img.ndim == 3 else float("nan")}
-        return img, meta
+        data = np.swapaxes(img, 0, 1)  # (rows, columns) to MONAI's (columns, rows)
+        meta = {"spatial_shape": np.asarray(data.shape[:2]), "original_channel_dim": -1 if img.ndim == 3 else float("nan")}
+        return data, meta
 
 
 class DicomVolumeReader(PydicomReader):
@@ -632,7 +639,9 @@ def mvfa_preprocessing(
     """MONAI pipeline from file paths to MVFA inputs.
 
     2D images (PNG, JPEG, BMP, TIFF; 8- or 16-bit, gray, RGB, palette; single-frame colour DICOM,
-    :class:`DicomImageReader`): ``image`` (3, S, S) RGB in [0, 1] at ``S = image_size`` and, with
+    :class:`DicomImageReader`), read as MONAI's ``LoadImage`` reads them (``(columns, rows)``)
+    and transposed to ``(rows, columns)`` for the model, a step ``Invertd``
+    (:class:`MapToInputGridd`) undoes: ``image`` (3, S, S) RGB in [0, 1] at ``S = image_size`` and, with
     ``mask_key``, ``mask`` (1, S, S) in {0, 1} (zeros where an item has no mask). Images over the
     size limits (:func:`size_problem`) are refused before they are decoded; images more than 8
     times ``S`` are shrunk by block averaging before the resize (:class:`ShrinkResized`).
@@ -659,11 +668,14 @@ def mvfa_preprocessing(
             Orientationd(keys=image_key, axcodes=SLICE_PLANES[slice_plane], labels=None),
             UnitIntensityd(keys=image_key, window=window),
         ])
-    reader = PILReader(converter=_checked_pil_mode, reverse_indexing=False)  # keep (rows, columns)
+    # MONAI's (columns, rows), as LoadImage reads the file; the recorded transposition to the
+    # model's (rows, columns) is undone by Invertd, so that maps come back on LoadImage's grid
+    reader = PILReader(converter=_checked_pil_mode)
     size = (image_size, image_size)
     steps: list = [
         LoadInputd(keys=image_key, reader=reader, dtype=None, image_only=True, dicom_reader=DicomImageReader()),
         EnsureChannelFirstd(keys=image_key),
+        Transposed(keys=image_key, indices=(0, 2, 1)),
         UnitIntensityd(keys=image_key, window=window),
         # channel by channel: resized before gray is repeated to RGB (a third of the memory)
         ShrinkResized(keys=image_key, spatial_size=size, mode="bicubic", anti_aliasing=True),
@@ -675,6 +687,7 @@ def mvfa_preprocessing(
         steps += [
             LoadInputd(keys=mask_key, reader=reader, dtype=None, image_only=True, allow_missing_keys=True),
             EnsureChannelFirstd(keys=mask_key, allow_missing_keys=True),
+            Transposed(keys=mask_key, indices=(0, 2, 1), allow_missing_keys=True),
             Resized(keys=mask_key, spatial_size=size, mode="nearest", allow_missing_keys=True),
             BinarizeMaskd(keys=mask_key, allow_missing_keys=True),
             FillMissingMaskd(keys=mask_key, like=image_key),
@@ -762,7 +775,8 @@ def at_input_size(image: torch.Tensor, heat: torch.Tensor) -> tuple[torch.Tensor
 class MapToInputGridd(Invertd):
     """MONAI's ``Invertd`` for anomaly maps: the map ``(1, S, S)`` (or a volume's) is brought back
     to the input's pixel or voxel grid by inverting ``transform`` (the preprocessing of
-    ``orig_keys``), and marked as one channel first: ``Invertd`` copies the image's meta data,
+    ``orig_keys``), the grid and affine MONAI's ``LoadImage`` gives the input file (2D images:
+    ``(1, columns, rows)``), and marked as one channel first: ``Invertd`` copies the image's meta data,
     whose channel layout (RGB files: channel last) is not the map's, and MONAI's writers would
     otherwise fail on every multi-channel image."""
 
@@ -772,6 +786,89 @@ class MapToInputGridd(Invertd):
             if isinstance(d[key], MetaTensor):
                 d[key].meta["original_channel_dim"] = "no_channel"
         return d
+
+
+#: Formats of saved anomaly maps (the bundle's ``map_format``, :class:`SaveMapd`).
+MAP_FORMATS = ("nifti", "png", "tiff")
+#: Text chunks of a 16-bit PNG map: the values its pixels 0 and 65535 stand for (:func:`read_map_png`).
+PNG_MAP_RANGE_KEYS = ("anomaly_map_low", "anomaly_map_high")
+_PNG_LEVELS = 65535
+
+
+class SaveMapd(MapTransform):
+    """Write anomaly maps from :class:`MapToInputGridd` as ``<output_dir>/<case>_anomaly_map.<ext>``
+    in each of ``formats`` (:data:`MAP_FORMATS`), with MONAI's ``SaveImage`` and writers, each file
+    written atomically (:func:`medad.io.atomic_image_writer`):
+
+    - ``"nifti"``: float32 ``.nii.gz`` (``NibabelWriter``) with the map's affine: a volume's map
+      on the volume's voxel grid, a 2D image's on the ``(columns, rows)`` grid MONAI's
+      ``LoadImage`` reads the image on. Volumes' maps are always written as NIfTI, whatever
+      ``formats`` say.
+    - ``"png"`` (2D images): a 16-bit gray PNG (``PILWriter``) of the image's own size, each
+      map's minimum to maximum scaled to 0 to 65535 (rounded to the nearest level) and that
+      range kept in the file's text chunks :data:`PNG_MAP_RANGE_KEYS`: value = low + pixel /
+      65535 * (high - low) (:func:`read_map_png`).
+    - ``"tiff"`` (2D images): a float32 TIFF (``PILWriter``) of the image's own size with the
+      map's values exactly.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        output_dir: str | os.PathLike,
+        formats: str | Sequence[str] = "nifti",
+        output_postfix: str = "anomaly_map",
+    ) -> None:
+        super().__init__(keys)
+        formats = [formats] if isinstance(formats, str) else list(formats)
+        if not formats or any(f not in MAP_FORMATS for f in formats):
+            raise ValueError(f"map_format must be one of {list(MAP_FORMATS)} or a list of them, got {formats!r}")
+        self.formats = formats
+        common = {"output_dir": output_dir, "output_postfix": output_postfix, "resample": False,
+                  "separate_folder": False, "print_log": False}
+        self.nifti = SaveImage(output_ext=".nii.gz", writer=atomic_image_writer(NibabelWriter),
+                               output_dtype=np.float32, squeeze_end_dims=True, **common)
+        pil = atomic_image_writer(PILWriter)
+        self.png = SaveImage(output_ext=".png", writer=pil, output_dtype=np.uint16, scale=None, **common)
+        self.tiff = SaveImage(output_ext=".tiff", writer=pil, output_dtype=np.float32, scale=None, **common)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            anomaly_map = d[key]
+            image = anomaly_map.dim() == 3  # a 2D image's map (1, columns, rows); a volume's is (1, X, Y, Z)
+            if not image or "nifti" in self.formats:
+                self.nifti(anomaly_map)
+            if image and "tiff" in self.formats:
+                self.tiff(anomaly_map)
+            if image and "png" in self.formats:
+                self._save_png(anomaly_map)
+        return d
+
+    def _save_png(self, anomaly_map: torch.Tensor) -> None:
+        from PIL.PngImagePlugin import PngInfo
+
+        low, high = float(anomaly_map.min()), float(anomaly_map.max())
+        levels = ((anomaly_map - low) / max(high - low, 1e-30) * _PNG_LEVELS).round()  # meta data kept
+        info = PngInfo()
+        for name, value in zip(PNG_MAP_RANGE_KEYS, (low, high)):
+            info.add_text(name, repr(value))
+        self.png.set_options(write_kwargs={"pnginfo": info})
+        self.png(levels)
+
+
+def read_map_png(path: str | os.PathLike) -> np.ndarray:
+    """The anomaly map of a 16-bit PNG that :class:`SaveMapd` wrote, float32 ``(rows, columns)``
+    (as PIL and :class:`medad.Prediction` lay out images; MONAI's ``LoadImage`` gives its
+    transpose). Read with PIL: MONAI's ``PILReader`` drops the PNG's text chunks, which hold the
+    range (:data:`PNG_MAP_RANGE_KEYS`)."""
+    with Image.open(path) as image:
+        text = getattr(image, "text", {})
+        if not all(name in text for name in PNG_MAP_RANGE_KEYS):
+            raise ValueError(f"{path}: not an anomaly map PNG of medad (no {' and '.join(PNG_MAP_RANGE_KEYS)} text)")
+        low, high = (float(text[name]) for name in PNG_MAP_RANGE_KEYS)
+        pixels = np.asarray(image, dtype=np.float64)
+    return (low + pixels / _PNG_LEVELS * (high - low)).astype(np.float32)
 
 
 class SaveOverlayd(MapTransform):

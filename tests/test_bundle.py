@@ -118,7 +118,7 @@ def test_zero_shot_then_few_shot_training_evaluation_and_inference(synthetic_bma
     outputs = few / "outputs"
     maps = sorted(outputs.glob("*_anomaly_map.nii.gz"))
     assert [m.name for m in maps] == [f"{s.stem}_anomaly_map.nii.gz" for s in sources]
-    assert nib.load(maps[0]).shape[:2] == (130, 150)
+    assert nib.load(maps[0]).shape[:2] == (150, 130)  # (columns, rows), as MONAI's LoadImage reads the image
     rows = (outputs / "scores.csv").read_text().splitlines()
     assert rows[0].startswith("image,score") and len(rows) == 1 + len(sources)
 

@@ -327,5 +327,5 @@ def test_large_images_are_shrunk_before_the_resize_and_mapped_back_to_their_size
     restored = MapToInputGridd(keys="pred", transform=preprocess, orig_keys="image", nearest_interp=False)(
         {"image": image, "pred": pred}
     )["pred"]
-    assert restored.shape == (1, rows, columns)
+    assert restored.shape == (1, columns, rows)  # the grid MONAI's LoadImage reads the file on
     np.testing.assert_allclose(np.asarray(restored.affine), np.eye(restored.affine.shape[0]), atol=1e-6)

@@ -90,14 +90,14 @@ def test_every_image_format_through_inferring_matches_python(trained_root, detec
     for name, (height, width) in sizes.items():
         stem = Path(name).stem
         saved = nib.load(outputs / f"{stem}_anomaly_map.nii.gz")
-        assert saved.shape[:2] == (height, width), name  # rows, columns of the image itself
+        assert saved.shape == (width, height), name  # the image's grid as MONAI's LoadImage reads it
         assert (outputs / "overlays" / f"{stem}_overlay.png").is_file()
         # Python, on the file and on the same pixels as a PIL image, gives the bundle's answer.
         for source in (inputs / name, Image.open(inputs / name)):
             prediction = medad.predict_input(detector, source)
             assert prediction.score == pytest.approx(float(rows[name]["score"]), abs=1e-5), name
             assert prediction.anomalous == bool(int(rows[name]["anomalous"])), name
-        np.testing.assert_allclose(prediction.anomaly_map, np.asarray(saved.dataobj)[..., 0] if saved.ndim == 3 else np.asarray(saved.dataobj), atol=1e-5)
+        np.testing.assert_allclose(prediction.anomaly_map, np.asarray(saved.dataobj).T, atol=1e-5)  # (rows, columns)
     # Blank images follow the empty-slice rule of volumes: score 0, reported, not flagged.
     assert rows["blank.png"]["blank"] == "1" and float(rows["blank.png"]["score"]) == 0.0
     assert rows["blank.png"]["anomalous"] == "0"

@@ -236,7 +236,7 @@ def test_download_load_and_infer_from_the_released_archive(release, trained, tmp
         "run", "inferring", "--config_file", "configs/inference.json", "--dataset_dir", str(samples), "--num_workers", "0",
         cwd=bundle,
     ))
-    assert nib.load(bundle / "outputs" / "a_anomaly_map.nii.gz").shape[:2] == (130, 150)
+    assert nib.load(bundle / "outputs" / "a_anomaly_map.nii.gz").shape[:2] == (150, 130)  # as LoadImage reads a.png
     assert (bundle / "outputs" / "b_anomaly_map.nii.gz").is_file()
     assert len((bundle / "outputs" / "scores.csv").read_text().splitlines()) == 3
 

@@ -267,6 +267,11 @@ def test_server_infers_2d_and_volumes_and_adapts_to_normal_studies(tiny_weights,
         assert label.shape == (CASE_SIZE[1], CASE_SIZE[0]) and label.dtype == np.uint8
         assert set(np.unique(label)) <= {0, 1}
         assert label.mean() == pytest.approx(result["anomalous_fraction"])
+        # the 2D map: NIfTI on the grid MONAI's LoadImage reads the PNG on, (columns, rows), as the bundle's
+        result, anomaly_map = infer(url, "case", result="map")
+        anomaly_map = _nifti(anomaly_map)
+        assert anomaly_map.shape == CASE_SIZE and np.allclose(anomaly_map.affine, np.eye(4))
+        assert np.array_equal(anomaly_map.get_fdata(dtype=np.float32).T >= result["threshold"], label.astype(bool))
 
         # A bad request is answered with HTTP 400 and the reason.
         with pytest.raises(AssertionError, match="HTTP 400: .*result must be one of"):

@@ -59,7 +59,9 @@ class AnomalyInfer(InferTask):
 
     - ``result``: ``"label"`` returns the thresholded label (uint8, 1 = anomaly; PNG for 2D
       images, NIfTI with the input's affine for volumes); ``"map"`` returns the continuous
-      anomaly map (float32 NIfTI on the same grid) for clients that show scalar overlays.
+      anomaly map (float32 NIfTI on the same grid; for 2D images on the ``(columns, rows)`` grid
+      MONAI's ``LoadImage`` reads the image on, as the bundle writes 2D maps) for clients that
+      show scalar overlays.
     - ``threshold``: pixel threshold of the label; ``score_threshold``: image (volume) score
       threshold of the decision. ``"auto"`` takes the model's (stored with it, or the default
       of medad's threshold rule, :mod:`medad.decision`).
@@ -122,7 +124,8 @@ class AnomalyInfer(InferTask):
             affine = to_affine_nd(3, prediction.meta["affine"])
             output = _write_nifti(values if result == "map" else label, affine)
         elif result == "map":
-            output = _write_nifti(values, np.eye(4))  # rows, columns as the bundle's 2D maps
+            # on the grid MONAI's LoadImage reads the image on, (columns, rows), as the bundle's 2D maps
+            output = _write_nifti(values.T, to_affine_nd(3, prediction.meta["affine"]))
         else:
             output = _write_png(label)
         score, thresholds = prediction.score, prediction.thresholds
