@@ -22,6 +22,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from PIL import Image
 
 from medad import predict_input
+from medad.io import strict_json
 from medad.volumes import input_kind
 
 from lib.options import choice_option, numeric_option
@@ -131,7 +132,7 @@ class AnomalyInfer(InferTask):
         score, thresholds = prediction.score, prediction.thresholds
         abnormal = prediction.anomalous
         done = time.perf_counter()
-        return output, {
+        return output, strict_json({
             "label_names": LABEL_NAMES,
             "result": result,
             "kind": kind,
@@ -156,4 +157,4 @@ class AnomalyInfer(InferTask):
                 "post": round(done - scored, 3),
                 "total": round(done - start, 3),
             },
-        }
+        })  # strict JSON (null, not NaN) for every client's parser

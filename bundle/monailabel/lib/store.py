@@ -34,7 +34,7 @@ from monai.transforms import Compose
 
 from medad import MVFADetector, load_detector
 from medad.checkpoint import describe, model_versions, read_checkpoint, restore_model_version, save_model
-from medad.io import atomic_write
+from medad.io import atomic_write, strict_json
 from medad.transforms import SLICE_PLANES, mvfa_preprocessing
 
 from lib.options import int_option, parse_window
@@ -175,7 +175,7 @@ class DetectorStore:
 
     def _write_record(self, record: Mapping[str, Any]) -> None:
         with atomic_write(self.settings.adaptation_path) as handle:
-            json.dump(dict(record), handle, indent=2)
+            json.dump(strict_json(dict(record)), handle, indent=2, allow_nan=False)
 
     def save(self, detector: MVFADetector, record: Mapping[str, Any]) -> dict[str, Any]:
         """Write ``model.pt`` (:func:`medad.checkpoint.save_model`, keeping the model it replaces
