@@ -49,9 +49,12 @@ open_clip.add_model_config(Path(__file__).parent / "model_configs")
 
 #: Backbone precisions, the dtype of the frozen blocks' matrix products: float32, or bf16 / fp16
 #: under ``torch.autocast`` with float32 weights, residual stream, layer norms, adapters, tokens
-#: and scores (:class:`medad.network.AdaptedVisualTower`). Converting the weights themselves, as
-#: open_clip's ``precision`` does, also rounds the residual stream, and changed maps by 10-20 %
-#: of their range and AUROCs by 0.03-0.17 (measured on the golden fixture and on an H200).
+#: and scores (:class:`medad.network.AdaptedVisualTower`). The patch embedding, adapters, tokens
+#: and scores are float32 islands under any enclosing autocast too (training's ``amp``, which
+#: otherwise only lowers the frozen blocks as these precisions do). Converting the weights
+#: themselves, as open_clip's ``precision`` does, also rounds the residual stream, and changed
+#: maps by 10-20 % of their range and AUROCs by 0.03-0.17 (measured on the golden fixture and on
+#: an H200).
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

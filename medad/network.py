@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from medad.scoring import float32_region
 from medad.towers import VisionTower, vision_tower
 
 __all__ = ["AdaptedVisualTower", "AdapterTokens", "BackboneTokens", "FrozenTower", "ResidualAdapter", "default_levels"]
@@ -73,6 +74,11 @@ class FrozenTower(nn.Module):
             the residual stream, layer norms, adapters and their tokens stay in float32, which
             keeps MVFA's numbers (see :mod:`medad.backbone` ``PRECISIONS``).
 
+    Float32 islands: the patch embedding, the adapters, the stream's mixing and the tokens run
+    with autocast off (:func:`medad.scoring.float32_region`), whatever autocast encloses the
+    call; only the frozen blocks follow an enclosing autocast (training's ``amp``) where
+    ``matmul_dtype`` is float32.
+
     ``state_dict`` leaves the backbone out: it is frozen and always comes from its own weights
     (see :func:`medad.create_clip`), so checkpoints stay small and loadable anywhere.
     """
@@ -106,7 +112,8 @@ class FrozenTower(nn.Module):
     def _blocks_precision(self, device: torch.device) -> AbstractContextManager:
         """The frozen blocks' matrix products in :attr:`matmul_dtype`: autocast keeps layer norms
         and softmax statistics in float32, and the residual additions promote back to float32.
-        In float32 nothing is entered, so that an enclosing autocast (``amp``) still applies."""
+        In float32 nothing is entered, so that an enclosing autocast (training's ``amp``) still
+        applies to these blocks (and to them alone: the rest are float32 islands)."""
         if self.matmul_dtype == torch.float32:
             return nullcontext()
         return torch.autocast(device.type, dtype=self.matmul_dtype)
@@ -120,7 +127,8 @@ class FrozenTower(nn.Module):
         with torch.no_grad():
             # patchify, prefix tokens, positions, pre-norm, in float32 (about 1 % of the work; in
             # bf16 it alone added a third of the maps' difference from float32, measured)
-            x = self.tower.embed(images.float())
+            with float32_region(images.device):
+                x = self.tower.embed(images.float())
             x = self._blocks(x, 0, self.levels[0])
         return x.float()
 
@@ -174,23 +182,25 @@ class AdaptedVisualTower(FrozenTower):
         return self.seg_adapters[0].fc1[0].out_features
 
     def adapt(self, x: torch.Tensor) -> AdapterTokens:
-        """Run the adapted part of the network on a :meth:`trunk` output."""
+        """Run the adapted part of the network on a :meth:`trunk` output; the tokens are float32."""
         w_stream, w_seg, w_det = self.stream_weights
         seg, det = [], []
         done = self.levels[0]
         last = len(self.levels) - 1
         scored = self.tower.scored_tokens
         for i, level in enumerate(self.levels):
-            x = self._blocks(x, done, level).float()  # adapters, their tokens and the mixing stay in float32
+            x = self._blocks(x, done, level)
             done = level
-            if i == last:
-                # Nothing reads the stream after the last adapter: skip the unused fc2 corrections.
-                seg.append(scored(self.seg_adapters[i].fc1(x)))
-                det.append(scored(self.det_adapters[i].fc1(x)))
-                break
-            seg_token, seg_out = self.seg_adapters[i](x)
-            det_token, det_out = self.det_adapters[i](x)
-            x = w_stream * x + w_seg * seg_out + w_det * det_out
+            with float32_region(x.device):  # adapters, their tokens and the mixing in float32
+                x = x.float()
+                if i == last:
+                    # Nothing reads the stream after the last adapter: skip the unused fc2 corrections.
+                    seg.append(scored(self.seg_adapters[i].fc1(x)))
+                    det.append(scored(self.det_adapters[i].fc1(x)))
+                    break
+                seg_token, seg_out = self.seg_adapters[i](x)
+                det_token, det_out = self.det_adapters[i](x)
+                x = w_stream * x + w_seg * seg_out + w_det * det_out
             seg.append(scored(seg_token))
             det.append(scored(det_token))
         return AdapterTokens(tuple(seg), tuple(det))
@@ -242,12 +252,14 @@ class BackboneTokens(FrozenTower):
 
     @torch.no_grad()
     def adapt(self, x: torch.Tensor) -> AdapterTokens:
-        """Tokens ``(B, 1 + L, token_dim)`` per level from a :meth:`trunk` output."""
+        """Tokens ``(B, 1 + L, token_dim)`` per level from a :meth:`trunk` output, float32 (the
+        projection too, whatever the autocast)."""
         tokens, done = [], self.levels[0]
         for level in self.levels:
             x = self._blocks(x, done, level).float()
             done = level
-            tokens.append(self.tower.scored_tokens(self.tower.project(x) if self.projected else x))
+            with float32_region(x.device):
+                tokens.append(self.tower.scored_tokens(self.tower.project(x) if self.projected else x))
         return AdapterTokens(tuple(tokens), tuple(tokens))
 
 

@@ -2,12 +2,18 @@
 
 All functions take adapter tokens with the class token first, ``(B, 1 + L, E)`` per level, and
 work on whole batches on the tokens' device. Maps are ``(B, S, S)`` at the input size ``S``.
+
+Scores are float32 islands: text logits, probabilities and memory similarities are computed in
+float32 from float32 copies of their inputs, with ``torch.autocast`` switched off for them
+(:func:`float32_region`), whatever autocast encloses the call. In plain float32 that changes
+nothing.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +25,7 @@ __all__ = [
     "coreset_indices",
     "detection_probability",
     "few_shot_maps",
+    "float32_region",
     "fuse",
     "segmentation_probabilities",
     "text_logits",
@@ -28,6 +35,17 @@ __all__ = [
 
 #: CLIP's logit scale, fixed at 100 in MVFA.
 LOGIT_SCALE = 100.0
+
+
+def float32_region(device: torch.device) -> AbstractContextManager:
+    """A region where ``torch.autocast`` is off for ``device``'s type, so that what runs in it on
+    float32 tensors stays float32 whatever autocast encloses it (training's ``amp``, a caller's
+    own): the adapters, their tokens and the scores. Nothing is entered where no autocast is
+    on (plain float32 runs, tracing and export see no autocast region) or the device type has
+    none."""
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return nullcontext()
 
 
 def _patches(tokens: torch.Tensor) -> torch.Tensor:
@@ -51,23 +69,29 @@ def _upsample(grid: torch.Tensor, size: int) -> torch.Tensor:
 def text_logits(tokens: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
     """Per-patch (normal, abnormal) logits ``(B, L, 2)``.
 
-    ``text_features`` is ``(E, 2)`` for the whole batch or ``(B, E, 2)`` per sample.
+    ``text_features`` is ``(E, 2)`` for the whole batch or ``(B, E, 2)`` per sample. Float32,
+    whatever the autocast (:func:`float32_region`).
     """
-    patches = F.normalize(_patches(tokens), dim=-1)
-    text_features = text_features.to(patches.dtype)
-    if text_features.dim() == 2:
-        return LOGIT_SCALE * patches @ text_features
-    return LOGIT_SCALE * torch.bmm(patches, text_features)
+    with float32_region(tokens.device):
+        patches = F.normalize(_patches(tokens).float(), dim=-1)
+        text_features = text_features.float()
+        if text_features.dim() == 2:
+            return LOGIT_SCALE * patches @ text_features
+        return LOGIT_SCALE * torch.bmm(patches, text_features)
 
 
 def segmentation_probabilities(tokens: torch.Tensor, text_features: torch.Tensor, size: int) -> torch.Tensor:
-    """One level's 2-channel map ``(B, 2, S, S)``: logits upsampled, then softmax over channels."""
-    return torch.softmax(_upsample(_to_grid(text_logits(tokens, text_features)), size), dim=1)
+    """One level's 2-channel map ``(B, 2, S, S)``: logits upsampled, then softmax over channels
+    (float32, whatever the autocast)."""
+    with float32_region(tokens.device):
+        return torch.softmax(_upsample(_to_grid(text_logits(tokens, text_features)), size), dim=1)
 
 
 def detection_probability(tokens: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-    """One level's image score ``(B,)``: abnormal probability averaged over patches."""
-    return torch.softmax(text_logits(tokens, text_features), dim=-1)[..., 1].mean(dim=-1)
+    """One level's image score ``(B,)``: abnormal probability averaged over patches (float32,
+    whatever the autocast)."""
+    with float32_region(tokens.device):
+        return torch.softmax(text_logits(tokens, text_features), dim=-1)[..., 1].mean(dim=-1)
 
 
 def zero_shot_maps(seg_tokens: Sequence[torch.Tensor], text_features: torch.Tensor, size: int) -> torch.Tensor:
@@ -90,20 +114,20 @@ def few_shot_maps(
     memory token (memory ``(M, E)``, L2-normalised), upsampled and summed over levels.
 
     The memory is scanned in chunks of ``chunk`` tokens so that the similarity matrix never
-    exceeds ``B x L x chunk`` values. Similarities are computed in the tokens' precision (float32
-    for the adapter tokens: ``1 - cosine`` near 0 has almost no bits left in bf16).
+    exceeds ``B x L x chunk`` values. Similarities are computed in float32 whatever the autocast
+    (:func:`float32_region`): ``1 - cosine`` near 0 has almost no bits left in bf16 or fp16.
     """
     total = 0
     for level_tokens, level_memory in zip(tokens, memory, strict=True):
-        patches = F.normalize(_patches(level_tokens), dim=-1)
-        level_memory = level_memory.to(patches.dtype)
-        # 1 - max(cosine) rather than min(1 - cosine): the same value bit for bit (rounding of
-        # 1 - s is monotone in s) without a subtraction over the B x L x M similarity matrix
-        closest = torch.cat(
-            [(patches @ part.T).amax(dim=-1, keepdim=True) for part in level_memory.split(chunk)], dim=-1
-        ).amax(dim=-1)
-        nearest = (1 - closest).float()
-        total = total + _upsample(_to_grid(nearest.unsqueeze(-1)), size)[:, 0]
+        with float32_region(level_tokens.device):
+            patches = F.normalize(_patches(level_tokens).float(), dim=-1)
+            level_memory = level_memory.float()
+            # 1 - max(cosine) rather than min(1 - cosine): the same value bit for bit (rounding of
+            # 1 - s is monotone in s) without a subtraction over the B x L x M similarity matrix
+            closest = torch.cat(
+                [(patches @ part.T).amax(dim=-1, keepdim=True) for part in level_memory.split(chunk)], dim=-1
+            ).amax(dim=-1)
+            total = total + _upsample(_to_grid((1 - closest).unsqueeze(-1)), size)[:, 0]
     return total
 
 

@@ -1,7 +1,8 @@
 """One trained model, one meaning: the same model.pt gives the same score and decision through the
 bundle's evaluation (calibrated fusion), its inference and Python; the thresholds it stores are
 the ones every surface applies; the few-shot memory exists before model.pt is written whatever
-the handler order; and ``amp`` trains on the CPU (bf16 autocast)."""
+the handler order; and ``amp`` trains on the CPU (bf16 autocast of the frozen blocks, float32
+adapters and tokens)."""
 
 from __future__ import annotations
 
@@ -106,15 +107,21 @@ def test_amp_trains_under_bf16_autocast_on_the_cpu(tiny_config, tiny_weights):
     detector = _fresh_detector(tiny_config, tiny_weights)
     before = {name: value.clone() for name, value in detector.encoder.det_adapters.state_dict().items()}
     trainer = _trainer(detector, items, [], amp=True)
-    seen, losses = [], []
-    trainer.add_event_handler(IterationEvents.FORWARD_COMPLETED, lambda e: seen.append(e.state.output["pred"].det[0].dtype))
+    seen, losses, block_outputs = [], [], []
+    last_block = detector.encoder.tower.blocks[detector.encoder.levels[-1] - 1]
+    linear = next(module for module in last_block.modules() if isinstance(module, torch.nn.Linear))
+    linear.register_forward_hook(lambda module, args, output: block_outputs.append(output.dtype))
+    trainer.add_event_handler(IterationEvents.FORWARD_COMPLETED,
+                              lambda e: seen.extend(t.dtype for t in (*e.state.output["pred"].seg, *e.state.output["pred"].det)))
     trainer.add_event_handler(IterationEvents.LOSS_COMPLETED, lambda e: losses.append(e.state.output["loss"]))
     trainer.run()
     assert trainer.scaler is None or not trainer.scaler.is_enabled()  # CUDA only: fp16 needs the scaler, bf16 not
     assert len(losses) == 1 and torch.isfinite(losses[0])
     after = detector.encoder.det_adapters.state_dict()
     assert any(not torch.equal(before[name], after[name]) for name in before)
-    assert seen == [torch.bfloat16]
+    # amp lowers the frozen blocks' matrix products alone: adapters and tokens stay float32 islands
+    assert block_outputs == [torch.bfloat16]
+    assert set(seen) == {torch.float32}
 
 
 def test_the_trunk_cache_trains_the_same_adapters_as_no_cache(tiny_config, tiny_weights):
