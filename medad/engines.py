@@ -77,9 +77,13 @@ class MVFATrainer(SupervisedTrainer):
     (``DistributedSampler(even_divisible=True)``). Parameters no rank used keep no gradient, so
     a global batch without masks skips the seg adapters' Adam step, as a single process does.
 
-    ``amp=True`` runs the forward pass under ``torch.autocast`` (fp16 on CUDA, bf16 on CPUs) and,
-    on CUDA, scales the loss with MONAI's ``GradScaler`` (``self.scaler``) as ``SupervisedTrainer``
-    does, so that the adapters' small fp16 gradients do not underflow.
+    ``amp=True`` (training's alone: :class:`MVFAEvaluator` refuses it) runs the forward pass
+    under ``torch.autocast`` (fp16 on CUDA, bf16 on CPUs): the frozen blocks' matrix products
+    take its dtype where the backbone's ``precision`` is float32, while the patch embedding, the
+    adapters, their tokens and the losses stay float32 islands (:mod:`medad.network`,
+    :func:`medad.scoring.float32_region`). On CUDA it scales the loss with MONAI's ``GradScaler``
+    (``self.scaler``) as ``SupervisedTrainer`` does, so that the small gradients flowing back
+    through the fp16 blocks do not underflow.
 
     Args:
         cache_trunk: keep the frozen blocks' output before the first adapter for every sample
@@ -216,14 +220,23 @@ class MVFAEvaluator(SupervisedEvaluator):
     :class:`medad.volumes.VolumeScores`: ``pred`` is then (B, 1, H, W, D), and ``score_p95``,
     ``slice_scores`` and ``empty_slices`` are added.
 
+    Evaluation and inference run the detector at its own ``precision`` (float32 unless the
+    model was loaded with ``bf16``/``fp16`` matrix products); ``amp`` is a training option.
+
     Args:
         skip_blank: apply the blank rule of :func:`medad.volumes.predict_images` to 2D images
             (map and score 0; ``blank`` in the output), as volumes' empty slices get (inference).
         kwargs: ``SupervisedEvaluator``'s arguments.
+
+    Raises:
+        ValueError: ``amp=True``.
     """
 
     def __init__(self, *args: Any, skip_blank: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if self.amp:
+            raise ValueError("amp is a training option: evaluation and inference run the model at its precision "
+                             "(float32, or bf16/fp16 matrix products in the frozen blocks with precision='bf16'/'fp16')")
         self.skip_blank = skip_blank
 
     def _iteration(self, engine: MVFAEvaluator, batchdata: Mapping[str, Any]) -> dict:
@@ -237,8 +250,7 @@ class MVFAEvaluator(SupervisedEvaluator):
             if key in batchdata:
                 engine.state.output[key] = _plain(batchdata[key], device, engine.non_blocking)
         with engine.mode(engine.network):
-            with torch.autocast(device.type, **engine.amp_kwargs) if engine.amp else nullcontext():
-                raw = engine.inferer(_plain(images, device, engine.non_blocking), engine.network)
+            raw = engine.inferer(_plain(images, device, engine.non_blocking), engine.network)
             engine.state.output.update({k: v for k, v in raw._asdict().items() if v is not None})
             final = None
             if isinstance(raw, VolumeScores):  # fused slice by slice already

@@ -170,11 +170,22 @@ _MONAI_ARGUMENTS = {
 }
 #: The key that lists keys to pass on purpose although no config defines them.
 EXTRA_KEYS = "extra_keys"
+#: Why a run refuses a key that users bring from another run, said instead of the nearest key.
+KEY_HINTS = {
+    "amp": "amp is a training option (train.json): evaluation and inference run the model in float32, or "
+           "with --precision bf16 (or fp16) for the frozen blocks' matrix products; leave --amp out",
+}
+
+
+def _plain_key(key: str) -> str:
+    """A command-line key as configs spell it (``+imports`` -> ``imports``, ``a::b`` -> ``a#b``)."""
+    return key.lstrip("+").replace("::", "#")
 
 
 def unknown_keys(config_files: Sequence[str | os.PathLike], overrides: Iterable[str], extra: Iterable[str] = ()) -> list[str]:
     """One message per override key that no config defines (a misspelt ``--epoch`` would otherwise
-    be accepted and do nothing), with the nearest known key.
+    be accepted and do nothing), with the nearest known key, or for a key of :data:`KEY_HINTS`
+    (``amp`` at inference) why the run does not take it.
 
     Args:
         config_files: the run's config files, merged in order as MONAI merges them.
@@ -188,8 +199,11 @@ def unknown_keys(config_files: Sequence[str | os.PathLike], overrides: Iterable[
     known = set(parser.get()) | set(DEFAULT_MLFLOW_SETTINGS["configs"]) | _MONAI_ARGUMENTS | {EXTRA_KEYS}
     problems = []
     for key in overrides:
-        plain = key.lstrip("+").replace("::", "#")
+        plain = _plain_key(key)
         if plain in known or plain in set(extra) or plain.startswith("_meta_") or plain in parser:
+            continue
+        if plain in KEY_HINTS:
+            problems.append(f"--{key}: {KEY_HINTS[plain]}")
             continue
         nearest = difflib.get_close_matches(plain, sorted(known), n=1)
         hint = f"did you mean --{nearest[0]}?" if nearest else "no config defines it"
@@ -223,10 +237,12 @@ def _literal(text: str) -> Any:
         return text
 
 
-def check_command_line() -> None:
+def check_command_line(refused: Sequence[str] = ()) -> None:
     """Refuse ``--key`` overrides that no config of this ``python -m monai.bundle run`` defines,
-    naming the nearest known key (every config calls this first). Nothing to check for Python
-    callers, which pass their keys as arguments (see :func:`unknown_keys`)."""
+    naming the nearest known key (every config calls this first), and the ``refused`` keys,
+    which a merged config defines for another run (evaluation merges train.json, and refuses its
+    ``amp``), with their :data:`KEY_HINTS`. Nothing to check for Python callers, which pass
+    their keys as arguments (see :func:`unknown_keys`)."""
     argv = _bundle_command_line()
     if argv is None or "run" not in argv[1:3]:
         return
@@ -241,6 +257,8 @@ def check_command_line() -> None:
     extra = _literal(pairs.get(EXTRA_KEYS, "[]"))
     extra = [extra] if isinstance(extra, str) else list(extra)
     problems = unknown_keys(files, [key for key in pairs if key not in _MONAI_ARGUMENTS], extra)
+    problems += [f"--{key}: {KEY_HINTS.get(_plain_key(key), 'this run does not take it')}"
+                 for key in pairs if _plain_key(key) in refused]
     if problems:
         raise RunError("; ".join(problems))
 

@@ -68,6 +68,9 @@ class AppSettings:
                 "no bundle: start the server with --conf bundle_path <folder holding models/model.pt> "
                 "(the repository root, or an unpacked model-zoo bundle)"
             )
+        if "amp" in conf:
+            raise ValueError("--conf amp: amp is a training option; this app runs the model in float32, or with "
+                             "--conf precision bf16 (or fp16) for the frozen blocks' matrix products")
         bundle_path = Path(conf["bundle_path"]).expanduser().resolve()
         model_path = bundle_path / "models" / "model.pt"
         if not model_path.is_file():
