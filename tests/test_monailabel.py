@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 
 import medad
-from medad.checkpoint import Thresholds, describe, read_checkpoint
+from medad.checkpoint import Thresholds, describe, read_checkpoint, restore_model_version, save_model
 
 from helpers import IMAGE_SIZE, ROOT, run_bundle
 from synthetic import head_phantom, write_dataset
@@ -363,6 +363,19 @@ def test_server_infers_2d_and_volumes_and_adapts_to_normal_studies(tiny_weights,
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(label))), server_label)
         with pytest.raises(AssertionError, match="HTTP 400: .*no kept version model-none.pt"):
             train_sync(url, RESTORE, version="model-none.pt")
+
+        # A site threshold set in Python (conformal, on the normal studies) is what the server applies.
+        site = medad.load_detector(models / "model.pt", tiny_weights["clip"])
+        normals = [{"image": str(path), "label": 0} for path in sorted(studies.glob("normal_0*.png"))]
+        medad.set_site_threshold(site, normals, "conformal_fpr", 0.5, data=str(studies))
+        save_model(site, models / "model.pt", keep_previous=True)
+        result, _ = infer(url, "case")
+        python = medad.predict_input(site, studies / "case.png")
+        assert result["threshold_source"]["score_threshold"] == "conformal_fpr"
+        assert result["score_threshold"] == site.effective_thresholds().image
+        assert result["p_value"] == pytest.approx(python.p_value) and result["abnormal"] == python.anomalous
+        assert result["threshold_provenance"]["normal"] == len(normals)
+        restore_model_version(models / "model.pt")  # the adapted model again, for the surfaces below
 
     # The same model gives the same answer through Python and the bundle's inferring.
     python = medad.predict_input(medad.load_detector(bundle / "models" / "model.pt", tiny_weights["clip"]), studies / "case.png")
