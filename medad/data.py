@@ -19,9 +19,10 @@ import logging
 import os
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 __all__ = [
     "BMAD",
@@ -30,6 +31,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "MASK_FOLDERS",
     "SPLITS",
+    "SourceSet",
     "bmad_datalist",
     "calibration_items",
     "data_layout",
@@ -42,6 +44,7 @@ __all__ = [
     "seed_file_indices",
     "shares_pool",
     "source_datalist",
+    "source_sets",
     "target_datalist",
 ]
 
@@ -268,14 +271,90 @@ def bmad_datalist(dataset_dir: str | os.PathLike, name: str, split: str = "test"
     return items
 
 
+class SourceSet(NamedTuple):
+    """One zero-shot source data set: where it is and its name (also its prompt word,
+    :func:`medad.prompts.prompt_name`), read as :func:`target_datalist` reads a target."""
+
+    dataset_dir: str
+    name: str
+
+
+def _is_path(entry: str) -> bool:
+    """Whether a ``sources`` entry is a path (it has a folder separator or ends in ``.json``), not a name."""
+    return "/" in entry or os.sep in entry or entry.lower().endswith(".json")
+
+
+def _source_from_path(path: str) -> SourceSet:
+    """The source data set at ``path``: a datalist file (named by its stem), a BMAD ``<Name>_AD``
+    folder (``Name``, in the folder above) or a folder of the ``normal``/``abnormal`` layout (its name)."""
+    where = Path(path)
+    if not where.exists():
+        raise FileNotFoundError(f"source data set {path}: no such file or folder")
+    if where.is_dir() and where.name.endswith(_SUFFIX) and where.name != _SUFFIX:
+        return SourceSet(str(where.parent), where.name[: -len(_SUFFIX)])
+    return SourceSet(path, where.stem if where.suffix.lower() == ".json" else where.name)
+
+
+def _same_data(first: SourceSet, second: SourceSet) -> bool:
+    """Whether two (dataset_dir, name) pairs are the same data (a BMAD folder holds several data
+    sets, by name; a folder or datalist file of the other layouts holds one)."""
+    if Path(first.dataset_dir).resolve() != Path(second.dataset_dir).resolve():
+        return False
+    return first.name == second.name or data_layout(first.dataset_dir, first.name) != "bmad"
+
+
+def source_sets(
+    dataset_dir: str | os.PathLike, target: str, sources: Sequence[str] | Mapping[str, str | os.PathLike] | None = None
+) -> list[SourceSet]:
+    """The zero-shot source data sets of ``target``, each checked to be readable in some layout
+    (:func:`data_layout`), none of them the target's own data.
+
+    Args:
+        dataset_dir: where the target is (and data sets named without a path).
+        target: the data set left out (zero-shot).
+        sources: ``None`` or empty: every BMAD data set under ``dataset_dir`` but the target.
+            A list: names of data sets under ``dataset_dir`` (the target's name is skipped) or
+            paths (with a ``/``, or ending in ``.json``) of own data sets in any layout: a
+            ``normal``/``abnormal`` folder or a datalist file, named by its folder or file name,
+            or a BMAD ``<Name>_AD`` folder (``Name``). A mapping ``{name: path}`` names each
+            data set (its prompt word) itself; the path is a folder or datalist file of any layout.
+
+    Raises:
+        FileNotFoundError: a source that is not there, or in no layout medad reads.
+        ValueError: a source that is the target's own data, or no source at all.
+    """
+    if isinstance(sources, Mapping):
+        candidates = [SourceSet(str(path), str(name)) for name, path in sources.items()]
+    else:
+        entries = [str(entry) for entry in (sources or list_datasets(dataset_dir))]
+        candidates = [_source_from_path(e) if _is_path(e) else SourceSet(str(dataset_dir), e) for e in entries]
+        candidates = [c for c, e in zip(candidates, entries) if _is_path(e) or e != target]
+    own = SourceSet(str(dataset_dir), target)
+    for source in candidates:
+        data_layout(source.dataset_dir, source.name)  # raises naming the place and the layouts read
+        if _same_data(source, own):
+            raise ValueError(
+                f"source data set {source.name!r} ({source.dataset_dir}) is the target's own data: zero-shot training "
+                "leaves the target out; give other data sets as sources"
+            )
+    if not candidates:
+        raise ValueError(
+            f"no source data sets besides the target {target!r} under {dataset_dir}: give sources, names of BMAD data "
+            "sets there or paths of own data sets (normal/abnormal folders, datalist .json files)"
+        )
+    return candidates
+
+
 def source_datalist(
-    dataset_dir: str | os.PathLike, target: str, sources: Sequence[str] | None = None, split: str = "test"
+    dataset_dir: str | os.PathLike,
+    target: str,
+    sources: Sequence[str] | Mapping[str, str | os.PathLike] | None = None,
+    split: str = "test",
 ) -> list[dict]:
-    """Zero-shot training data: every data set but ``target`` (MVFA trains on their test splits)."""
-    names = [name for name in (sources or list_datasets(dataset_dir)) if name != target]
-    if not names:
-        raise ValueError(f"no source data sets besides the target {target!r} under {dataset_dir}")
-    return [item for name in names for item in bmad_datalist(dataset_dir, name, split)]
+    """Zero-shot training data: the ``split`` items (MVFA trains on the test splits; a folder
+    without ``valid/`` and ``test/`` serves both) of every source data set of ``target``
+    (:func:`source_sets`), in any layout; each item's ``dataset`` is its source's name."""
+    return [item for source in source_sets(dataset_dir, target, sources) for item in target_datalist(*source, split)]
 
 
 def _seed_file(path: str | os.PathLike) -> dict[int, dict[str, list[str]]]:
