@@ -15,10 +15,10 @@ from medad.augment import FEWSHOT_AUGMENTATIONS, augment_fewshot
 from medad.checks import check_items
 from medad.data import fewshot_selection
 from medad.detector import MVFADetector, unwrap
-from medad.checkpoint import save_model
+from medad.checkpoint import CheckpointError, describe, save_model
 from medad.transforms import mvfa_preprocessing
 
-__all__ = ["NormalOnlyAdaptation", "fewshot_training_data", "support_items"]
+__all__ = ["NormalOnlyAdaptation", "checked_init_checkpoint", "fewshot_training_data", "support_items"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,53 @@ def fewshot_training_data(items: Sequence[dict], image_size: int = 240) -> list[
     return out
 
 
+#: Why normal-only adaptation needs a trained model to start from.
+_NEEDS_A_MODEL = (
+    "normal-only adaptation (abnormal_shots 0) adapts a trained model without training it: give "
+    "init_checkpoint, a zero-shot models/model.pt or a released MVFA adapter file"
+)
+
+
+def checked_init_checkpoint(
+    init_checkpoint: str | os.PathLike | None, abnormal_shots: int, method: str = "mvfa", clip_model: str | None = None
+) -> str | None:
+    """``init_checkpoint`` (as a string) once it is known to fit a few-shot run; the bundle checks
+    it before it builds anything (the backbone, the support images), so a wrong one is refused in
+    seconds.
+
+    Normal-only adaptation (``abnormal_shots`` 0, MVFA) needs one. One given must be a readable
+    MVFA model file: a medad ``model.pt`` made with MVFA's adapters for ``clip_model`` (when
+    given), or released MVFA adapters (``seg_adapters``/``det_adapters``; their shapes are checked
+    when they are loaded into the backbone).
+
+    Raises:
+        ValueError: normal-only adaptation without one, or one for a baseline ``method``.
+        FileNotFoundError: no such file.
+        CheckpointError: an unreadable, unsafe or foreign file, a baseline's model, or a model of
+            another backbone; the message names the file.
+    """
+    if init_checkpoint is None:
+        if method == "mvfa" and abnormal_shots == 0:
+            raise ValueError(_NEEDS_A_MODEL)
+        return None
+    if method != "mvfa":
+        raise ValueError(
+            f"init_checkpoint {init_checkpoint}: starts MVFA's adapters, but method {method!r} has none: leave it unset"
+        )
+    description = describe(init_checkpoint)  # None for released adapters
+    if description is not None and description.method != "mvfa":
+        raise CheckpointError(
+            f"{init_checkpoint}: the {description.method!r} baseline, which has no adapters to start from: give a "
+            "zero-shot MVFA models/model.pt or a released MVFA adapter file"
+        )
+    if description is not None and clip_model is not None and description.backbone.model_name != clip_model:
+        raise CheckpointError(
+            f"{init_checkpoint}: made for clip_model={description.backbone.model_name!r}, but this run builds "
+            f"{clip_model!r}: give --clip_model {description.backbone.model_name} (and the CLIP weights it was made with)"
+        )
+    return str(init_checkpoint)
+
+
 class NormalOnlyAdaptation:
     """Normal-only few-shot adaptation of a trained detector (``abnormal_shots: 0``): no adapter
     training; MVFA's memory bank of the normal support images (augmented x11), and calibration
@@ -83,11 +130,16 @@ class NormalOnlyAdaptation:
     Args:
         network: the detector (built from ``init_checkpoint``: a zero-shot ``model.pt`` or
             released MVFA adapters).
-        items: support items (:func:`support_items` with ``abnormal_shots=0``).
+        items: support items (:func:`support_items` with ``abnormal_shots=0``): normal images only.
         image_size: the model's input size.
         save_path: where the adapted model is written.
         batch_size: images per forward pass.
         init_checkpoint: what ``network`` was built from (required: the adapters are not trained).
+
+    Raises:
+        ValueError: when built, without ``init_checkpoint`` or with abnormal items (the bundle
+            builds it only for normal-only runs, and checks ``init_checkpoint`` before anything
+            else with :func:`checked_init_checkpoint`).
     """
 
     def __init__(
@@ -99,19 +151,18 @@ class NormalOnlyAdaptation:
         batch_size: int = 8,
         init_checkpoint: str | os.PathLike | None = None,
     ) -> None:
+        if init_checkpoint is None:
+            raise ValueError(_NEEDS_A_MODEL)
+        abnormal = [item["image"] for item in items if int(item["label"]) == 1]
+        if abnormal:
+            raise ValueError(
+                f"normal-only adaptation takes normal images only, got {len(abnormal)} abnormal ones: {abnormal[:3]}"
+            )
         self.network, self.items, self.image_size = network, list(items), image_size
         self.save_path, self.batch_size, self.init_checkpoint = save_path, batch_size, init_checkpoint
 
     def run(self) -> None:
-        # Checked here, not when built: a bundle builds this beside the trainer in either mode.
-        if self.init_checkpoint is None:
-            raise ValueError(
-                "normal-only adaptation (abnormal_shots 0) adapts a trained model without training it: give "
-                "init_checkpoint, a zero-shot models/model.pt or a released MVFA adapter file"
-            )
-        abnormal = [item["image"] for item in self.items if int(item["label"]) == 1]
-        if abnormal:
-            raise ValueError(f"normal-only adaptation takes normal images only, got {len(abnormal)} abnormal ones")
+        """Build the memory bank and calibration from the normal support images and save the model."""
         detector: MVFADetector = unwrap(self.network).eval()
         images, _ = _load(self.items, self.image_size)
         thresholds = adapt_to_normal_images(detector, images, augment=True, batch_size=self.batch_size)
