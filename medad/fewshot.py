@@ -135,6 +135,8 @@ class NormalOnlyAdaptation:
         save_path: where the adapted model is written.
         batch_size: images per forward pass.
         init_checkpoint: what ``network`` was built from (required: the adapters are not trained).
+        fitted: records of the support images (:func:`medad.data.fitted_records`), stored with
+            the model so that evaluation leaves them out.
 
     Raises:
         ValueError: when built, without ``init_checkpoint`` or with abnormal items (the bundle
@@ -150,6 +152,7 @@ class NormalOnlyAdaptation:
         save_path: str | os.PathLike,
         batch_size: int = 8,
         init_checkpoint: str | os.PathLike | None = None,
+        fitted: Sequence[dict] = (),
     ) -> None:
         if init_checkpoint is None:
             raise ValueError(_NEEDS_A_MODEL)
@@ -160,12 +163,14 @@ class NormalOnlyAdaptation:
             )
         self.network, self.items, self.image_size = network, list(items), image_size
         self.save_path, self.batch_size, self.init_checkpoint = save_path, batch_size, init_checkpoint
+        self.fitted = list(fitted)
 
     def run(self) -> None:
         """Build the memory bank and calibration from the normal support images and save the model."""
         detector: MVFADetector = unwrap(self.network).eval()
         images, _ = _load(self.items, self.image_size)
         thresholds = adapt_to_normal_images(detector, images, augment=True, batch_size=self.batch_size)
+        detector.set_fitted(self.fitted)  # a new memory: earlier support and calibration no longer apply
         save_model(detector, self.save_path)
         logger.info(
             "normal-only adaptation to %d normal images: thresholds %s; saved %s", len(images), thresholds, self.save_path

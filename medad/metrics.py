@@ -120,7 +120,7 @@ class AnomalyEvaluation(Metric):
             spill.close()
         self._spills = {}
         self._ranges: dict[str, list[float]] = {}
-        self._scores: dict[str, list[np.ndarray]] = {"label": [], "has_mask": [], **{name: [] for name in _SCORES}}
+        self._scores: dict[str, list[np.ndarray]] = {"label": [], "has_mask": [], "blank": [], **{name: [] for name in _SCORES}}
         self._result: dict[str, float] | None = None
         self.image_scores: np.ndarray | None = None
         self.decision_scores: np.ndarray | None = None
@@ -151,7 +151,7 @@ class AnomalyEvaluation(Metric):
                 values = batch[name].detach().float().cpu().numpy().reshape(-1)
                 self._scores[name].append(values)
                 self._track(name, values)
-        for name in ("label", "has_mask"):
+        for name in ("label", "has_mask", "blank"):
             if name in batch:
                 self._scores[name].append(batch[name].detach().cpu().numpy().reshape(-1))
         self._result = None
@@ -215,12 +215,15 @@ class AnomalyEvaluation(Metric):
         #: This process's final image scores, in the order it saw the images (for the scores table).
         self.image_scores = image_scores
         #: The same images' scores with the detector's stored calibration, the scale its thresholds were
-        #: chosen on (``image_scores`` themselves unless fusing over the set); ``None`` for an
-        #: uncalibrated few-shot detector fused over the set.
+        #: chosen on (``image_scores`` themselves unless fusing over the set), 0 for images the evaluator
+        #: found blank (its ``skip_blank``, as inference): the scores inference gives the same files;
+        #: ``None`` for an uncalibrated few-shot detector fused over the set.
         if rescale:
             self.decision_scores = np.concatenate(decision_scores)
         else:
             self.decision_scores = None if has_few and self.fusion == "set" else image_scores
+        if self.decision_scores is not None and "blank" in scores_seen:  # the evaluator's blank rule, as inference
+            self.decision_scores = np.where(scores_seen["blank"].astype(bool), 0.0, self.decision_scores).astype(np.float32)
         #: The fusion ranges of the final maps (``None``: the detector's own rule) and their (low, high).
         self.fusion_ranges, self.map_range = ranges, (low, high)
         if distributed:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from scipy.stats import chisquare
 
 import medad
@@ -133,25 +134,27 @@ def _rows(path: Path) -> dict[str, dict[str, str]]:
 
 def test_own_data_train_threshold_evaluate_infer_one_decision_everywhere(bundle_backbone, tmp_path):
     flat = _flat(tmp_path, seed=7)
+    Image.new("L", (IMAGE_SIZE, IMAGE_SIZE)).save(flat / "normal" / "blank.png")  # background only: the blank rule
     root = tmp_path / "bundle"
     settings = common(flat, bundle_backbone)
     run_bundle("training", ("train", "fewshot"), root, shot=2, epochs=1, **settings)
     weights = {"clip_weights": bundle_backbone["clip_weights"], "num_workers": 0}
-    log = run_bundle("thresholding", ("inference", "threshold"), root, dataset_dir=flat, target_fpr=0.25, **weights)
+    # calibration_seed 1 leaves the blank image to evaluation (seed 0 draws it for calibration)
+    log = run_bundle("thresholding", ("inference", "threshold"), root, dataset_dir=flat, target_fpr=0.25, calibration_seed=1, **weights)
     assert "site threshold" in log
 
     detector = medad.load_detector(root / "models" / "model.pt", bundle_backbone["clip_weights"])
     thresholds = detector.effective_thresholds()
     assert thresholds.image_rule == "conformal_fpr" and thresholds.provenance["target"] == 0.25
-    assert len(thresholds.reference_scores) == thresholds.provenance["normal"] == 7  # half of the 14 non-support normals
+    assert len(thresholds.reference_scores) == thresholds.provenance["normal"] == 8  # half of the 15 non-support normals
     roles = [record["role"] for record in detector.fitted]
-    assert roles.count("support") == 4 and roles.count("calibration") == 7 + 3
+    assert roles.count("support") == 4 and roles.count("calibration") == 8 + 3
     assert len(medad.checkpoint.model_versions(root / "models" / "model.pt")) == 1  # the few-shot model is kept
 
     run_bundle("evaluating", ("train", "fewshot", "evaluate"), root, dataset_dir=flat, target="Alpha", shot=2, **weights)
     evaluated = _rows(root / "eval" / "scores.csv")
     fitted = {record["name"] for record in detector.fitted}
-    assert len(evaluated) == 24 - len(fitted) and not fitted & set(evaluated)
+    assert len(evaluated) == 25 - len(fitted) and not fitted & set(evaluated)
     metrics = json.loads((root / "eval" / "metrics.json").read_text(),
                          parse_constant=lambda name: pytest.fail(f"metrics.json holds {name}: not JSON"))
     assert metrics["decision"]["rule"] == "conformal_fpr" and metrics["thresholds"]["image"] == thresholds.image
@@ -164,6 +167,7 @@ def test_own_data_train_threshold_evaluate_infer_one_decision_everywhere(bundle_
     images = tmp_path / "images"
     images.mkdir()
     names = sorted(evaluated)[:2] + sorted(evaluated)[-2:]
+    names.append("normal/blank.png")  # scored 0 by evaluation and inference alike
     for name in names:
         shutil.copy(flat / name, images / name.replace("/", "_"))
     run_bundle("inferring", ("inference",), root, dataset_dir=images, **weights)
@@ -175,3 +179,4 @@ def test_own_data_train_threshold_evaluate_infer_one_decision_everywhere(bundle_
             assert int(row["anomalous"]) == int(prediction.anomalous), name
             assert float(row["p_value"]) == pytest.approx(prediction.p_value), name
             assert float(row["threshold"]) == thresholds.image and row["threshold_rule"] == "conformal_fpr"
+    assert float(evaluated["normal/blank.png"]["score"]) == float(inferred["normal_blank.png"]["score"]) == 0.0
