@@ -565,7 +565,7 @@ class LoadInputd(LoadImaged):
 class EnsureSliceAxisd(MapTransform):
     """Give channel-first 2D images ``(C, H, W)`` a slice axis of size 1, ``(C, H, W, 1)``, so that
     a single DICOM frame or a 2D NIfTI runs as a one-slice volume (the saved map drops the axis
-    again: ``SaveImaged(squeeze_end_dims=True)``); 3D volumes pass unchanged. MONAI has no
+    again: :class:`SaveMapd`, ``squeeze_end_dims``); 3D volumes pass unchanged. MONAI has no
     transform adding a spatial axis."""
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
@@ -800,10 +800,10 @@ class SaveMapd(MapTransform):
     in each of ``formats`` (:data:`MAP_FORMATS`), with MONAI's ``SaveImage`` and writers, each file
     written atomically (:func:`medad.io.atomic_image_writer`):
 
-    - ``"nifti"``: float32 ``.nii.gz`` (``NibabelWriter``) with the map's affine: a volume's map
-      on the volume's voxel grid, a 2D image's on the ``(columns, rows)`` grid MONAI's
-      ``LoadImage`` reads the image on. Volumes' maps are always written as NIfTI, whatever
-      ``formats`` say.
+    - ``"nifti"``: float32 ``.nii.gz`` (``NibabelWriter``; ``nifti_ext=".nii"`` skips gzip) with
+      the map's affine: a volume's map on the volume's voxel grid, a 2D image's on the
+      ``(columns, rows)`` grid MONAI's ``LoadImage`` reads the image on. Volumes' maps are
+      always written as NIfTI, whatever ``formats`` say.
     - ``"png"`` (2D images): a 16-bit gray PNG (``PILWriter``) of the image's own size, each
       map's minimum to maximum scaled to 0 to 65535 (rounded to the nearest level) and that
       range kept in the file's text chunks :data:`PNG_MAP_RANGE_KEYS`: value = low + pixel /
@@ -818,15 +818,18 @@ class SaveMapd(MapTransform):
         output_dir: str | os.PathLike,
         formats: str | Sequence[str] = "nifti",
         output_postfix: str = "anomaly_map",
+        nifti_ext: str = ".nii.gz",
     ) -> None:
         super().__init__(keys)
         formats = [formats] if isinstance(formats, str) else list(formats)
         if not formats or any(f not in MAP_FORMATS for f in formats):
             raise ValueError(f"map_format must be one of {list(MAP_FORMATS)} or a list of them, got {formats!r}")
+        if nifti_ext not in (".nii.gz", ".nii"):
+            raise ValueError(f"nifti_ext must be '.nii.gz' or '.nii', got {nifti_ext!r}")
         self.formats = formats
         common = {"output_dir": output_dir, "output_postfix": output_postfix, "resample": False,
                   "separate_folder": False, "print_log": False}
-        self.nifti = SaveImage(output_ext=".nii.gz", writer=atomic_image_writer(NibabelWriter),
+        self.nifti = SaveImage(output_ext=nifti_ext, writer=atomic_image_writer(NibabelWriter),
                                output_dtype=np.float32, squeeze_end_dims=True, **common)
         pil = atomic_image_writer(PILWriter)
         self.png = SaveImage(output_ext=".png", writer=pil, output_dtype=np.uint16, scale=None, **common)

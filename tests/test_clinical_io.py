@@ -197,8 +197,8 @@ def test_sixteen_bit_png(bundle_root, bundle_backbone, tmp_path):
     assert Image.open(inputs / "slice.png").mode == "I;16"
     inference(bundle_root, bundle_backbone, inputs, tmp_path / "outputs")
     anomaly = nib.load(tmp_path / "outputs" / "slice_anomaly_map.nii.gz").get_fdata()
-    assert anomaly.shape == PHANTOM[:2]  # (rows, columns) of the PNG
-    assert roc_auc_score(lesion[:, :, k].ravel(), anomaly.ravel()) > 0.8
+    assert anomaly.shape == PHANTOM[1::-1]  # (columns, rows) of the PNG, as MONAI's LoadImage reads it
+    assert roc_auc_score(lesion[:, :, k].ravel(), anomaly.T.ravel()) > 0.8
     rows = read_csv(tmp_path / "outputs" / "scores.csv")
     assert [Path(row["image"]).name for row in rows] == ["slice.png"]
     assert (tmp_path / "outputs" / "overlays" / "slice_overlay.png").is_file()
@@ -251,7 +251,7 @@ def test_large_volume_memory_is_bounded_by_the_batch(tmp_path, bundle_backbone):
         "bundle_root": str(root), "dataset_dir": str(inputs), "clip_model": medad.TINY_MODEL_NAME,
         "clip_weights": str(bundle_backbone["clip_weights"]), "image_size": 56, "levels": [1, 2, 3, 4],
         "num_workers": 0, "batch_size": 8,
-        "postprocessing#transforms#3#output_ext": ".nii",  # skip gzip: saves time, not memory
+        "postprocessing#transforms#3#nifti_ext": ".nii",  # skip gzip: saves time, not memory
     }
     result = subprocess.run(
         [sys.executable, "-c", _MEASURE, json.dumps(overrides), str(CONFIGS / "inference.json")],
