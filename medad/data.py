@@ -189,6 +189,9 @@ def _datalist_items(path: str | os.PathLike, name: str, split: str) -> list[dict
         if not isinstance(entry, dict) or "image" not in entry:
             orphan = isinstance(entry, dict) and "mask" in entry
             problems.append(f"{where}: no 'image'{' (a mask without an image)' if orphan else ''}: {entry!r}")
+        elif isinstance(entry.get("label"), str):  # MONAI's segmentation datalists (Decathlon): label is a mask path
+            problems.append(f"{where}: 'label' is a mask path; medad's 'label' is the image's class: write "
+                            f"\"mask\": \"{entry['label']}\", \"label\": 1 (0 for a normal image without a lesion)")
         elif entry.get("label") not in (0, 1) or isinstance(entry.get("label"), bool):
             problems.append(f"{where}: 'label' must be 0 (normal) or 1 (abnormal), got {entry.get('label')!r}")
     if problems:

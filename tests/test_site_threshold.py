@@ -180,3 +180,24 @@ def test_own_data_train_threshold_evaluate_infer_one_decision_everywhere(bundle_
             assert float(row["p_value"]) == pytest.approx(prediction.p_value), name
             assert float(row["threshold"]) == thresholds.image and row["threshold_rule"] == "conformal_fpr"
     assert float(evaluated["normal/blank.png"]["score"]) == float(inferred["normal_blank.png"]["score"]) == 0.0
+
+
+def test_a_decathlon_datalist_with_mask_paths_as_labels_is_refused_with_the_fix(tmp_path):
+    datalist = tmp_path / "dataset.json"
+    datalist.write_text(json.dumps({"training": [], "test": [{"image": "imagesTs/a.png", "label": "labelsTs/a.png"}]}))
+    with pytest.raises(ValueError, match=r"test\[0\]: 'label' is a mask path.*\"mask\": \"labelsTs/a.png\", \"label\": 1"):
+        target_datalist(datalist, "Alpha", "test")
+
+
+def test_metrics_json_is_strict_json_with_null_for_undefined_metrics(random_fewshot_model, tmp_path):
+    from types import SimpleNamespace
+
+    from medad.handlers import MetricsJSONWriter
+
+    detector = medad.load_detector(random_fewshot_model)
+    engine = SimpleNamespace(network=detector, state=SimpleNamespace(metrics={"val_image_auroc": 0.75, "val_pixel_auroc": float("nan")}))
+    MetricsJSONWriter(tmp_path, fusion="set")(engine)  # a data set without masks: no pixel metrics
+    text = (tmp_path / "metrics.json").read_text()
+    metrics = json.loads(text, parse_constant=lambda name: pytest.fail(f"metrics.json holds {name}: not JSON"))
+    assert metrics["val_pixel_auroc"] is None and metrics["val_image_auroc"] == 0.75
+    assert metrics["thresholds"]["image_rule"] == "support_f1"
