@@ -43,7 +43,8 @@ def test_evaluation_inference_and_python_agree_on_a_few_shot_model(synthetic_bma
     assert metrics["thresholds"] == {
         "image": thresholds.image, "pixel": thresholds.pixel, "image_rule": "support_f1", "pixel_rule": "support_pixel_f1",
     }
-    assert {row["fusion"] for row in evaluated.values()} == {"calibrated"}
+    assert {row["threshold_rule"] for row in evaluated.values()} == {"support_f1"}
+    assert not any("score_set_fused" in row for row in evaluated.values())  # calibrated: one score only
 
     images = tmp_path / "images"
     images.mkdir()

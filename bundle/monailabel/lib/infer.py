@@ -67,7 +67,9 @@ class AnomalyInfer(InferTask):
       threshold of the decision. ``"auto"`` takes the model's (stored with it, or the default
       of medad's threshold rule, :mod:`medad.decision`).
 
-    The JSON result holds the score, the decision, the thresholds used and where they come from,
+    The JSON result holds the score, the decision, the thresholds used and where they come from
+    (with a site threshold's provenance), the score's conformal p-value where the model holds a
+    site's reference scores (:mod:`medad.decision`),
     the map's range and, for volumes, the score of every slice (by its index in the input file).
     """
 
@@ -147,6 +149,8 @@ class AnomalyInfer(InferTask):
                 "threshold": "request" if requested_pixel is not None else thresholds.pixel_rule,
                 "score_threshold": "request" if requested_score is not None else thresholds.image_rule,
             },
+            "p_value": prediction.p_value,
+            "threshold_provenance": thresholds.provenance,
             "blank": prediction.blank,
             "map_range": [float(values.min()), float(values.max())],
             "anomalous_fraction": float(label.mean()),
