@@ -27,14 +27,20 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from medad.backbone import MissingWeightsError
+import torch
+
+from medad.backbone import MVFA_MODEL_NAME, MissingWeightsError, default_image_size
+from medad.checkpoint import Thresholds
 from medad.checks import check_items
-from medad.detector import MVFADetector, load_detector
+from medad.decision import effective_thresholds, map_scale
+from medad.detector import MVFADetector, load_detector, unwrap
+from medad.network import default_levels
 from medad.handlers import check_resumable
 from medad.io import RunLock, discard_unfinished, disk_full, exception_chain
 from medad.volumes import list_inputs
 
 __all__ = [
+    "MissingModel",
     "RunError",
     "bundle_command",
     "check_choice",
@@ -76,8 +82,72 @@ def _ending_on_input_errors(function: F) -> F:
     return wrapper
 
 
-#: :func:`medad.load_detector`, ending the run on a missing, bad or unfitting model file.
-model_detector = _ending_on_input_errors(load_detector)
+class MissingModel(torch.nn.Module):
+    """The ``network_def`` of an evaluation or inference whose model file does not exist (yet): a
+    fresh checkout, or a release fetched without its weights. It lets MONAI's ``ConfigWorkflow``
+    initialise the workflow and check its properties, which builds every component, without
+    the model; the run itself does not start (:func:`run_engine`), and using the network ends
+    it too, with one line naming the file (:meth:`error`).
+
+    While the configs resolve, it answers what they read from a model (input size, levels,
+    thresholds, map scale, fitted images) for the architecture the run asks for: ``expect``'s
+    ``model_name``, ``image_size`` and ``levels`` where given, else MVFA's (``ViT-L-14-336`` at
+    240 px, four levels), with no stored thresholds, no memory bank and no fitted images.
+    """
+
+    def __init__(self, path: str | os.PathLike, expect: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        given = {key: value for key, value in (expect or {}).items() if value is not None}
+        self.path = str(path)
+        self.image_size = int(given.get("image_size") or default_image_size(given.get("model_name", MVFA_MODEL_NAME)))
+        self.levels = tuple(int(level) for level in given["levels"]) if "levels" in given else default_levels(24)
+        self.has_memory = False
+        self.fitted: list[dict[str, Any]] = []
+
+    def error(self) -> RunError:
+        """Why the run cannot start, in one line naming the file."""
+        if os.path.exists(self.path):
+            return RunError(f"{self.path} appeared after this workflow's configs were resolved without it: "
+                            "initialise the workflow again (or rerun the command)")
+        return RunError(f"{self.path}: model file not found: train one (configs/train.json), fetch a release's "
+                        "weights (python -m monai.bundle download_large_files), or set ckpt_dir to the folder of model.pt")
+
+    def effective_thresholds(self) -> Thresholds:
+        """The thresholds of :meth:`medad.MVFADetector.effective_thresholds` for a model without stored ones."""
+        return effective_thresholds(Thresholds(), len(self.levels), self.has_memory)
+
+    def map_scale(self) -> tuple[float, float]:
+        """The map range of :meth:`medad.MVFADetector.map_scale` for a model without memory."""
+        return map_scale(len(self.levels), self.has_memory)
+
+    def compile_paths(self, enabled: bool = True, **options: Any) -> MissingModel:
+        """Nothing to compile (:meth:`medad.MVFADetector.compile_paths`)."""
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        raise self.error()
+
+
+_load_model = _ending_on_input_errors(load_detector)
+
+
+def model_detector(
+    model: str | os.PathLike,
+    clip_weights: str | os.PathLike | None = None,
+    target: str | None = None,
+    precision: str = "fp32",
+    expect: Mapping[str, Any] | None = None,
+    trust_model_paths: bool = False,
+) -> MVFADetector | MissingModel:
+    """The ``network_def`` of evaluation and inference: :func:`medad.load_detector` (same
+    arguments), ending the run on a bad or unfitting model file, or a :class:`MissingModel`
+    while ``model`` does not exist, so that the configs resolve without it and the run ends when
+    it starts, naming the file."""
+    if not os.path.exists(model):
+        return MissingModel(model, expect)
+    return _load_model(model, clip_weights, target, precision, expect=expect, trust_model_paths=trust_model_paths)
+
+
 #: :func:`medad.checks.check_items`, ending the run with the report of every bad item.
 checked_items = _ending_on_input_errors(check_items)
 #: :func:`medad.volumes.list_inputs`, ending the run when no usable input is found.
@@ -329,8 +399,12 @@ def run_engine(engine: Any, lock: RunLock | None = None) -> None:
     exception in any handler, whatever their order; SIGINT; SIGTERM under the bundle), the staging
     folders of its outputs are removed (:func:`medad.io.discard_unfinished`) before the error
     goes on to the caller; under the bundle the run then ends with the one line of
-    :func:`summarise_failure`."""
+    :func:`summarise_failure`. An engine whose network is a :class:`MissingModel` does not
+    start: the run ends naming the missing model file."""
     try:
+        network = unwrap(getattr(engine, "network", None))
+        if isinstance(network, MissingModel):
+            raise network.error()
         engine.run()
     except BaseException:
         discard_unfinished()

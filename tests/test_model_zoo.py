@@ -28,11 +28,12 @@ import pytest
 import torch
 import yaml
 from monai.apps.utils import HashCheckError
-from monai.bundle import download, download_large_files, load
+from monai.bundle import ConfigWorkflow, download, download_large_files, load
 from monai.data import load_net_with_metadata
 from PIL import Image
 
 import medad
+from medad.workflow import RunError, error_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -171,6 +172,37 @@ def test_every_config_path_derives_from_bundle_root():
     }
     problems = build_bundle.config_path_problems(bad)
     assert len(problems) == 4 and "handlers#0#load_path" in problems[-1], problems
+
+
+def test_configs_pass_monai_property_checks_without_a_model_and_the_run_names_it(synthetic_bmad, tmp_path):
+    # A bundle folder with inputs but no models/model.pt (a fresh checkout, a release without its
+    # weights): MONAI's ConfigWorkflow initialises and checks the properties of inference and
+    # evaluation, which builds every component; running then ends with one line naming the file.
+    root = tmp_path / "bundle"
+    (root / "samples").mkdir(parents=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 80), dtype=np.uint8)).save(root / "samples" / "a.png")
+    model = root / "models" / "model.pt"
+    workflows = {
+        "infer": (("inference",), {}),
+        "eval": (("train", "evaluate"), {"dataset_dir": str(synthetic_bmad), "target": "Alpha"}),
+    }
+    for kind, (names, overrides) in workflows.items():
+        workflow = ConfigWorkflow(
+            config_file=[str(CONFIGS / f"{name}.json") for name in names], meta_file=str(CONFIGS / "metadata.json"),
+            logging_file=False, workflow_type=kind, bundle_root=str(root), num_workers=0, **overrides,
+        )
+        workflow.initialize()
+        try:
+            assert workflow.check_properties() == [], kind
+            assert isinstance(workflow.network_def, medad.workflow.MissingModel)
+            with pytest.raises(RuntimeError) as raised:
+                workflow.run()
+        finally:
+            workflow.finalize()
+        line, user_error = error_summary(raised.value)
+        assert user_error and "\n" not in line and line.startswith(f"{model}: model file not found"), (kind, line)
+        assert isinstance(raised.value.__cause__, RunError)
+    assert sorted(path.name for path in root.iterdir()) == [".medad.lock", ".outputs.lock", "samples"], "nothing written"
 
 
 # ----------------------------------------------------------------------------- the archive
