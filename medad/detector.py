@@ -461,6 +461,9 @@ def build_detector(
     ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"``) is that of the frozen blocks' matrix
     products (:data:`medad.backbone.PRECISIONS`); weights, stream, adapters, tokens and scores
     stay in float32.
+
+    The detector comes back in eval mode, as :func:`load_detector`'s does (``monai.bundle.load``
+    returns it as built); trainers switch it to train mode.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
@@ -494,7 +497,7 @@ def build_detector(
         detector.target = target
         # the backbone is the one built here, whatever weights the checkpoint recorded
         detector.clip_weights = weights
-    return detector
+    return detector.eval()
 
 
 def _names_a_path(recorded: str) -> bool:

@@ -4,26 +4,40 @@
 The archive has the layout that ``python -m monai.bundle download`` unpacks and the model-zoo
 expects, one top folder named after the bundle::
 
-    <name>/configs/        every configs/*.json and configs/logging.conf
+    <name>/configs/        every configs/*.json and configs/logging.conf; train.json's defaults
+                           describe the released model (:func:`release_train_config`)
     <name>/models/model.pt the trained detector (unless --exclude-model)
-    <name>/docs/           bundle/docs (model card, data licences)
+    <name>/samples/        two demo images that ``run inferring`` reads by default
+    <name>/docs/           bundle/docs (model card, data licences, MONAI's metadata schema)
     <name>/LICENSE
-    <name>/large_files.yml bundle/large_files.yml with the model's URL and sha256
+    <name>/large_files.yml bundle/large_files.yml with the model's URL and sha256 (with --model-url)
+
+The archive works as unpacked, from its folder (MONAI's ``bundle_root`` ``.``)::
+
+    python -m monai.bundle run inferring --config_file configs/inference.json   # samples/ -> outputs/
+    python -m monai.bundle verify_metadata --meta_file configs/metadata.json \
+        --filepath docs/meta_schema_20240725.json                               # offline
+    python -c "import monai.bundle; print(monai.bundle.load('<name>', bundle_dir='..'))"
 
 ``name`` and ``version`` come from ``configs/metadata.json``. Before writing anything the script
-checks the metadata against the fields of MONAI's bundle schema (``meta_schema_20240725``) and
-that every path in the configs is built from ``@bundle_root`` (or is a user input such as
-``dataset_dir``), so the unpacked bundle runs wherever it is put.
+checks the metadata against the fields MONAI's bundle schema requires (the copy in
+``bundle/docs/meta_schema_20240725.json``) and that every path in the configs is built from
+``@bundle_root`` (or is a user input such as ``dataset_dir``), so the unpacked bundle runs
+wherever it is put.
 
-Example::
+Without ``--model-url`` the archive is a local release: the weights are packed and there is no
+``large_files.yml`` (nothing to download). Examples::
 
+    python scripts/build_bundle.py                                   # local release
     python scripts/build_bundle.py --model-url https://example.org/releases/v0.1.0/model.pt
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
+import io
 import json
 import os
 import re
@@ -32,28 +46,25 @@ import sys
 import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
+if TYPE_CHECKING:
+    from medad.checkpoint import ModelDescription
+
 ROOT = Path(__file__).resolve().parents[1]
 
-#: Top-level fields that MONAI's bundle schema (meta_schema_20240725.json) requires.
-REQUIRED_METADATA = (
-    "schema",
-    "version",
-    "monai_version",
-    "pytorch_version",
-    "numpy_version",
-    "required_packages_version",
-    "task",
-    "description",
-    "authors",
-    "copyright",
-    "network_data_format",
-)
+#: MONAI's bundle metadata schema, vendored so that ``verify_metadata`` runs offline (see
+#: bundle/docs/README.md): metadata.json's ``schema`` names the same file by its URL.
+SCHEMA_NAME = "meta_schema_20240725.json"
+_SCHEMA = json.loads((ROOT / "bundle" / "docs" / SCHEMA_NAME).read_text())
+#: Top-level fields that the schema requires.
+REQUIRED_METADATA = tuple(_SCHEMA["required"])
 #: Fields every tensor in ``network_data_format`` must have (same schema).
-REQUIRED_TENSOR_FIELDS = ("type", "format", "num_channels", "spatial_shape", "dtype", "value_range")
+REQUIRED_TENSOR_FIELDS = tuple(_SCHEMA["$defs"]["tensor"]["required"])
+#: The release's sample inputs (``samples/``), drawn from scripts/demo_data.py's brain MRI domain.
+SAMPLES = ("demo_brain_normal.png", "demo_brain_anomaly.png")
 #: Config keys whose values are the user's own data, not part of the bundle: they may be absolute.
 USER_INPUT_KEYS = frozenset({"dataset_dir", "seed_dir"})
 #: Folders of a bundle: a literal path starting with one of them is relative to the working
@@ -78,7 +89,7 @@ def metadata_problems(metadata: dict[str, Any]) -> list[str]:
             problems.append(f"{key!r} must be a non-empty string")
     if "required_packages_version" in metadata and not isinstance(metadata["required_packages_version"], dict):
         problems.append("'required_packages_version' must be an object")
-    if "required_packages_version" in metadata and not str(metadata.get("schema", "")).endswith("meta_schema_20240725.json"):
+    if "required_packages_version" in metadata and not str(metadata.get("schema", "")).endswith(SCHEMA_NAME):
         # Older schemas require 'optional_packages_version' instead and would reject this file.
         problems.append("'required_packages_version' needs the schema meta_schema_20240725.json")
     changelog = metadata.get("changelog")
@@ -160,36 +171,122 @@ def file_hash(path: Path, hash_type: str = HASH_TYPE) -> str:
     return digest.hexdigest()
 
 
-def check_model(path: Path) -> None:
-    """Refuse files that are not a saved :class:`medad.MVFADetector` state dict (``models/model.pt``)."""
+def check_model(path: Path) -> ModelDescription:
+    """The description of a saved :class:`medad.MVFADetector` state dict (``models/model.pt``);
+    other files are refused."""
     from medad.checkpoint import read_checkpoint, stored_description  # only here: the rest needs no torch
 
     try:
         state = read_checkpoint(path)
-        described = stored_description(state, source=str(path)) is not None
+        description = stored_description(state, source=str(path))
     except (OSError, ValueError) as error:
         raise BundleError(str(error)) from error
-    if not described:
+    if description is None:
         keys = sorted(map(str, state))[:5]
         raise BundleError(
             f"{path}: not a detector state dict as training writes to models/model.pt (found {keys}); "
             "resume_checkpoint_*.pt files hold optimiser state too and are not released"
         )
+    return description
 
 
-def large_files_config(template: Path, model: Path, url: str | None) -> str:
+def release_train_config(config: dict[str, Any], description: ModelDescription, model: Path) -> dict[str, Any]:
+    """``train.json`` as the release ships it, describing the released model.
+
+    ``monai.bundle.load`` with its defaults builds ``train.json``'s ``network_def`` and copies
+    ``models/model.pt`` into it with ``copy_model_state``, which skips every tensor whose shape
+    differs (the few-shot memory bank, the model's description): a detector built afresh would
+    silently lose them. In a release, ``train.json``'s defaults are therefore the released
+    model: its backbone and weights, input size, levels, method and target, and training starts
+    from it (``init_checkpoint``; ``--init_checkpoint None`` trains new adapters), so
+    ``network_def`` is the released detector itself. What ``network_def`` derives from the data
+    (its ``datasets``, ``image_score_from_map``) is read only where ``dataset_dir`` exists, and
+    is otherwise the released model's (:func:`_unless_no_data`): ``load`` resolves them with
+    ``train.json``'s default ``dataset_dir``, which users do not have. MONAI's ``ConfigParser``
+    applies the keys (``a#b`` ids), as ``--key value`` overrides would.
+    """
+    from monai.bundle import ConfigParser  # only here: the rest needs no torch
+
+    from medad.checkpoint import WITH_MODEL_NAME
+
+    weights, backbone = description.clip_weights, description.backbone.model_name
+    if weights is None or weights.startswith("file:") or backbone.startswith("local-dir:"):
+        raise BundleError(
+            f"{model} was made with a CLIP its users cannot get (backbone {backbone!r}, weights {weights!r}): "
+            "release a model trained with an open_clip tag (clip_weights 'openai', ...) or an hf-hub: backbone"
+        )
+    if weights == "random":
+        clip = {"clip_weights": None, "clip_random_init": True}
+    else:
+        clip = {"clip_weights": None if weights == WITH_MODEL_NAME else weights, "clip_random_init": False}
+    overrides: dict[str, Any] = {
+        "clip_model": backbone,
+        **clip,
+        "image_size": description.backbone.image_size,
+        "levels": list(description.levels),
+        "method": description.method,
+        "init_checkpoint": "$@ckpt_dir + '/model.pt'",
+        "network_def#checkpoint": "@init_checkpoint",
+        "network_def#quick_gelu": description.backbone.quick_gelu,
+        "run_settings#init_checkpoint": "$None if @init_checkpoint is None else str(@init_checkpoint)",
+    }
+    if description.target is not None:
+        overrides["target"] = description.target
+    parser = ConfigParser(copy.deepcopy(config))
+    for key, value in overrides.items():
+        parser[key] = value
+    _unless_no_data(parser, "network_def#datasets", [])
+    _unless_no_data(parser, "network_def#image_score_from_map", description.image_score_from_map)
+    return parser.get()
+
+
+def _unless_no_data(parser: Any, config_id: str, fallback: Any) -> None:
+    """Make the expression behind ``config_id`` (following ``@`` references to it) evaluate to
+    ``fallback`` where ``dataset_dir`` does not exist. The condition sits in the expression
+    itself: MONAI resolves every reference of an expression before evaluating it, so a reference
+    to an id that reads the data cannot be guarded from outside."""
+    value = parser[config_id]
+    if isinstance(value, str) and value.startswith("@"):
+        _unless_no_data(parser, value[1:], fallback)
+    elif isinstance(value, str) and value.startswith("$"):
+        parser[config_id] = f"$({value[1:]}) if os.path.exists(@dataset_dir) else {fallback!r}"
+
+
+def sample_inputs(size: int, seed: int = 0) -> dict[str, bytes]:
+    """The PNG files of :data:`SAMPLES`: a normal and an anomalous brain MRI view at ``size``
+    pixels, from scripts/demo_data.py (the same seed gives the same bytes)."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        from demo_data import domain_sampler, synthesize_anomaly  # scripts/demo_data.py, a sibling tool
+
+        sample = domain_sampler("Brain_MRI", size)
+        rng = np.random.default_rng(seed)
+        normal = sample(rng)[0]
+        image, roi = sample(rng)
+        anomalous = synthesize_anomaly(image, rng, roi, kind="lesion")[0]
+    except ImportError as error:
+        raise BundleError(
+            f"the release's sample inputs are drawn with scripts/demo_data.py, which needs {error.name}: "
+            "pip install 'medad[demo]'"
+        ) from error
+    files = {}
+    for name, image in zip(SAMPLES, (normal, anomalous)):
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        files[name] = buffer.getvalue()
+    return files
+
+
+def large_files_config(template: Path, model: Path, url: str) -> str:
     """``large_files.yml`` for the archive: the template with the model's URL and hash."""
     config = yaml.safe_load(template.read_text())
     entries = [entry for entry in config.get("large_files", []) if entry.get("path") == "models/model.pt"]
     if len(entries) != 1:
         raise BundleError(f"{template}: needs exactly one large_files entry with path 'models/model.pt'")
     entry = entries[0]
-    entry["url"] = url or entry.get("url") or ""
-    if not entry["url"]:
-        raise BundleError(
-            f"no download URL for models/model.pt: give --model-url (where this version's weights are "
-            f"published) or set it in {template}"
-        )
+    entry["url"] = url
     entry["hash_type"] = HASH_TYPE
     entry["hash_val"] = file_hash(model)
     header = "# Written by scripts/build_bundle.py: fetch with `python -m monai.bundle download_large_files`.\n"
@@ -215,10 +312,11 @@ def build(
     Args:
         root: the repository (bundle) root.
         model: the detector to release; default ``<root>/models/model.pt``.
-        model_url: where ``models/model.pt`` of this version is published (``large_files.yml``).
+        model_url: where ``models/model.pt`` of this version is published (``large_files.yml``);
+            ``None``: a local release, weights packed and no ``large_files.yml``.
         output_dir: default ``<root>/dist``.
-        include_model: pack the weights; without them, users fetch them with
-            ``download_large_files`` (the hash is still taken from ``model``).
+        include_model: pack the weights; without them (this needs ``model_url``), users fetch
+            them with ``download_large_files`` (the hash is still taken from ``model``).
 
     Raises:
         BundleError: a required file is missing or the metadata/configs are not releasable.
@@ -232,6 +330,7 @@ def build(
         configs / "inference.json",
         configs / "logging.conf",
         docs / "README.md",
+        docs / SCHEMA_NAME,
         root / "bundle" / "large_files.yml",
         root / "LICENSE",
     ]
@@ -240,22 +339,34 @@ def build(
         missing.append(f"{model} (train a model first, or give --model PATH)")
     if missing:
         raise BundleError("cannot build the bundle archive, missing:\n  " + "\n  ".join(missing))
+    if not include_model and not model_url:
+        raise BundleError("a release without its weights needs --model-url: where users download models/model.pt")
 
     metadata = json.loads((configs / "metadata.json").read_text())
     problems = [f"configs/metadata.json: {p}" for p in metadata_problems(metadata)]
+    description = check_model(model)
     config_files = sorted(configs.glob("*.json"))
+    release_configs: dict[str, Path | str] = {}
     for path in config_files:
+        config = json.loads(path.read_text())
+        if path.name == "train.json":
+            config = release_train_config(config, description, model)
+            release_configs[path.name] = json.dumps(config, indent=4) + "\n"
+        else:
+            release_configs[path.name] = path
         if path.name != "metadata.json":
-            problems += [f"configs/{path.name}: {p}" for p in config_path_problems(json.loads(path.read_text()))]
+            problems += [f"configs/{path.name}: {p}" for p in config_path_problems(config)]
     if problems:
         raise BundleError("the bundle is not releasable:\n  " + "\n  ".join(problems))
-    check_model(model)
 
     name, version = metadata["name"], metadata["version"]
-    files: list[tuple[str, Path | str]] = [(f"configs/{p.name}", p) for p in [*config_files, configs / "logging.conf"]]
+    files: list[tuple[str, Path | str | bytes]] = [(f"configs/{n}", source) for n, source in release_configs.items()]
+    files += [("configs/logging.conf", configs / "logging.conf")]
     files += [(f"docs/{p.relative_to(docs).as_posix()}", p) for p in sorted(docs.rglob("*")) if p.is_file()]
     files += [("LICENSE", root / "LICENSE")]
-    files += [("large_files.yml", large_files_config(root / "bundle" / "large_files.yml", model, model_url))]
+    files += [(f"samples/{n}", data) for n, data in sample_inputs(description.backbone.image_size).items()]
+    if model_url:
+        files += [("large_files.yml", large_files_config(root / "bundle" / "large_files.yml", model, model_url))]
     if include_model:
         files += [("models/model.pt", model)]
 
@@ -267,7 +378,7 @@ def build(
     with atomic_write(target, "wb") as handle, zipfile.ZipFile(handle, "w") as archive:
         for arcname, source in files:
             info = _zip_info(f"{name}/{arcname}")
-            if isinstance(source, str):
+            if isinstance(source, (str, bytes)):
                 archive.writestr(info, source)
             else:
                 with source.open("rb") as src, archive.open(info, "w") as dst:
@@ -278,7 +389,9 @@ def build(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, help="detector weights to release (default: models/model.pt)")
-    parser.add_argument("--model-url", help="URL where this version's models/model.pt is published (large_files.yml)")
+    parser.add_argument(
+        "--model-url", help="URL where this version's models/model.pt is published (large_files.yml); none: a local release"
+    )
     parser.add_argument("--output-dir", type=Path, help="where the archive goes (default: dist/)")
     parser.add_argument("--root", type=Path, default=ROOT, help="bundle (repository) root (default: this repository)")
     parser.add_argument(

@@ -28,7 +28,7 @@ import pytest
 import torch
 import yaml
 from monai.apps.utils import HashCheckError
-from monai.bundle import ConfigWorkflow, download, download_large_files, load
+from monai.bundle import ConfigWorkflow, download, download_large_files, load, verify_metadata
 from monai.data import load_net_with_metadata
 from PIL import Image
 
@@ -77,6 +77,7 @@ class Trained:
 class Release:
     archive: Path  # weights packed
     lite_archive: Path  # weights left to download_large_files
+    local_archive: Path  # built without --model-url: weights packed, no large_files.yml
     base_url: str
     bundle: Path  # the downloaded and unpacked full archive
 
@@ -125,10 +126,11 @@ def release(trained, served, tmp_path_factory) -> Release:
     common = ["--model", str(trained.model), "--model-url", f"{base_url}/model.pt"]
     assert build_bundle.main([*common, "--output-dir", str(folder)]) == 0
     assert build_bundle.main([*common, "--output-dir", str(folder / "lite"), "--exclude-model"]) == 0
+    assert build_bundle.main(["--model", str(trained.model), "--output-dir", str(folder / "local")]) == 0
     archive = folder / f"{NAME}_v{VERSION}.zip"
     bundle_dir = tmp_path_factory.mktemp("downloaded")
     download(name=NAME, url=f"{base_url}/{archive.name}", bundle_dir=bundle_dir, progress=False)
-    return Release(archive, folder / "lite" / archive.name, base_url, bundle_dir / NAME)
+    return Release(archive, folder / "lite" / archive.name, folder / "local" / archive.name, base_url, bundle_dir / NAME)
 
 
 # ----------------------------------------------------------------------------- metadata and configs
@@ -213,8 +215,8 @@ def test_build_reports_what_is_missing_and_leaves_nothing_behind(trained, tmp_pa
     url = ["--model-url", "http://127.0.0.1/model.pt"]
     assert build_bundle.main(["--model", str(tmp_path / "none.pt"), *url, "--output-dir", str(output)]) == 1
     assert "none.pt (train a model first" in capsys.readouterr().err
-    assert build_bundle.main(["--model", str(trained.model), "--output-dir", str(output)]) == 1
-    assert "give --model-url" in capsys.readouterr().err
+    assert build_bundle.main(["--model", str(trained.model), "--output-dir", str(output), "--exclude-model"]) == 1
+    assert "a release without its weights needs --model-url" in capsys.readouterr().err
     resume = tmp_path / "resume_checkpoint_epoch=1.pt"
     torch.save({"model": torch.load(trained.model, weights_only=True), "optimizer": {}}, resume)
     assert build_bundle.main(["--model", str(resume), *url, "--output-dir", str(output)]) == 1
@@ -229,6 +231,7 @@ def test_archive_has_the_model_zoo_layout(release, trained):
     assert {name.split("/")[0] for name in names} == {NAME}, "one top folder named after the bundle"
     expected = {f"configs/{p.name}" for p in CONFIGS.glob("*.json")} | {
         "configs/logging.conf", "models/model.pt", "docs/README.md", "docs/data_license.txt", "LICENSE", "large_files.yml",
+        f"docs/{build_bundle.SCHEMA_NAME}", *(f"samples/{sample}" for sample in build_bundle.SAMPLES),
     }
     assert {name.removeprefix(f"{NAME}/") for name in names} == expected
     assert large_files["large_files"] == [
@@ -240,6 +243,16 @@ def test_archive_has_the_model_zoo_layout(release, trained):
     with zipfile.ZipFile(release.lite_archive) as archive:
         assert f"{NAME}/models/model.pt" not in archive.namelist()
         assert f"{NAME}/large_files.yml" in archive.namelist()
+    with zipfile.ZipFile(release.local_archive) as archive:
+        assert {name.removeprefix(f"{NAME}/") for name in archive.namelist()} == expected - {"large_files.yml"}
+        released_train = json.loads(archive.read(f"{NAME}/configs/train.json"))
+    # The release's train.json describes the released model, which its network_def starts from.
+    assert {key: released_train[key] for key in ("clip_model", "clip_random_init", "image_size", "levels", "target")} == {
+        "clip_model": TINY["clip_model"], "clip_random_init": True, "image_size": IMAGE_SIZE, "levels": TINY["levels"],
+        "target": "Brain",
+    }
+    assert released_train["network_def"]["checkpoint"] == "@init_checkpoint"
+    assert released_train["init_checkpoint"] == "$@ckpt_dir + '/model.pt'"
 
 
 def test_download_load_and_infer_from_the_released_archive(release, trained, tmp_path, monkeypatch):
@@ -248,16 +261,18 @@ def test_download_load_and_infer_from_the_released_archive(release, trained, tmp
     assert (bundle / "configs" / "metadata.json").is_file()
     assert sha256(bundle / "models" / "model.pt") == sha256(trained.model)
 
-    # MONAI's own loader with no medad-specific argument: the inference config builds the network
-    # from models/model.pt (its architecture, memory and the backbone it records), load() copies
-    # the same tensors into it, and it comes back in eval mode.
-    network = load(name=NAME, bundle_dir=bundle.parent, workflow_type="inference", device="cpu")
-    assert isinstance(network, medad.MVFADetector) and network.has_memory and network.target == "Brain"
-    assert not network.training
-    with torch.no_grad():
-        maps = network(trained.images)
-    assert maps.shape == (3, 1, IMAGE_SIZE, IMAGE_SIZE)
-    torch.testing.assert_close(maps, trained.maps, rtol=0, atol=1e-5)
+    # MONAI's own loader with its defaults (train.json's network_def, which in a release starts
+    # from models/model.pt) and with the inference config (the network built from models/model.pt:
+    # its architecture, memory and the backbone it records): load() copies the same tensors into
+    # it, and it comes back in eval mode, the released detector whole.
+    for network in (load(name=NAME, bundle_dir=bundle.parent), load(name=NAME, bundle_dir=bundle.parent,
+                                                                     workflow_type="inference", device="cpu")):
+        assert isinstance(network, medad.MVFADetector) and network.has_memory and network.target == "Brain"
+        assert not network.training
+        with torch.no_grad():
+            maps = network.cpu()(trained.images)
+        assert maps.shape == (3, 1, IMAGE_SIZE, IMAGE_SIZE)
+        torch.testing.assert_close(maps, trained.maps, rtol=0, atol=1e-5)
 
     samples = tmp_path / "samples"
     samples.mkdir()
@@ -271,6 +286,28 @@ def test_download_load_and_infer_from_the_released_archive(release, trained, tmp
     assert nib.load(bundle / "outputs" / "a_anomaly_map.nii.gz").shape[:2] == (150, 130)  # as LoadImage reads a.png
     assert (bundle / "outputs" / "b_anomaly_map.nii.gz").is_file()
     assert len((bundle / "outputs" / "scores.csv").read_text().splitlines()) == 3
+
+
+def test_local_release_infers_on_its_samples_and_verifies_its_metadata_offline(release, tmp_path):
+    with zipfile.ZipFile(release.local_archive) as archive:
+        archive.extractall(tmp_path)
+    bundle = tmp_path / NAME
+    # Nothing but the config: inputs from the shipped samples/, every other setting the release's.
+    finish(start_monai("run", "inferring", "--config_file", "configs/inference.json", cwd=bundle))
+    rows = (bundle / "outputs" / "scores.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(build_bundle.SAMPLES)
+    for sample in build_bundle.SAMPLES:
+        assert (bundle / "outputs" / sample.replace(".png", "_anomaly_map.nii.gz")).is_file()
+
+    # MONAI reads the shipped copy of the schema that metadata.json names instead of downloading it.
+    pytest.importorskip("jsonschema", reason="MONAI's verify_metadata needs jsonschema (the test extra)")
+    schema = bundle / "docs" / build_bundle.SCHEMA_NAME
+    assert schema.read_bytes() == (ROOT / "bundle" / "docs" / build_bundle.SCHEMA_NAME).read_bytes()
+    verify_metadata(meta_file=str(bundle / "configs" / "metadata.json"), filepath=str(schema))
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({k: v for k, v in METADATA.items() if k != "authors"}))
+    with pytest.raises(ValueError, match="authors"):
+        verify_metadata(meta_file=str(broken), filepath=str(schema))
 
 
 def test_download_large_files_fetches_the_weights_and_checks_their_hash(release, trained, tmp_path):
