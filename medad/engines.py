@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.engines.utils import IterationEvents
-from monai.utils import convert_to_dst_type
+from monai.utils import convert_to_dst_type, ensure_tuple
 from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
@@ -95,19 +95,16 @@ class MVFATrainer(SupervisedTrainer):
         kwargs: ``SupervisedTrainer``'s arguments.
     """
 
-    def __init__(self, *args: Any, cache_trunk: bool = False, fewshot_memory: Any = None, **kwargs: Any) -> None:
-        self.fewshot_memory, self._memory_attached = fewshot_memory, False  # see _register_handlers
-        super().__init__(*args, **kwargs)
-        if fewshot_memory is not None and not self._memory_attached:  # no handler list at all
-            fewshot_memory.attach(self)
+    def __init__(
+        self, *args: Any, cache_trunk: bool = False, fewshot_memory: Any = None, train_handlers: Any = None, **kwargs: Any
+    ) -> None:
+        self.fewshot_memory = fewshot_memory
+        if fewshot_memory is not None:
+            # first of the handlers MONAI attaches in list order (see fewshot_memory)
+            train_handlers = [fewshot_memory, *(() if train_handlers is None else ensure_tuple(train_handlers))]
+        super().__init__(*args, train_handlers=train_handlers, **kwargs)
         self.cache_trunk = cache_trunk
         self._trunk_cache: dict[int, torch.Tensor] = {}
-
-    def _register_handlers(self, handlers: Any) -> None:
-        if self.fewshot_memory is not None:
-            self.fewshot_memory.attach(self)  # first: see fewshot_memory
-            self._memory_attached = True
-        super()._register_handlers(handlers)
 
     def _trunk(self, encoder: nn.Module, images: torch.Tensor, batchdata: Mapping[str, Any]) -> torch.Tensor:
         if not self.cache_trunk:
