@@ -514,8 +514,10 @@ def mlflow_runs(engine: Engine) -> list[tuple[Any, str]]:
     """``(client, run_id)`` of every active MONAI ``MLFlowHandler`` attached to ``engine``, and of
     MLflow's active fluent run if any."""
     runs = []
-    # MONAI's MLFlowHandler logs through its own client, not MLflow's active run, and ignite has
-    # no public list of attached handlers: its registry is read here, and nowhere else.
+    # private: MONAI's MLFlowHandler logs through its own client, not MLflow's active run, and the
+    # bundle's tracking settings create and attach it, so medad holds no reference to it; ignite's
+    # public has_event_handler(handler) needs that reference and it has no public list of attached
+    # handlers: its registry (Engine._event_handlers) is read here, and nowhere else.
     for handlers in engine._event_handlers.values():
         for handler, *_ in handlers:
             owner = getattr(handler, "__self__", None)
