@@ -2,7 +2,8 @@
 
 from medad.augment import augment_fewshot
 from medad.backbone import TINY_MODEL_NAME, BackboneSpec, MissingWeightsError, create_clip
-from medad.checkpoint import ModelDescription, Thresholds, describe
+from medad.checkpoint import ModelDescription, describe
+from medad.decision import Thresholds
 from medad.detector import METHODS, AnomalyScores, MVFADetector, RawScores, build_detector, load_detector
 from medad.losses import AlignmentLoss, MVFALosses, focal_loss
 from medad.network import AdaptedVisualTower, AdapterTokens, BackboneTokens, ResidualAdapter

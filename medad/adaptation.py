@@ -6,9 +6,10 @@ every support image (augmented x11 as MVFA does, unless ``augment=False``); each
 scored against that memory **without the tokens of its own group** (its study: the slices of one
 volume, or one image with its augmented copies). Those held-out raw scores give the calibration
 ranges, and their final scores the thresholds: the image threshold is the highest held-out image
-score, the pixel threshold the highest held-out map value (rule ``normal_heldout_max``). A new
-normal image of the same kind then exceeds them with probability about 1 / (groups + 1): the
-false-positive rate on normal images that the thresholds aim at. Used by the MONAI Label app.
+score, the pixel threshold the highest held-out map value (rule ``normal_heldout_max``,
+:data:`medad.decision.HELD_OUT_RULE`). A new normal image of the same kind then exceeds them with
+probability about 1 / (groups + 1): the false-positive rate on normal images that the thresholds
+aim at. Used by the MONAI Label app.
 """
 
 from __future__ import annotations
@@ -18,13 +19,10 @@ from collections.abc import Sequence
 import torch
 
 from medad.augment import FEWSHOT_AUGMENTATIONS, augment_fewshot
-from medad.checkpoint import Thresholds
+from medad.decision import HELD_OUT_RULE, Thresholds
 from medad.detector import MVFADetector, RawScores
 
-__all__ = ["HELD_OUT_RULE", "adapt_to_normal_images"]
-
-#: The rule name stored with thresholds chosen by :func:`adapt_to_normal_images`.
-HELD_OUT_RULE = "normal_heldout_max"
+__all__ = ["HELD_OUT_RULE", "adapt_to_normal_images"]  # HELD_OUT_RULE: defined in medad.decision
 
 
 @torch.no_grad()

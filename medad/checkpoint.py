@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from medad.backbone import BackboneSpec, weights_come_with_name
+from medad.decision import NO_RULE, SUPPORT_F1_RULE, Thresholds
 from medad.io import atomic_write
 
 __all__ = [
@@ -64,40 +65,6 @@ _ADAPTER_KEYS = {"seg_adapters", "det_adapters"}
 
 class CheckpointError(ValueError):
     """A model file that cannot be used; the message names the file and what it is not."""
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """Decision thresholds of a trained model and the rule that chose each.
-
-    ``image``: an image (or volume) is abnormal when its score is at least this; ``pixel``: a
-    pixel is labelled anomalous when its map value is at least this. ``None`` where the model
-    has no threshold of its own (see :func:`medad.decision.effective_thresholds`).
-    ``reference_scores``: the sorted scores of the normal images a site calibrated on, from
-    which every surface reports each score's conformal p-value (:mod:`medad.decision`);
-    ``provenance``: how a site threshold was chosen (rule parameters, data, counts, date).
-    """
-
-    image: float | None = None
-    pixel: float | None = None
-    image_rule: str = "none"
-    pixel_rule: str = "none"
-    reference_scores: tuple[float, ...] = ()
-    provenance: Mapping[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "reference_scores", tuple(sorted(float(value) for value in self.reference_scores)))
-        object.__setattr__(self, "provenance", dict(self.provenance))
-
-    def summary(self) -> dict[str, Any]:
-        """The thresholds, their rules and provenance as plain values, with the number of reference
-        scores in place of the scores themselves (for metrics files, logs and reports)."""
-        summary = {"image": self.image, "pixel": self.pixel, "image_rule": self.image_rule, "pixel_rule": self.pixel_rule}
-        if self.reference_scores:
-            summary["reference_scores"] = len(self.reference_scores)
-        if self.provenance:
-            summary["provenance"] = dict(self.provenance)
-        return summary
 
 
 @dataclass(frozen=True)
@@ -157,7 +124,7 @@ class ModelDescription:
             thresholds = state.get("thresholds")
             if version == 1:  # one image threshold, chosen as the F1-best on the support set
                 image = state.get("threshold")
-                thresholds = Thresholds(image, None, "support_f1" if image is not None else "none", "none")
+                thresholds = Thresholds(image, None, SUPPORT_F1_RULE if image is not None else NO_RULE, NO_RULE)
             else:
                 thresholds = Thresholds(**thresholds)
             return cls(

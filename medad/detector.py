@@ -34,7 +34,6 @@ from medad.checkpoint import (
     WITH_MODEL_NAME,
     CheckpointError,
     ModelDescription,
-    Thresholds,
     checkpoint_kind,
     describe,
     description_tensor,
@@ -42,7 +41,7 @@ from medad.checkpoint import (
     stored_description,
     weights_record,
 )
-from medad.decision import effective_thresholds, f1_best_threshold, map_scale, pixel_f1_threshold
+from medad.decision import Thresholds, effective_thresholds, map_scale, support_thresholds
 from medad.network import AdaptedVisualTower, AdapterTokens, BackboneTokens, FrozenTower
 from medad.prompts import encode_text_features
 from medad.scoring import FusionRange, coreset_indices, few_shot_maps, fuse, zero_shot_maps, zero_shot_scores
@@ -296,26 +295,20 @@ class MVFADetector(nn.Module):
     ) -> None:
         """Store the min-max ranges of the raw scores of ``images`` (the support set), so that
         single images are fused without the rest of a test set, and the decision thresholds
-        of :mod:`medad.decision` against the current memory: with ``labels`` (1 abnormal) of
-        both classes the image threshold of highest F1 over the support set's final scores,
-        and with ``masks`` ``(N, 1, S, S)`` (zeros for normal images) the pixel threshold of
-        highest pixel F1 over the ``annotated`` ones (bool ``(N,)``, default all; abnormal images
-        without a mask are not); without them, thresholds the rule leaves to its defaults."""
+        the support set decides against the current memory (:func:`medad.decision.support_thresholds`):
+        with ``labels`` (1 abnormal) of both classes the image threshold of highest F1 over the
+        support set's final scores, and with ``masks`` ``(N, 1, S, S)`` (zeros for normal images)
+        the pixel threshold of highest pixel F1 over the ``annotated`` ones (bool ``(N,)``, default
+        all; abnormal images without a mask are not); without them, thresholds the rule leaves to
+        its defaults."""
         device = self.text_features.device
         parts = [self.raw_scores(batch.to(device)) for batch in images.split(batch_size)]
         raw = RawScores.concat(parts)
         self.set_calibration(raw)
         final = self.finalize(raw)
-        image = None if labels is None else f1_best_threshold(final.score, labels)
-        pixel, pixel_rule = None, "none"
-        if masks is not None and image is not None:
-            keep = torch.ones(len(masks), dtype=torch.bool) if annotated is None else annotated.bool().cpu()
-            maps, masks = final.anomaly_map.float().cpu()[keep], masks.reshape(final.anomaly_map.shape).bool().cpu()[keep]
-            pixel = pixel_f1_threshold(maps, masks) if len(maps) else None
-            pixel_rule = "support_pixel_f1" if pixel is not None else "none"
-        if pixel is None and image is not None and self.image_score_from_map:
-            pixel, pixel_rule = image, "image_threshold"
-        self.thresholds = Thresholds(image, pixel, "support_f1" if image is not None else "none", pixel_rule)
+        self.thresholds = support_thresholds(
+            final.score, final.anomaly_map, labels, masks, annotated, image_score_from_map=self.image_score_from_map
+        )
 
     def set_calibration(self, raw: RawScores) -> None:
         """Store the min-max ranges of the raw scores of a reference set (the support set)."""

@@ -24,7 +24,7 @@ from monai.handlers import CheckpointLoader, CheckpointSaver, MLFlowHandler, Sta
 from monai.utils.enums import CommonKeys as Keys
 
 from medad.checkpoint import CheckpointError, read_checkpoint, save_model
-from medad.decision import conformal_p_values, decision_rates
+from medad.decision import GIVEN_RULE, conformal_p_values, decision_rates
 from medad.detector import MVFADetector, unwrap
 from medad.io import atomic_write, strict_json
 from medad.metrics import AnomalyEvaluation
@@ -175,7 +175,7 @@ class ScoresWriter:
         elif self.threshold == "model":
             self._decision = (model.image, model.image_rule)
         else:
-            self._decision = (float(self.threshold), "given")
+            self._decision = (float(self.threshold), GIVEN_RULE)
 
     def collect(self, engine: Engine) -> None:
         output = engine.state.output

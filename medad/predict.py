@@ -18,8 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from medad.checkpoint import Thresholds
-from medad.decision import conformal_p_values
+from medad.decision import GIVEN_RULE, Thresholds, conformal_p_values
 from medad.detector import MVFADetector
 from medad.transforms import MapToInputGridd, input_slice_indices, mvfa_preprocessing
 from medad.volumes import DEFAULT_SLICE_BATCH, input_kind, predict_images, score_volumes
@@ -149,8 +148,8 @@ def predict_input(
     thresholds = Thresholds(
         effective.image if image_threshold is None else float(image_threshold),
         effective.pixel if pixel_threshold is None else float(pixel_threshold),
-        effective.image_rule if image_threshold is None else "given",
-        effective.pixel_rule if pixel_threshold is None else "given",
+        effective.image_rule if image_threshold is None else GIVEN_RULE,
+        effective.pixel_rule if pixel_threshold is None else GIVEN_RULE,
         effective.reference_scores,
         effective.provenance,
     )

@@ -41,7 +41,7 @@ from PIL import Image
 from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from medad.decision import decision_rates, f1_best_threshold
+from medad.decision import HELD_OUT_RULE, decision_rates, f1_best_threshold
 from medad.detector import MVFADetector, unwrap
 from medad.handlers import gather_rows, is_saving_rank, mlflow_runs
 from medad.io import atomic_write, strict_json
@@ -452,7 +452,7 @@ class EvaluationReport:
         description = detector.description
         shots = self.settings.get("shot")
         mode = "few-shot" if detector.has_memory else "zero-shot"
-        if detector.effective_thresholds().pixel_rule == "normal_heldout_max":  # a site threshold keeps the pixel rule
+        if detector.effective_thresholds().pixel_rule == HELD_OUT_RULE:  # a site threshold keeps the pixel rule
             mode = "few-shot, normal-only adaptation"
         model = {
             "mode": mode,

@@ -22,11 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from medad.checkpoint import Thresholds, save_model
+from medad.checkpoint import save_model
 from medad.data import calibration_items, fitted_records
 from medad.decision import (
     CONFORMAL_RULE,
-    SENSITIVITY_RULE,
+    SITE_RULES,
+    Thresholds,
     conformal_threshold,
     decision_rates,
     sensitivity_threshold,
@@ -37,9 +38,6 @@ from medad.predict import predict_input
 __all__ = ["SITE_RULES", "SiteThresholdRun", "set_site_threshold"]
 
 logger = logging.getLogger(__name__)
-
-#: The rules a site threshold is chosen by (:mod:`medad.decision`).
-SITE_RULES = (CONFORMAL_RULE, SENSITIVITY_RULE)
 
 
 def set_site_threshold(

@@ -23,16 +23,15 @@ import signal
 import sys
 import tempfile
 import traceback
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
-from medad.backbone import MVFA_MODEL_NAME, MissingWeightsError, default_image_size
-from medad.checkpoint import Thresholds
+from medad.backbone import MVFA_MODEL_NAME, MissingWeightsError, default_image_size, weights_come_with_name
 from medad.checks import check_items
-from medad.decision import effective_thresholds, map_scale
+from medad.decision import Thresholds, effective_thresholds, map_scale
 from medad.detector import MVFADetector, load_detector, unwrap
 from medad.network import default_levels
 from medad.handlers import check_resumable
@@ -40,23 +39,34 @@ from medad.io import RunLock, discard_unfinished, disk_full, exception_chain
 from medad.volumes import list_inputs
 
 __all__ = [
+    "CheckedData",
     "MissingModel",
     "RunError",
     "bundle_command",
     "check_choice",
     "check_command_line",
+    "check_settings",
     "checked_items",
+    "default_clip_weights",
+    "default_device",
+    "device_ids",
     "error_summary",
+    "fewshot_seed_file",
+    "init_distributed",
+    "inference_threshold",
     "inputs",
     "lock_output",
     "lock_run",
+    "map_range",
     "model_detector",
     "placed_network",
+    "report_settings",
     "resumable",
     "run_engine",
     "summarise_failure",
     "tracking_store",
     "unknown_keys",
+    "validation_interval",
 ]
 
 logger = logging.getLogger(__name__)
@@ -152,6 +162,77 @@ def model_detector(
 checked_items = _ending_on_input_errors(check_items)
 #: :func:`medad.volumes.list_inputs`, ending the run when no usable input is found.
 inputs = _ending_on_input_errors(list_inputs)
+
+
+class CheckedData(Sequence):
+    """A data list that the run checks when it starts (:func:`checked_items`), the ``data`` of a
+    config's ``Dataset``: training's sources, evaluation's test split, inference's inputs.
+
+    Building it (while the configs resolve) reads and writes nothing. :meth:`check`, a step of
+    the workflow's ``initialize`` list, checks every item and writes ``report_name`` into
+    ``report_dir`` where problems are found (with ``on_bad_data`` ``"raise"`` the run then
+    ends, listing them; with ``"skip"`` the bad items are left out). Read before :meth:`check`
+    (a caller that resolves the configs without initialising the workflow), it checks the items
+    the same way without writing the report.
+
+    Args:
+        items: data list items (``image``, optionally ``mask``, ``label``, ...).
+        images: instead of ``items``, image paths (inference's inputs): items ``{"image": path}``.
+        on_bad_data: ``"raise"`` or ``"skip"`` (:func:`medad.checks.check_items`' ``on_error``).
+        report_dir, report_name: where the report of the problems found is written.
+        remedy: what the error message tells the user to do (``check_items``' default if ``None``).
+        volumes: accept volumes (NIfTI, DICOM), as inference does.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[dict] | None = None,
+        images: Sequence[str | os.PathLike] | None = None,
+        on_bad_data: str = "raise",
+        report_dir: str | os.PathLike | None = None,
+        report_name: str = "data_problems.csv",
+        remedy: str | None = None,
+        volumes: bool = False,
+    ) -> None:
+        if (items is None) == (images is None):
+            raise ValueError("CheckedData takes items or images, not both")
+        self.items = list(items) if items is not None else [{"image": str(path)} for path in images]
+        self.on_bad_data, self.report_dir, self.report_name = on_bad_data, report_dir, report_name
+        self.remedy, self.volumes = remedy, bool(volumes)
+        self._kept: list[dict] | None = None
+        self._reported = False
+
+    def _checked(self, report_dir: str | os.PathLike | None) -> list[dict]:
+        remedy = {} if self.remedy is None else {"remedy": self.remedy}
+        return checked_items(self.items, on_error=self.on_bad_data, report_dir=report_dir,
+                             report_name=self.report_name, volumes=self.volumes, **remedy)
+
+    def check(self) -> CheckedData:
+        """Check the items now, writing the report where problems are found (once per object)."""
+        if not self._reported:
+            self._kept = self._checked(self.report_dir)
+            self._reported = True
+        return self
+
+    @property
+    def kept(self) -> list[dict]:
+        """The items that passed the checks (all of them with ``on_bad_data`` ``"raise"``)."""
+        if self._kept is None:
+            self._kept = self._checked(None)
+        return self._kept
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    def __getitem__(self, index):
+        return self.kept[index]
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self.kept)
+
+    def __repr__(self) -> str:
+        state = "checked" if self._reported else "not checked yet"
+        return f"CheckedData({len(self.items)} items, {state})"
 #: :func:`medad.handlers.check_resumable`, ending the run before it resumes with other settings.
 resumable = _ending_on_input_errors(check_resumable)
 
@@ -383,6 +464,83 @@ def check_choice(name: str, value: Any, choices: Sequence[Any], hint: str = "") 
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}" + (f": {hint}" if hint else ""))
     return value
+
+
+@_ending_on_input_errors
+def check_settings(
+    model_selection: str, model_selection_modes: Sequence[str], fusion: str, on_bad_data: str, hint: str = ""
+) -> None:
+    """The ``settings_check`` of training and evaluation: :func:`check_choice` of
+    ``model_selection`` (among ``model_selection_modes``, with ``hint`` when it is not), ``fusion``
+    and ``on_bad_data``."""
+    check_choice("model_selection", model_selection, model_selection_modes, hint)
+    check_choice("fusion", fusion, ["set", "calibrated"])
+    check_choice("on_bad_data", on_bad_data, ["raise", "skip"])
+
+
+def default_device(distributed: bool = False) -> torch.device:
+    """The ``device`` of the workflows: ``cuda:0`` where CUDA is available (``distributed``: the
+    process's ``cuda:<LOCAL_RANK>``, as ``torchrun`` sets it), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda:" + os.environ["LOCAL_RANK"] if distributed else "cuda:0")
+
+
+def device_ids(device: torch.device) -> list[torch.device] | None:
+    """``DistributedDataParallel``'s ``device_ids`` for a network on ``device``: ``[device]`` on a
+    GPU, ``None`` on the CPU."""
+    return [device] if device.type == "cuda" else None
+
+
+def init_distributed(device: torch.device, backend: str | None = None) -> None:
+    """The multi-GPU overlays' start step: join the ``torch.distributed`` process group (unless
+    this process has joined it already) with ``backend`` (``None``: NCCL where CUDA is
+    available, else gloo), and make ``device`` the process's CUDA device when it is one."""
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend=backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
+def default_clip_weights(clip_model: str) -> str | None:
+    """Training's default ``clip_weights``: none for backbones whose name brings their weights
+    (``hf-hub:``, ``local-dir:``), else ``"openai"``."""
+    return None if weights_come_with_name(clip_model) else "openai"
+
+
+def validation_interval(data_loader: Sized) -> int:
+    """Training's ``val_interval`` (iterations between validations, with paper_selection.json):
+    five validations per epoch, at least one iteration apart."""
+    return max(1, len(data_loader) // 5)
+
+
+def fewshot_seed_file(seed_dir: str | os.PathLike | None, target: str, shot: int) -> str | None:
+    """MVFA's seed file of ``target`` at ``shot`` shots under ``seed_dir``
+    (``<seed_dir>/<target>/<shot>-shot.txt``), or ``None`` without a ``seed_dir``."""
+    return None if seed_dir is None else os.path.join(seed_dir, target, str(shot) + "-shot.txt")
+
+
+def report_settings(dataset_dir: str | os.PathLike, fitted: Sequence[Mapping[str, Any]] = (), **settings: Any) -> dict[str, Any]:
+    """The settings an evaluation report lists: ``dataset_dir`` (as text), ``settings`` in their
+    order, and the images the model was fitted on (``role: name`` of each ``fitted`` record,
+    left out of the evaluation)."""
+    return {
+        "dataset_dir": str(dataset_dir),
+        **settings,
+        "fitted on (left out of this evaluation)": [record["role"] + ": " + record["name"] for record in fitted],
+    }
+
+
+def inference_threshold(detector: Any, threshold: float | str = "model") -> float:
+    """Inference's image threshold: the model's (:meth:`medad.MVFADetector.effective_thresholds`)
+    for ``"model"``, else ``threshold`` as given."""
+    return detector.effective_thresholds().image if threshold == "model" else threshold
+
+
+def map_range(detector: Any, overlay_range: Sequence[float] | None = None) -> Sequence[float]:
+    """The value range of inference's overlays: ``overlay_range`` where given, else the model's
+    map scale (:meth:`medad.MVFADetector.map_scale`)."""
+    return overlay_range if overlay_range is not None else detector.map_scale()
 
 
 @_ending_on_input_errors
