@@ -60,7 +60,7 @@ class MVFATrainer(SupervisedTrainer):
     """``SupervisedTrainer`` running MVFA's training step.
 
     Batches are dictionaries with ``image`` (B, 3, S, S), ``mask`` (B, 1, S, S), ``label`` (B,),
-    ``dataset`` (names) and ``has_mask`` (B,). The network is an :class:`MVFADetector`, the
+    ``dataset`` (names) and ``has_mask`` (B,). The network is an :class:`medad.MVFADetector`, the
     loss an :class:`medad.AlignmentLoss` and the optimiser built on
     :func:`adapter_parameter_groups`.
 
@@ -160,10 +160,10 @@ class MVFATrainer(SupervisedTrainer):
 def _adapting(network: nn.Module) -> Iterator[nn.Module]:
     """``network`` (a detector, or its DDP wrapper) made to run the adapted blocks when called.
 
-    Training runs :meth:`medad.network.MVFA.adapt` on the frozen trunk's (possibly cached)
-    output, not the detector's forward (images to maps). DDP only reduces the gradients of
-    outputs of its own forward, which calls the wrapped module; so the detector's ``forward`` is
-    that step while the block runs.
+    Training runs :meth:`medad.network.AdaptedVisualTower.adapt` on the frozen trunk's
+    (possibly cached) output, not the detector's forward (images to maps). DDP only reduces the
+    gradients of outputs of its own forward, which calls the wrapped module; so the detector's
+    ``forward`` is that step while the block runs.
     """
     detector = unwrap(network)
     detector.forward = detector.encoder.adapt
