@@ -128,7 +128,12 @@ class Thresholds:
 
     def summary(self) -> dict[str, Any]:
         """The thresholds, their rules and provenance as plain values, with the number of reference
-        scores in place of the scores themselves (for metrics files, logs and reports)."""
+        scores in place of the scores themselves (for metrics files, logs and reports).
+
+        Example:
+            >>> Thresholds(0.7, 0.6, SUPPORT_F1_RULE, IMAGE_THRESHOLD_RULE, (0.2, 0.1)).summary()
+            {'image': 0.7, 'pixel': 0.6, 'image_rule': 'support_f1', 'pixel_rule': 'image_threshold', 'reference_scores': 2}
+        """
         summary = {"image": self.image, "pixel": self.pixel, "image_rule": self.image_rule, "pixel_rule": self.pixel_rule}
         if self.reference_scores:
             summary["reference_scores"] = len(self.reference_scores)
@@ -249,8 +254,9 @@ def conformal_p_values(scores: Sequence[float] | np.ndarray, reference: Sequence
     """Split-conformal p-values ``(1 + #{r >= s}) / (n + 1)`` of ``scores`` against the ``n``
     reference (normal calibration) scores; float64, same shape as ``scores``.
 
-    >>> conformal_p_values([0.1, 0.5, 0.95], [0.2, 0.4, 0.6, 0.8]).tolist()
-    [1.0, 0.6, 0.2]
+    Example:
+        >>> conformal_p_values([0.1, 0.5, 0.95], [0.2, 0.4, 0.6, 0.8]).tolist()
+        [1.0, 0.6, 0.2]
     """
     reference = np.sort(np.asarray(reference, dtype=np.float64).reshape(-1))
     if reference.size == 0:
@@ -267,8 +273,9 @@ def conformal_threshold(normal_scores: Sequence[float] | np.ndarray, target_fpr:
 
     Raises ``ValueError`` when ``n < 1 / target_fpr - 1``: no score could then be flagged.
 
-    >>> conformal_threshold([0.2, 0.4, 0.6, 0.8], 0.4) > 0.6
-    True
+    Example (just above 0.6: a score above it has the p-value (1 + 1) / 5 = 0.4, a score of 0.6 has 0.6):
+        >>> conformal_threshold([0.2, 0.4, 0.6, 0.8], 0.4)
+        0.6000000000000001
     """
     if not 0 < target_fpr < 1:
         raise ValueError(f"target_fpr must be between 0 and 1, got {target_fpr}")
@@ -287,8 +294,9 @@ def sensitivity_threshold(abnormal_scores: Sequence[float] | np.ndarray, target_
     """The highest threshold ``t`` with at least ``target_sensitivity`` of the abnormal scores
     ``>= t``: the ``ceil(target n)``-th highest abnormal score.
 
-    >>> sensitivity_threshold([0.9, 0.3, 0.7, 0.5], 0.75)
-    0.5
+    Example:
+        >>> sensitivity_threshold([0.9, 0.3, 0.7, 0.5], 0.75)
+        0.5
     """
     if not 0 < target_sensitivity <= 1:
         raise ValueError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
@@ -303,8 +311,10 @@ def decision_rates(scores: Sequence[float] | np.ndarray, labels: Sequence[int] |
     """Sensitivity and specificity of ``score >= threshold`` with exact (Clopper-Pearson)
     ``confidence`` intervals; ``None`` for a class without images.
 
-    >>> decision_rates([0.9, 0.2, 0.6, 0.1], [1, 0, 1, 0], 0.5)["sensitivity"]
-    1.0
+    Example:
+        >>> rates = decision_rates([0.9, 0.2, 0.6, 0.1], [1, 0, 1, 0], 0.5)
+        >>> rates["sensitivity"], rates["sensitivity_count"], rates["sensitivity_of"]
+        (1.0, 2, 2)
     """
     from scipy.stats import binomtest
 

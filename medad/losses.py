@@ -22,6 +22,11 @@ def focal_loss(probabilities: torch.Tensor, mask: torch.Tensor, gamma: float = 2
     with a clamped one-hot target and ``smooth`` added to ``pt``, which MONAI's FocalLoss
     does not reproduce: ``q = clamp(one_hot(m), smooth, 1 - smooth)``,
     ``pt = sum_c q_c p_c + smooth``, loss = mean over pixels of ``-(1 - pt)^gamma * log(pt)``.
+
+    Example (two one-pixel maps, both anomalous):
+        >>> probabilities = torch.tensor([[[[0.5]], [[0.5]]], [[[0.1]], [[0.9]]]])  # (2, 2, 1, 1)
+        >>> focal_loss(probabilities, torch.ones(2, 1, 1, 1))
+        tensor([0.1733, 0.0011])
     """
     target = torch.cat([1 - mask, mask], dim=1).clamp(smooth, 1 - smooth)
     pt = (target * probabilities).sum(dim=1) + smooth
@@ -40,6 +45,12 @@ class AlignmentLoss(nn.Module):
     the mean abnormal probability (det adapters), summed over levels.
 
     As in MVFA, the mean probability itself is passed to BCE as the logit.
+
+    Example (one level, one abnormal image of 2x2 patches whose mask is its bottom row):
+        >>> tokens = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0], [0.0, 1.0]]])  # class, patches
+        >>> masks = torch.tensor([[[[0.0, 0.0], [1.0, 1.0]]]])
+        >>> AlignmentLoss()([tokens], [tokens], torch.eye(2), masks, torch.tensor([1]))
+        MVFALosses(seg=tensor([0.2866]), det=tensor([0.4741]))
     """
 
     def __init__(self) -> None:

@@ -42,7 +42,13 @@ def float32_region(device: torch.device) -> AbstractContextManager:
     float32 tensors stays float32 whatever autocast encloses it (training's ``amp``, a caller's
     own): the adapters, their tokens and the scores. Nothing is entered where no autocast is
     on (plain float32 runs, tracing and export see no autocast region) or the device type has
-    none."""
+    none.
+
+    Example:
+        >>> with torch.autocast("cpu", dtype=torch.bfloat16), float32_region(torch.device("cpu")):
+        ...     (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
+        torch.float32
+    """
     if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
     return nullcontext()
@@ -71,6 +77,15 @@ def text_logits(tokens: torch.Tensor, text_features: torch.Tensor) -> torch.Tens
 
     ``text_features`` is ``(E, 2)`` for the whole batch or ``(B, E, 2)`` per sample. Float32,
     whatever the autocast (:func:`float32_region`).
+
+    Example:
+        >>> tokens = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0], [0.0, 1.0]]])  # class, 2x2 patches
+        >>> text_features = torch.eye(2)  # (E, 2): normal along the first axis, abnormal the second
+        >>> text_logits(tokens, text_features).round(decimals=4)
+        tensor([[[100.0000,   0.0000],
+                 [ 70.7107,  70.7107],
+                 [ 70.7107,  70.7107],
+                 [  0.0000, 100.0000]]])
     """
     with float32_region(tokens.device):
         patches = F.normalize(_patches(tokens).float(), dim=-1)
@@ -82,25 +97,55 @@ def text_logits(tokens: torch.Tensor, text_features: torch.Tensor) -> torch.Tens
 
 def segmentation_probabilities(tokens: torch.Tensor, text_features: torch.Tensor, size: int) -> torch.Tensor:
     """One level's 2-channel map ``(B, 2, S, S)``: logits upsampled, then softmax over channels
-    (float32, whatever the autocast)."""
+    (float32, whatever the autocast).
+
+    Example (the abnormal channel):
+        >>> tokens = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0], [0.0, 1.0]]])  # class, 2x2 patches
+        >>> text_features = torch.eye(2)  # (E, 2): normal along the first axis, abnormal the second
+        >>> segmentation_probabilities(tokens, text_features, 2)[:, 1].round(decimals=4)
+        tensor([[[0.0000, 0.5000],
+                 [0.5000, 1.0000]]])
+    """
     with float32_region(tokens.device):
         return torch.softmax(_upsample(_to_grid(text_logits(tokens, text_features)), size), dim=1)
 
 
 def detection_probability(tokens: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
     """One level's image score ``(B,)``: abnormal probability averaged over patches (float32,
-    whatever the autocast)."""
+    whatever the autocast).
+
+    Example:
+        >>> tokens = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0], [0.0, 1.0]]])  # class, 2x2 patches
+        >>> text_features = torch.eye(2)  # (E, 2): normal along the first axis, abnormal the second
+        >>> detection_probability(tokens, text_features)
+        tensor([0.5000])
+    """
     with float32_region(tokens.device):
         return torch.softmax(text_logits(tokens, text_features), dim=-1)[..., 1].mean(dim=-1)
 
 
 def zero_shot_maps(seg_tokens: Sequence[torch.Tensor], text_features: torch.Tensor, size: int) -> torch.Tensor:
-    """Zero-shot anomaly maps ``(B, S, S)``: abnormal probability summed over levels."""
+    """Zero-shot anomaly maps ``(B, S, S)``: abnormal probability summed over levels.
+
+    Example (two levels with the same tokens):
+        >>> tokens = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0], [0.0, 1.0]]])  # class, 2x2 patches
+        >>> text_features = torch.eye(2)  # (E, 2): normal along the first axis, abnormal the second
+        >>> zero_shot_maps([tokens, tokens], text_features, 2).round(decimals=4)
+        tensor([[[0., 1.],
+                 [1., 2.]]])
+    """
     return sum(segmentation_probabilities(tokens, text_features, size)[:, 1] for tokens in seg_tokens)
 
 
 def zero_shot_scores(det_tokens: Sequence[torch.Tensor], text_features: torch.Tensor) -> torch.Tensor:
-    """Zero-shot image scores ``(B,)``: mean abnormal probability summed over levels."""
+    """Zero-shot image scores ``(B,)``: mean abnormal probability summed over levels.
+
+    Example (two levels with the same tokens):
+        >>> tokens = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0], [0.0, 1.0]]])  # class, 2x2 patches
+        >>> text_features = torch.eye(2)  # (E, 2): normal along the first axis, abnormal the second
+        >>> zero_shot_scores([tokens, tokens], text_features)
+        tensor([1.])
+    """
     return sum(detection_probability(tokens, text_features) for tokens in det_tokens)
 
 
@@ -116,6 +161,12 @@ def few_shot_maps(
     The memory is scanned in chunks of ``chunk`` tokens so that the similarity matrix never
     exceeds ``B x L x chunk`` values. Similarities are computed in float32 whatever the autocast
     (:func:`float32_region`): ``1 - cosine`` near 0 has almost no bits left in bf16 or fp16.
+
+    Example (one level, a memory of one token):
+        >>> tokens = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0], [0.0, 1.0]]])  # class, 2x2 patches
+        >>> few_shot_maps([tokens], [torch.tensor([[1.0, 0.0]])], 2)
+        tensor([[[0.0000, 0.2929],
+                 [0.2929, 1.0000]]])
     """
     total = 0
     for level_tokens, level_memory in zip(tokens, memory, strict=True):
@@ -138,8 +189,9 @@ def coreset_indices(tokens: torch.Tensor, size: int, projection_dim: int = 128, 
     ``E`` is larger (distances kept up to a small factor, Johnson-Lindenstrauss). Returns
     ``(size,)`` int64, or all indices when ``size >= N``.
 
-    >>> coreset_indices(torch.eye(4), 2).tolist()
-    [0, 1]
+    Example:
+        >>> coreset_indices(torch.eye(4), 2).tolist()
+        [0, 1]
     """
     count = tokens.shape[0]
     if size >= count:
@@ -164,6 +216,12 @@ class FusionRange:
     """Min and max of a score over a reference set, for min-max normalisation.
 
     Floats, or 0-d tensors (a stored calibration), which keeps the fusion traceable for export.
+
+    Example:
+        >>> FusionRange.of(torch.tensor([1.0, 3.0]))
+        FusionRange(low=1.0, high=3.0)
+        >>> FusionRange(1.0, 3.0).normalise(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+        tensor([0.0000, 0.5000, 1.0000, 1.5000])
     """
 
     low: float | torch.Tensor
@@ -175,6 +233,7 @@ class FusionRange:
         return cls(float(values.min()), float(values.max()))
 
     def normalise(self, values: torch.Tensor) -> torch.Tensor:
+        """``(values - low) / (high - low)``, any shape; a span that is not positive counts as 1."""
         span = self.high - self.low
         if isinstance(span, torch.Tensor):
             span = torch.where(span > 0, span, torch.ones_like(span))
@@ -184,5 +243,10 @@ class FusionRange:
 
 
 def fuse(zero: torch.Tensor, few: torch.Tensor, zero_range: FusionRange, few_range: FusionRange) -> torch.Tensor:
-    """MVFA's fusion ``0.5 * minmax(zero) + 0.5 * minmax(few)`` with given normalisation ranges."""
+    """MVFA's fusion ``0.5 * minmax(zero) + 0.5 * minmax(few)`` with given normalisation ranges.
+
+    Example:
+        >>> fuse(torch.tensor([1.0, 3.0]), torch.tensor([0.0, 0.5]), FusionRange(1.0, 3.0), FusionRange(0.0, 1.0))
+        tensor([0.0000, 0.7500])
+    """
     return 0.5 * zero_range.normalise(zero) + 0.5 * few_range.normalise(few)
