@@ -215,7 +215,9 @@ class StagedOutput:
     exception in any handler, SIGINT, SIGTERM, a failure while the config resolves), its staging
     folder is removed: :func:`discard_unfinished` runs when :func:`medad.workflow.run_engine`
     fails and when the process exits; a staging folder left by a killed process (SIGKILL) is
-    cleared by the next :meth:`prepare`.
+    cleared by the next :meth:`prepare`. Building it touches nothing: the configs resolve the
+    staging folder's path (:attr:`staging_dir`) for the writers, and :meth:`prepare` is a step of
+    the workflow's ``initialize`` list.
 
     ``overwrite``: a non-empty ``output_dir`` is refused (the message lists what is there)
     unless it is set; then the previous run's outputs are replaced as a whole, none of them
@@ -240,6 +242,12 @@ class StagedOutput:
         self.staging = self.output_dir.with_name(f".{self.output_dir.name}.partial")
         self.overwrite, self.merge = bool(overwrite), bool(merge)
         self.protected = dict(protected or {})
+
+    @property
+    def staging_dir(self) -> str:
+        """The staging folder's path (what the run's writers write into), as text; it is created
+        by :meth:`prepare`, a step of the workflow's ``initialize`` list."""
+        return str(self.staging)
 
     def check(self) -> None:
         """Refuse an ``output_dir`` this run may not write (see the class): nothing is written."""

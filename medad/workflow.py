@@ -182,6 +182,17 @@ class CheckedData(Sequence):
         report_dir, report_name: where the report of the problems found is written.
         remedy: what the error message tells the user to do (``check_items``' default if ``None``).
         volumes: accept volumes (NIfTI, DICOM), as inference does.
+
+    >>> import tempfile
+    >>> folder = tempfile.mkdtemp()
+    >>> data = CheckedData(images=[os.path.join(folder, "gone.png")], on_bad_data="raise", report_dir=folder)
+    >>> data, os.listdir(folder)  # built: nothing read, nothing written
+    (CheckedData(1 items, not checked yet), [])
+    >>> try:
+    ...     data.check()
+    ... except RunError as error:
+    ...     print(str(error).splitlines()[-1][:34], os.listdir(folder))
+    1 problem(s) in 1 of 1 items, list ['data_problems.csv']
     """
 
     def __init__(
@@ -488,7 +499,11 @@ def default_device(distributed: bool = False) -> torch.device:
 
 def device_ids(device: torch.device) -> list[torch.device] | None:
     """``DistributedDataParallel``'s ``device_ids`` for a network on ``device``: ``[device]`` on a
-    GPU, ``None`` on the CPU."""
+    GPU, ``None`` on the CPU.
+
+    >>> device_ids(torch.device("cpu")) is None
+    True
+    """
     return [device] if device.type == "cuda" else None
 
 
@@ -510,20 +525,32 @@ def default_clip_weights(clip_model: str) -> str | None:
 
 def validation_interval(data_loader: Sized) -> int:
     """Training's ``val_interval`` (iterations between validations, with paper_selection.json):
-    five validations per epoch, at least one iteration apart."""
+    five validations per epoch, at least one iteration apart.
+
+    >>> validation_interval(range(12)), validation_interval(range(3))
+    (2, 1)
+    """
     return max(1, len(data_loader) // 5)
 
 
 def fewshot_seed_file(seed_dir: str | os.PathLike | None, target: str, shot: int) -> str | None:
     """MVFA's seed file of ``target`` at ``shot`` shots under ``seed_dir``
-    (``<seed_dir>/<target>/<shot>-shot.txt``), or ``None`` without a ``seed_dir``."""
+    (``<seed_dir>/<target>/<shot>-shot.txt``), or ``None`` without a ``seed_dir``.
+
+    >>> fewshot_seed_file("seeds", "Brain", 4), fewshot_seed_file(None, "Brain", 4)
+    ('seeds/Brain/4-shot.txt', None)
+    """
     return None if seed_dir is None else os.path.join(seed_dir, target, str(shot) + "-shot.txt")
 
 
 def report_settings(dataset_dir: str | os.PathLike, fitted: Sequence[Mapping[str, Any]] = (), **settings: Any) -> dict[str, Any]:
     """The settings an evaluation report lists: ``dataset_dir`` (as text), ``settings`` in their
     order, and the images the model was fitted on (``role: name`` of each ``fitted`` record,
-    left out of the evaluation)."""
+    left out of the evaluation).
+
+    >>> report_settings(Path("data"), [{"role": "support", "name": "a.png"}], target="Brain")
+    {'dataset_dir': 'data', 'target': 'Brain', 'fitted on (left out of this evaluation)': ['support: a.png']}
+    """
     return {
         "dataset_dir": str(dataset_dir),
         **settings,
@@ -533,13 +560,21 @@ def report_settings(dataset_dir: str | os.PathLike, fitted: Sequence[Mapping[str
 
 def inference_threshold(detector: Any, threshold: float | str = "model") -> float:
     """Inference's image threshold: the model's (:meth:`medad.MVFADetector.effective_thresholds`)
-    for ``"model"``, else ``threshold`` as given."""
+    for ``"model"``, else ``threshold`` as given.
+
+    >>> inference_threshold(MissingModel("model.pt"), 0.5)
+    0.5
+    """
     return detector.effective_thresholds().image if threshold == "model" else threshold
 
 
 def map_range(detector: Any, overlay_range: Sequence[float] | None = None) -> Sequence[float]:
     """The value range of inference's overlays: ``overlay_range`` where given, else the model's
-    map scale (:meth:`medad.MVFADetector.map_scale`)."""
+    map scale (:meth:`medad.MVFADetector.map_scale`).
+
+    >>> map_range(MissingModel("model.pt"), (0.0, 1.0))
+    (0.0, 1.0)
+    """
     return overlay_range if overlay_range is not None else detector.map_scale()
 
 
