@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import open_clip
@@ -122,6 +122,9 @@ class MVFADetector(nn.Module):
         self.thresholds = Thresholds()
         #: Records of the images the model was fitted on (:meth:`set_fitted`), left out of evaluations.
         self.fitted: list[dict[str, Any]] = []
+        # torch.compile'd _score_tokens_eager once compile_paths ran (an explicit attribute that
+        # score_tokens calls, so that no instance attribute shadows a method)
+        self._compiled_scoring: Callable[[AdapterTokens, int], RawScores] | None = None
         self.register_state_dict_post_hook(_add_description)
 
     # ----------------------------------------------------------------- state
@@ -332,6 +335,11 @@ class MVFADetector(nn.Module):
 
     def score_tokens(self, tokens: AdapterTokens, size: int) -> RawScores:
         """Raw scores of adapter tokens (each ``(B, 1 + L, E)``) at ``size x size`` pixels."""
+        if self._compiled_scoring is not None:
+            return self._compiled_scoring(tokens, size)
+        return self._score_tokens_eager(tokens, size)
+
+    def _score_tokens_eager(self, tokens: AdapterTokens, size: int) -> RawScores:
         if self.method == "memory":  # no text part (module docstring)
             first = tokens.seg[0]
             zero_map, zero_score = first.new_zeros(len(first), size, size), first.new_zeros(len(first))
@@ -384,12 +392,10 @@ class MVFADetector(nn.Module):
         """
         if not enabled:
             return self
-        encoder = self.encoder
-        # instance attributes shadow the methods, so every caller (forward, the trainer's cached
-        # trunk, DDP's step through ``adapt``) takes the compiled path
-        encoder.trunk = torch.compile(encoder.trunk, **options)
-        encoder.adapt = torch.compile(encoder.adapt, **options)
-        self.score_tokens = torch.compile(self.score_tokens, **options)
+        # the public trunk, adapt and score_tokens call the compiled functions from now on, so
+        # every caller (forward, the trainer's cached trunk, DDP's step through ``adapt``) takes them
+        self.encoder.compile_paths(**options)
+        self._compiled_scoring = torch.compile(self._score_tokens_eager, **options)
         return self
 
     def __prepare_scriptable__(self) -> nn.Module:
