@@ -164,12 +164,14 @@ class BinnedScores:
 
     def f1_max(self) -> float:
         """Best F1 score over the thresholds, ``2PR / (P + R) = 2 TP / (TP + FP + positives)``."""
+        # Hand-written: sklearn's precision_recall_curve needs every score kept and sorted; these are bin counts.
         n_pos, _ = self._totals("F1-max", negatives=False)
         _, _, true_pos, false_pos = self._rates()
         return (2 * true_pos / (true_pos + false_pos + n_pos)).max().item()
 
     def f1_best_threshold(self) -> float:
         """The bin edge ``t`` whose rule ``score >= t`` has the highest F1 (the lowest such edge on ties)."""
+        # Hand-written for the same reason as f1_max: bin counts, not sorted scores.
         n_pos, _ = self._totals("the F1-best threshold", negatives=False)
         _, _, true_pos, false_pos = self._rates()
         return self.edges[int(torch.argmax(2 * true_pos / (true_pos + false_pos + n_pos)))].item()
