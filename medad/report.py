@@ -39,7 +39,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 from scipy import ndimage
-from sklearn.metrics import precision_recall_curve, roc_curve
+from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix, precision_recall_curve, roc_curve
 
 from medad.decision import HELD_OUT_RULE, decision_rates, f1_best_threshold
 from medad.detector import MVFADetector, unwrap
@@ -105,9 +105,9 @@ def confusion_matrix(scores: np.ndarray, labels: np.ndarray, threshold: float) -
     """Counts ``(2, 2)`` int64 of ``score >= threshold`` (predicted abnormal): rows the true class
     (normal, abnormal), columns the predicted one (normal, abnormal)."""
     scores, labels = np.asarray(scores, dtype=np.float64).reshape(-1), np.asarray(labels).reshape(-1).astype(bool)
-    predicted = scores >= threshold
-    return np.array([[np.sum(~labels & ~predicted), np.sum(~labels & predicted)],
-                     [np.sum(labels & ~predicted), np.sum(labels & predicted)]], dtype=np.int64)
+    if not len(labels):  # scikit-learn refuses empty input
+        return np.zeros((2, 2), dtype=np.int64)
+    return sklearn_confusion_matrix(labels, scores >= threshold, labels=[False, True]).astype(np.int64)
 
 
 def thin_curve(x: np.ndarray, y: np.ndarray, points: int = _CURVE_POINTS) -> tuple[np.ndarray, np.ndarray]:
