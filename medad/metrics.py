@@ -20,9 +20,9 @@ import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 
+import ignite.distributed as idist
 import numpy as np
 import torch
-import torch.distributed as dist
 from ignite.metrics import Metric, MetricsLambda
 
 from medad.detector import MVFADetector, RawScores, unwrap
@@ -167,8 +167,8 @@ class AnomalyEvaluation(Metric):
             return self._result
         if "zero_map" not in self._spills:
             raise RuntimeError("AnomalyEvaluation must have at least one batch before it can be computed")
-        distributed = _world_size() > 1
-        observed = _merge_ranges(_all_gather(self._ranges)) if distributed else self._ranges
+        distributed = idist.get_world_size() > 1
+        observed = _merge_ranges(idist.all_gather(self._ranges)) if distributed else self._ranges
         has_few = "few_map" in self._spills
         ranges = None
         if has_few:
@@ -228,7 +228,7 @@ class AnomalyEvaluation(Metric):
         self.fusion_ranges, self.map_range = ranges, (low, high)
         if distributed:
             # Image metrics do not depend on the order of the images: the shards' concatenation will do.
-            shards = _all_gather((image_scores, labels, has_masks))
+            shards = idist.all_gather((image_scores, labels, has_masks))  # any picklable object: a list in rank order
             image_scores = np.concatenate([shard[0] for shard in shards])
             labels = np.concatenate([shard[1] for shard in shards])
             has_masks = any(shard[2] for shard in shards)
@@ -263,18 +263,6 @@ def _final_map_range(observed: Mapping[str, Sequence[float]], ranges: Mapping[st
     return ends[0], ends[1]
 
 
-def _world_size() -> int:
-    """Processes in the default ``torch.distributed`` group (1 when there is none)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _all_gather(value: object) -> list:
-    """Every rank's ``value`` (any picklable object), in rank order; works with gloo and NCCL."""
-    values = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
-    return values
-
-
 def _merge_ranges(per_rank: Sequence[Mapping[str, Sequence[float]]]) -> dict[str, list[float]]:
     """The (low, high) of each score over all ranks."""
     merged: dict[str, list[float]] = {}
@@ -287,12 +275,10 @@ def _merge_ranges(per_rank: Sequence[Mapping[str, Sequence[float]]]) -> dict[str
 
 
 def _all_reduce_sum(*tensors: torch.Tensor) -> None:
-    """Sum each tensor over the ranks, in place (NCCL reduces on the rank's GPU, gloo on the CPU)."""
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    """Sum each tensor over the ranks, in place (ignite reduces on ``idist.device()``, the rank's
+    GPU where there is one, and hands the sum back on the tensor's own device)."""
     for tensor in tensors:
-        total = tensor.to(device)
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        tensor.copy_(total)
+        tensor.copy_(idist.all_reduce(tensor, op="SUM"))
 
 
 def _as_batch(output: Mapping | Sequence[Mapping]) -> dict[str, torch.Tensor]:
