@@ -126,6 +126,7 @@ class MVFADetector(nn.Module):
         # score_tokens calls, so that no instance attribute shadows a method)
         self._compiled_scoring: Callable[[AdapterTokens, int], RawScores] | None = None
         self.register_state_dict_post_hook(_add_description)
+        self.register_load_state_dict_pre_hook(MVFADetector._prepare_load)
 
     # ----------------------------------------------------------------- state
 
@@ -197,7 +198,9 @@ class MVFADetector(nn.Module):
         self.fitted = [dict(record) for record in saved.fitted]
         self.clip_weights = saved.clip_weights if saved.clip_weights is not None else self.clip_weights
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _prepare_load(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        """``load_state_dict``'s pre-hook (registered in ``__init__``): runs before torch copies
+        this module's parameters and buffers from ``state_dict``."""
         # The description (and format 1's _extra_state) is no parameter or buffer: read it here.
         saved = stored_description(state_dict, prefix)
         state_dict.pop(prefix + DESCRIPTION_KEY, None)
@@ -219,9 +222,6 @@ class MVFADetector(nn.Module):
             merged.update(zip(saved.datasets, stored))
             self._set_text_features(merged)
             state_dict[prefix + "text_features"] = self.text_features.clone()
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Load a saved detector (``model.pt``) or a released MVFA adapter checkpoint.
