@@ -87,6 +87,8 @@ class OpenCLIPTower(VisionTower):
         return tuple(self.module.grid_size)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
+        # private: open_clip has no public call for the embedding alone (forward_intermediates
+        # runs blocks too, under one precision); _embeds is the step its own forward runs first
         return self.module._embeds(images)
 
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -115,6 +117,8 @@ class TimmTower(VisionTower):
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         trunk = self.module.trunk
+        # private: timm has no public call for the prefix tokens and positions alone (_pos_embed,
+        # which forward_features and forward_intermediates run before the blocks)
         return trunk.norm_pre(trunk.patch_drop(trunk._pos_embed(trunk.patch_embed(images))))
 
     def project(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -119,7 +119,7 @@ def reference_tokens(detector: medad.MVFADetector, images: torch.Tensor) -> meda
     """The authors' forward: every block run with attention weights materialised and returned,
     and all blocks up to the last adapter, the final pooling included."""
     encoder, visual = detector.encoder, detector.encoder.visual
-    x = visual._embeds(images)
+    x = encoder.tower.embed(images)  # open_clip's own embedding step (medad.towers.OpenCLIPTower.embed)
     seg, det = [], []
     for index, block in enumerate(visual.transformer.resblocks, start=1):
         x = x + attention_with_weights(block.attn, block.ln_1(x))
@@ -131,6 +131,7 @@ def reference_tokens(detector: medad.MVFADetector, images: torch.Tensor) -> meda
             x = 0.8 * x + 0.1 * seg_out + 0.1 * det_out
             seg.append(seg_token)
             det.append(det_token)
+    # private: open_clip's pooling step, so that the authors' full forward is timed; no public call runs it alone
     pooled, _ = visual._global_pool(x)
     _ = visual.ln_post(pooled) @ visual.proj
     return medad.AdapterTokens(tuple(seg), tuple(det))
