@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -105,3 +106,40 @@ def random_fewshot_model(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("random_fewshot_model") / "model.pt"
     save_model(detector, path)
     return path
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.fixture(scope="session")
+def fewshot_bundle(synthetic_bmad, bundle_backbone, tmp_path_factory):
+    """One bundle folder with the tiny few-shot model of the bundle tests (target Alpha, k = 2,
+    one epoch), trained once per session by a real ``python -m monai.bundle run training``
+    subprocess: ``models/model.pt``. Shared and read-only: a test that writes into a bundle root
+    copies it (``helpers.copy_bundle``); the teardown checks that no test changed a file in it."""
+    from helpers import common, run_bundle
+
+    root = tmp_path_factory.mktemp("fewshot_bundle") / "bundle"
+    run_bundle("training", ("train", "fewshot"), root, shot=2, epochs=1, **common(synthetic_bmad, bundle_backbone))
+    before = _digest(root)
+    yield root
+    assert _digest(root) == before, "a test wrote into the shared fewshot_bundle: copy it with helpers.copy_bundle"
+
+
+@pytest.fixture(scope="session")
+def fewshot_evaluation(fewshot_bundle, synthetic_bmad, bundle_backbone, tmp_path_factory):
+    """``fewshot_bundle`` evaluated once per session by ``python -m monai.bundle run evaluating``
+    with the training's settings (the paper's set fusion, a report gallery of
+    ``helpers.REPORT_GALLERY_SIZE``): a copy of the
+    bundle folder with ``eval/`` (metrics, scores.csv, report). Shared and read-only, as above."""
+    from helpers import REPORT_GALLERY_SIZE, common, copy_bundle, run_bundle
+
+    root = copy_bundle(fewshot_bundle, tmp_path_factory.mktemp("fewshot_evaluation") / "bundle")
+    log = run_bundle("evaluating", ("train", "fewshot", "evaluate"), root, shot=2, report_gallery_size=REPORT_GALLERY_SIZE,
+                     **common(synthetic_bmad, bundle_backbone))
+    assert "evaluation report written to" in log
+    before = _digest(root)
+    yield root
+    assert _digest(root) == before, "a test wrote into the shared fewshot_evaluation: copy it with helpers.copy_bundle"

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import os
+import shutil
 import subprocess
 from pathlib import Path
+
+from sklearn.metrics import roc_auc_score
 
 from medad.workflow import bundle_command as _bundle_command
 
@@ -12,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 #: Model input size in bundle tests: 8 x 8 patches keeps the tiny backbone fast.
 IMAGE_SIZE = 112
+#: The report gallery size of the shared evaluation (conftest.py, ``fewshot_evaluation``).
+REPORT_GALLERY_SIZE = 3
 
 
 def configs(*names: str) -> str:
@@ -39,3 +45,48 @@ def run_bundle(run_id: str, config_names: tuple[str, ...], bundle_root: Path, **
 def common(dataset_dir: Path, backbone: dict) -> dict:
     """Overrides shared by the bundle tests: generated data, target Alpha, tiny backbone."""
     return {"dataset_dir": dataset_dir, "target": "Alpha", "num_workers": 0, "batch_size": 4, "eval_batch_size": 8, **backbone}
+
+
+def copy_bundle(source: Path, destination: Path) -> Path:
+    """A private copy of a shared bundle folder (its ``models/``, and ``eval/`` where evaluated),
+    for a test that writes into its bundle root: the shared folder stays as it was."""
+    shutil.copytree(source, destination)
+    return destination
+
+
+def scores_csv_image_auroc(path: Path) -> float:
+    """scikit-learn's image AUROC on an evaluation's ``scores.csv`` rows: the column the metrics
+    are computed on (``score_set_fused`` where the paper's set fusion applies, else ``score``)."""
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    column = "score_set_fused" if "score_set_fused" in rows[0] else "score"
+    return float(roc_auc_score([int(row["label"]) for row in rows], [float(row[column]) for row in rows]))
+
+
+def sklearn_set_metrics(detector, dataset_dir: Path, target: str) -> dict[str, float]:
+    """Image and pixel AUROC by scikit-learn on the detector's outputs for the whole test split,
+    fused over the set with the set's own min-max ranges as the paper does: computed in this
+    process, outside the bundle's streamed (binned) metrics, as an oracle for ``metrics.json``."""
+    import numpy as np
+    import torch
+
+    from medad.data import bmad_datalist
+    from medad.scoring import FusionRange
+    from medad.transforms import mvfa_preprocessing
+
+    items = bmad_datalist(dataset_dir, target, "test")
+    preprocess = mvfa_preprocessing(detector.image_size)
+    loaded = [preprocess(item) for item in items]
+    images = torch.stack([torch.as_tensor(item["image"]) for item in loaded])
+    masks = torch.stack([torch.as_tensor(item["mask"]) for item in loaded])[:, 0].numpy() > 0.5
+    labels = np.array([item["label"] for item in items])
+    with torch.no_grad():
+        raw = detector.raw_scores(images)
+    ranges = None
+    if raw.few_map is not None:
+        ranges = {name: FusionRange.of(getattr(raw, name)) for name in ("zero_map", "few_map", "zero_score", "few_score")}
+    fused = detector.finalize(raw, ranges)
+    return {
+        "image_auroc": float(roc_auc_score(labels, fused.score.numpy())),
+        "pixel_auroc": float(roc_auc_score(masks.ravel(), fused.anomaly_map.numpy().ravel())),
+    }

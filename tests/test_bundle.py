@@ -9,17 +9,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from monai.bundle import ConfigWorkflow
 from PIL import Image
-from sklearn.metrics import roc_auc_score
 
 import medad
-from medad.data import bmad_datalist
-from medad.scoring import FusionRange
-from medad.transforms import mvfa_preprocessing
 
-from helpers import CONFIGS, IMAGE_SIZE, bundle_command, common, run_bundle
+from helpers import (
+    CONFIGS, IMAGE_SIZE, bundle_command, common, copy_bundle, run_bundle, scores_csv_image_auroc, sklearn_set_metrics,
+)
 
 def as_config(settings: dict) -> dict:
     """CLI overrides as config values (the CLI parses strings, ConfigWorkflow takes objects)."""
@@ -48,17 +45,7 @@ def test_default_run_id_is_defined_everywhere():
         assert "run" in config and config[named_id] == "@run"
 
 
-def _raw_scores(detector: medad.MVFADetector, items: list[dict]) -> tuple[medad.RawScores, np.ndarray, np.ndarray]:
-    preprocess = mvfa_preprocessing(IMAGE_SIZE)
-    loaded = [preprocess(item) for item in items]
-    images = torch.stack([torch.as_tensor(item["image"]) for item in loaded])
-    masks = torch.stack([torch.as_tensor(item["mask"]) for item in loaded])[:, 0].numpy() > 0.5
-    with torch.no_grad():
-        raw = detector.raw_scores(images)
-    return raw, masks, np.array([item["label"] for item in items])
-
-
-def test_zero_shot_then_few_shot_training_evaluation_and_inference(synthetic_bmad, bundle_backbone, tmp_path):
+def test_zero_shot_then_few_shot_training_evaluation_and_inference(fewshot_evaluation, synthetic_bmad, bundle_backbone, tmp_path):
     settings = common(synthetic_bmad, bundle_backbone)
     zero = tmp_path / "zero"
     log = run_bundle("training", ("train",), zero, epochs=1, **settings)
@@ -85,11 +72,17 @@ def test_zero_shot_then_few_shot_training_evaluation_and_inference(synthetic_bma
     run_bundle("evaluating", ("train", "evaluate"), zero, **settings)
     zero_metrics = json.loads((zero / "eval" / "metrics.json").read_text())
     assert set(zero_metrics) >= {"val_image_auroc", "val_pixel_auroc", "val_pixel_ap", "val_pixel_f1_max", "val_aupro"}
+    # ... and equal sklearn's on the zero-shot model's own outputs (computed here) and on scores.csv.
+    expected = sklearn_set_metrics(medad.load_detector(zero / "models" / "model.pt", bundle_backbone["clip_weights"]),
+                                   synthetic_bmad, "Alpha")
+    assert zero_metrics["val_image_auroc"] == pytest.approx(expected["image_auroc"], abs=1e-6)
+    assert zero_metrics["val_image_auroc"] == pytest.approx(scores_csv_image_auroc(zero / "eval" / "scores.csv"), abs=1e-6)
+    assert zero_metrics["val_pixel_auroc"] == pytest.approx(expected["pixel_auroc"], abs=1e-4)  # binned: 1e-4 of the range
 
-    few = tmp_path / "few"
-    run_bundle("training", ("train", "fewshot"), few, shot=2, epochs=3, **settings)
-    assert missing_properties(("train", "fewshot"), "train", bundle_root=few, shot=2, epochs=3, **as_config(settings)) == []
-    run_bundle("evaluating", ("train", "fewshot", "evaluate"), few, shot=2, **settings)
+    # The few-shot model: the session's shared one (conftest.py), trained and evaluated by the same
+    # subprocess commands (train + fewshot, k = 2, one epoch; evaluate), in a copy of its bundle folder.
+    few = copy_bundle(fewshot_evaluation, tmp_path / "few")
+    assert missing_properties(("train", "fewshot"), "train", bundle_root=few, shot=2, epochs=1, **as_config(settings)) == []
     metrics = json.loads((few / "eval" / "metrics.json").read_text())
     assert (few / "eval" / "metrics.csv").is_file() and (few / "eval" / "scores.csv").is_file()
 
@@ -99,11 +92,10 @@ def test_zero_shot_then_few_shot_training_evaluation_and_inference(synthetic_bma
         levels=(1, 2, 3, 4), checkpoint=few / "models" / "model.pt",
     )
     assert detector.has_memory and detector.is_calibrated and detector.target == "Alpha"
-    raw, masks, labels = _raw_scores(detector, bmad_datalist(synthetic_bmad, "Alpha", "test"))
-    ranges = {name: FusionRange.of(getattr(raw, name)) for name in ("zero_map", "few_map", "zero_score", "few_score")}
-    fused = detector.finalize(raw, ranges)
-    assert metrics["val_image_auroc"] == pytest.approx(roc_auc_score(labels, fused.score.numpy()), abs=1e-6)
-    assert metrics["val_pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), fused.anomaly_map.numpy().ravel()), abs=1e-4)
+    expected = sklearn_set_metrics(detector, synthetic_bmad, "Alpha")
+    assert metrics["val_image_auroc"] == pytest.approx(expected["image_auroc"], abs=1e-6)
+    assert metrics["val_image_auroc"] == pytest.approx(scores_csv_image_auroc(few / "eval" / "scores.csv"), abs=1e-6)
+    assert metrics["val_pixel_auroc"] == pytest.approx(expected["pixel_auroc"], abs=1e-4)  # binned: 1e-4 of the range
     assert metrics["val_pixel_auroc"] >= 0.8, metrics
 
     # Inference on a folder: one map per image at the image's own size, and a scores table.
