@@ -352,6 +352,9 @@ class DicomVolumeReader(PydicomReader):
         problem = size_problem(shape, image=False)
         if problem is not None:
             raise UnsupportedInputError(problem)
+        # private: MONAI's per-file step (PydicomReader._get_array_data); its public get_data returns
+        # the stacked series, where each file's own tags (photometric interpretation, bit depth,
+        # rescale) that the checks and MONOCHROME1's inversion read are no longer at hand
         data = super()._get_array_data(img, filename)
         if _photometric(img) == "MONOCHROME1":
             data = monochrome1_to_monochrome2(data, img, rescaled=hasattr(img, "RescaleSlope") or hasattr(img, "RescaleIntercept"))
@@ -362,9 +365,6 @@ def shrink_for_resize(image: torch.Tensor, size: Sequence[int]) -> tuple[torch.T
     """``image`` ``(C, H, W)`` shrunk for an anti-aliased resize to ``size``, and the Gaussian
     sigma (in the shrunk image's pixels) the resize should then smooth with.
 
-        # private: MONAI's per-file step (PydicomReader._get_array_data); its public get_data returns
-        # the stacked series, where each file's own tags (photometric interpretation, bit depth,
-        # rescale) that the checks and MONOCHROME1's inversion read are no longer at hand
     Each side more than :data:`SHRINK_FACTOR` times its target is first averaged over blocks of
     ``k = factor // 4`` pixels (``ceil(H / k)`` rows; the last block of a side averages the
     pixels it has), as float32; the sigma is chosen so that block mean and Gaussian together
