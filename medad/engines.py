@@ -28,6 +28,7 @@ from torch import nn
 
 from medad.detector import AnomalyScores, unwrap
 from medad.network import AdaptedVisualTower
+from medad.transforms import plain_tensor
 from medad.volumes import VolumeScores, predict_images
 
 __all__ = ["MVFAEvaluator", "MVFATrainer", "adapter_parameter_groups"]
@@ -48,12 +49,6 @@ def adapter_parameter_groups(network: nn.Module) -> list[dict]:
         {"params": list(encoder.seg_adapters.parameters()), "name": "seg_adapters"},
         {"params": list(encoder.det_adapters.parameters()), "name": "det_adapters"},
     ]
-
-
-def _plain(tensor: torch.Tensor, device: torch.device, non_blocking: bool = False) -> torch.Tensor:
-    """A plain tensor on ``device`` (MONAI MetaTensors only slow the network down)."""
-    tensor = tensor.as_tensor() if hasattr(tensor, "as_tensor") else torch.as_tensor(tensor)
-    return tensor.to(device, non_blocking=non_blocking)
 
 
 class MVFATrainer(SupervisedTrainer):
@@ -122,10 +117,10 @@ class MVFATrainer(SupervisedTrainer):
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
         device, non_blocking = engine.state.device, engine.non_blocking
-        images = _plain(batchdata[Keys.IMAGE], device, non_blocking)
-        masks = _plain(batchdata["mask"], device, non_blocking)
-        labels = _plain(batchdata[Keys.LABEL], device, non_blocking)
-        supervised = _plain(batchdata["has_mask"], device, non_blocking).bool().reshape(-1)
+        images = plain_tensor(batchdata[Keys.IMAGE], device, non_blocking)
+        masks = plain_tensor(batchdata["mask"], device, non_blocking)
+        labels = plain_tensor(batchdata[Keys.LABEL], device, non_blocking)
+        supervised = plain_tensor(batchdata["has_mask"], device, non_blocking).bool().reshape(-1)
         detector = unwrap(engine.network)
         text = detector.text_features_for(list(batchdata["dataset"]))
 
@@ -245,9 +240,9 @@ class MVFAEvaluator(SupervisedEvaluator):
         engine.state.output = {Keys.IMAGE: images}
         for key in (Keys.LABEL, "mask", "has_mask"):
             if key in batchdata:
-                engine.state.output[key] = _plain(batchdata[key], device, engine.non_blocking)
+                engine.state.output[key] = plain_tensor(batchdata[key], device, engine.non_blocking)
         with engine.mode(engine.network):
-            raw = engine.inferer(_plain(images, device, engine.non_blocking), engine.network)
+            raw = engine.inferer(plain_tensor(images, device, engine.non_blocking), engine.network)
             engine.state.output.update({k: v for k, v in raw._asdict().items() if v is not None})
             final = None
             if isinstance(raw, VolumeScores):  # fused slice by slice already
@@ -256,7 +251,7 @@ class MVFAEvaluator(SupervisedEvaluator):
             elif raw.few_map is None or detector.is_calibrated:
                 final = detector.finalize(raw)
                 if engine.skip_blank:
-                    final, blank = predict_images(detector, _plain(images, device), final)
+                    final, blank = predict_images(detector, plain_tensor(images, device), final)
                     engine.state.output["blank"] = blank
             if final is not None:
                 # keep the image's meta data (file name, geometry, applied transforms) for saving

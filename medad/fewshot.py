@@ -8,7 +8,6 @@ import os
 from collections.abc import Sequence
 
 import torch
-from monai.utils import convert_to_tensor
 
 from medad.adaptation import adapt_to_normal_images
 from medad.augment import FEWSHOT_AUGMENTATIONS, augment_fewshot
@@ -16,7 +15,7 @@ from medad.checks import check_items
 from medad.data import fewshot_selection
 from medad.detector import MVFADetector, unwrap
 from medad.checkpoint import CheckpointError, describe, save_model
-from medad.transforms import mvfa_preprocessing
+from medad.transforms import mvfa_preprocessing, plain_tensor
 
 __all__ = ["NormalOnlyAdaptation", "checked_init_checkpoint", "fewshot_training_data", "support_items"]
 
@@ -45,8 +44,8 @@ def _load(items: Sequence[dict], image_size: int) -> tuple[torch.Tensor, torch.T
     """Images ``(N, 3, S, S)`` and masks ``(N, 1, S, S)`` (zeros where an item has none)."""
     preprocess = mvfa_preprocessing(image_size)
     loaded = [preprocess(dict(item)) for item in items]
-    images = torch.stack([convert_to_tensor(item["image"], track_meta=False) for item in loaded])
-    masks = torch.stack([convert_to_tensor(item["mask"], track_meta=False) for item in loaded])
+    images = torch.stack([plain_tensor(item["image"]) for item in loaded])
+    masks = torch.stack([plain_tensor(item["mask"]) for item in loaded])
     return images, masks
 
 

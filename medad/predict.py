@@ -20,7 +20,7 @@ from PIL import Image
 
 from medad.decision import GIVEN_RULE, Thresholds, conformal_p_values
 from medad.detector import MVFADetector
-from medad.transforms import MapToInputGridd, input_slice_indices, mvfa_preprocessing
+from medad.transforms import MapToInputGridd, input_slice_indices, mvfa_preprocessing, plain_tensor
 from medad.volumes import DEFAULT_SLICE_BATCH, input_kind, predict_images, score_volumes
 
 __all__ = ["Prediction", "predict_input"]
@@ -118,7 +118,7 @@ def predict_input(
         )
         data = preprocessing({"image": path})
     image = data["image"]
-    batch = image.as_tensor()[None].to(device)
+    batch = plain_tensor(image)[None].to(device)
     extra: dict[str, Any] = {}
     if volume:
         scores = score_volumes(detector, batch, batch_size)

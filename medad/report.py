@@ -46,7 +46,7 @@ from medad.detector import MVFADetector, unwrap
 from medad.handlers import gather_rows, is_saving_rank, mlflow_runs
 from medad.io import atomic_write, strict_json
 from medad.metrics import AnomalyEvaluation
-from medad.transforms import annotate_overlay, heat_overlay, input_size
+from medad.transforms import annotate_overlay, heat_overlay, input_size, plain_tensor
 
 __all__ = [
     "GALLERIES",
@@ -431,7 +431,7 @@ class EvaluationReport:
                 if name not in self.items:
                     raise KeyError(f"{name}: evaluated, but not in the report's datalist")
                 items.append(self.transform(dict(self.items[name])))
-            images = torch.stack([torch.Tensor.as_subclass(item["image"], torch.Tensor) for item in items]).to(device)
+            images = torch.stack([plain_tensor(item["image"]) for item in items]).to(device)
             maps = detector.finalize(detector.raw_scores(images), self.evaluation.fusion_ranges).anomaly_map.float().cpu()
             for index, item, heat in zip(chunk, items, maps):
                 annotated = self.items[rows[index]["image"]].get("mask") is not None and item.get("mask") is not None

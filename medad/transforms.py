@@ -88,6 +88,7 @@ __all__ = [
     "monochrome1_to_monochrome2",
     "mvfa_preprocessing",
     "normalise_pil_mode",
+    "plain_tensor",
     "read_dicom_image",
     "read_map_png",
     "shrink_for_resize",
@@ -112,6 +113,15 @@ SLICE_PLANES: dict[str, str] = {"axial": "RAS", "coronal": "RSA", "sagittal": "A
 
 # PIL modes whose pixel values are not intensities (palette indices, alpha, CMYK, 1-bit).
 _CONVERT_TO_RGB = {"P", "PA", "RGBA", "LA", "CMYK", "YCbCr", "LAB", "HSV", "1", "RGBX", "RGBa", "La"}
+
+
+def plain_tensor(data: Any, device: torch.device | str | None = None, non_blocking: bool = False) -> torch.Tensor:
+    """``data`` as a plain ``torch.Tensor`` (on ``device`` if given): a MONAI ``MetaTensor``
+    without its meta data (its public ``as_tensor()``, a view, no copy), a tensor itself, anything
+    else through ``torch.as_tensor``. Where medad strips meta data (model inputs: MetaTensors only
+    slow the network down), it does so here."""
+    tensor = data.as_tensor() if isinstance(data, MetaTensor) else torch.as_tensor(data)
+    return tensor if device is None else tensor.to(device, non_blocking=non_blocking)
 
 
 def normalise_pil_mode(image: Image.Image) -> Image.Image:

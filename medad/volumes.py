@@ -37,7 +37,7 @@ from monai.transforms import Resize
 from medad.data import IMAGE_SUFFIXES
 from medad.detector import AnomalyScores, MVFADetector
 from medad.io import output_stem
-from medad.transforms import is_colour_dicom_image, is_dicom_file, shrink_for_resize, to_rgb
+from medad.transforms import is_colour_dicom_image, is_dicom_file, plain_tensor, shrink_for_resize, to_rgb
 
 __all__ = [
     "DEFAULT_SLICE_BATCH",
@@ -239,10 +239,6 @@ def iter_slice_batches(
             indices, pending = indices[batch_size:], [slices[batch_size:]]
 
 
-def _plain(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.as_tensor() if hasattr(tensor, "as_tensor") else tensor
-
-
 def prepare_slices(slices: torch.Tensor, image_size: int) -> torch.Tensor:
     """Slices ``(n, C, H, W)`` in [0, 1] to model inputs ``(n, 3, S, S)``: resized as the 2D
     pipeline resizes images (MONAI ``Resize``, bicubic with anti-aliasing, after block averaging
@@ -251,7 +247,7 @@ def prepare_slices(slices: torch.Tensor, image_size: int) -> torch.Tensor:
     n, channels, height, width = slices.shape
     resize = Resize((image_size, image_size), mode="bicubic", anti_aliasing=True)
     flat, sigma = shrink_for_resize(slices.reshape(n * channels, height, width), (image_size, image_size))
-    resized = _plain(resize(flat, anti_aliasing_sigma=sigma))
+    resized = plain_tensor(resize(flat, anti_aliasing_sigma=sigma))
     return to_rgb(resized.reshape(n, channels, image_size, image_size).clamp(0, 1), channel_dim=1)
 
 
@@ -293,7 +289,7 @@ def score_volumes(
     for b, volume in enumerate(volumes):
         for indices, slices in iter_slice_batches(volume, batch_size, foreground_level, min_foreground):
             final = detector.predict(prepare_slices(slices, detector.image_size))
-            anomaly_map[b, :, :, indices] = _plain(restore(final.anomaly_map.float())).movedim(0, -1)
+            anomaly_map[b, :, :, indices] = plain_tensor(restore(final.anomaly_map.float())).movedim(0, -1)
             slice_scores[b, indices] = final.score.float()
             empty[b, indices] = False
     scores = [slice_scores[b][~empty[b]] for b in range(batch)]
