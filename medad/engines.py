@@ -113,6 +113,9 @@ class MVFATrainer(SupervisedTrainer):
                 self._trunk_cache[indices[n]] = hidden
         return torch.stack([self._trunk_cache[i] for i in indices])
 
+    # private by name only: MONAI's workflows hand _iteration to ignite as the step, and subclassing
+    # it is how MONAI's own trainers and evaluators differ; the public iteration_update= argument
+    # would move the step out of the class that bundle configs name
     def _iteration(self, engine: MVFATrainer, batchdata: Mapping[str, Any]) -> dict:
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
@@ -231,6 +234,7 @@ class MVFAEvaluator(SupervisedEvaluator):
                              "(float32, or bf16/fp16 matrix products in the frozen blocks with precision='bf16'/'fp16')")
         self.skip_blank = skip_blank
 
+    # private by name only: MONAI's step hook, as MVFATrainer._iteration
     def _iteration(self, engine: MVFAEvaluator, batchdata: Mapping[str, Any]) -> dict:
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
