@@ -217,7 +217,7 @@ class StagedOutput:
     fails and when the process exits; a staging folder left by a killed process (SIGKILL) is
     cleared by the next :meth:`prepare`. Building it touches nothing: the configs resolve the
     staging folder's path (:attr:`staging_dir`) for the writers, and :meth:`prepare` is a step of
-    the workflow's ``initialize`` list.
+    the run (the configs' ``run`` list calls it before the engine starts).
 
     ``overwrite``: a non-empty ``output_dir`` is refused (the message lists what is there)
     unless it is set; then the previous run's outputs are replaced as a whole, none of them
@@ -246,7 +246,7 @@ class StagedOutput:
     @property
     def staging_dir(self) -> str:
         """The staging folder's path (what the run's writers write into), as text; it is created
-        by :meth:`prepare`, a step of the workflow's ``initialize`` list."""
+        by :meth:`prepare`, a step of the run."""
         return str(self.staging)
 
     def check(self) -> None:

@@ -169,11 +169,13 @@ class CheckedData(Sequence):
     config's ``Dataset``: training's sources, evaluation's test split, inference's inputs.
 
     Building it (while the configs resolve) reads and writes nothing. :meth:`check`, a step of
-    the workflow's ``initialize`` list, checks every item and writes ``report_name`` into
-    ``report_dir`` where problems are found (with ``on_bad_data`` ``"raise"`` the run then
-    ends, listing them; with ``"skip"`` the bad items are left out). Read before :meth:`check`
-    (a caller that resolves the configs without initialising the workflow), it checks the items
-    the same way without writing the report.
+    the run (the configs' ``run`` list calls it before the engine starts; ``monai.bundle.load``
+    and MONAI's property checks, which initialise a workflow without running it, do not), checks
+    every item and writes ``report_name`` into ``report_dir`` where problems are found (with
+    ``on_bad_data`` ``"raise"`` the run then ends, listing them; with ``"skip"`` the bad items
+    are left out). Read before :meth:`check`
+    (a caller that resolves the configs without running them), it checks the items the same way
+    without writing the report.
 
     Args:
         items: data list items (``image``, optionally ``mask``, ``label``, ...).
