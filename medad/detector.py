@@ -125,6 +125,8 @@ class MVFADetector(nn.Module):
         # torch.compile'd _score_tokens_eager once compile_paths ran (an explicit attribute that
         # score_tokens calls, so that no instance attribute shadows a method)
         self._compiled_scoring: Callable[[AdapterTokens, int], RawScores] | None = None
+        # True while the trainer's step runs the adapted blocks through forward (medad.engines._adapting)
+        self._forward_adapts = False
         self.register_state_dict_post_hook(_add_description)
         self.register_load_state_dict_pre_hook(MVFADetector._prepare_load)
 
@@ -376,6 +378,8 @@ class MVFADetector(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Anomaly map ``(B, 1, S, S)`` for images ``(B, 3, S, S)`` in [0, 1]; the image score is
         its maximum (few-shot with masks) or :meth:`predict`'s ``score``."""
+        if self._forward_adapts:  # the trainer's step: a trunk output to adapter tokens
+            return self.encoder.adapt(images)
         return self.predict(images).anomaly_map.unsqueeze(1)
 
     def predict(self, images: torch.Tensor) -> AnomalyScores:

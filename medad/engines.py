@@ -161,14 +161,15 @@ def _adapting(network: nn.Module) -> Iterator[nn.Module]:
     Training runs :meth:`medad.network.AdaptedVisualTower.adapt` on the frozen trunk's
     (possibly cached) output, not the detector's forward (images to maps). DDP only reduces the
     gradients of outputs of its own forward, which calls the wrapped module; so the detector's
-    ``forward`` is that step while the block runs.
+    ``forward`` is that step while the block runs (the detector's ``_forward_adapts`` switch, not
+    an instance attribute over its ``forward`` method).
     """
     detector = unwrap(network)
-    detector.forward = detector.encoder.adapt
+    detector._forward_adapts = True
     try:
         yield network
     finally:
-        del detector.forward
+        detector._forward_adapts = False
 
 
 @contextmanager
