@@ -25,10 +25,9 @@ from medad.report import (
 )
 from medad.transforms import COLOUR_BAR_WIDTH, SaveOverlayd, mvfa_preprocessing
 
-from helpers import common, run_bundle
+from helpers import REPORT_GALLERY_SIZE as GALLERY_SIZE
 
 CHROMIUM = shutil.which("chromium")
-GALLERY_SIZE = 3
 
 
 class _Page(HTMLParser):
@@ -147,14 +146,10 @@ def test_overlays_keep_the_image_size_and_share_the_model_scale(tmp_path, tiny_d
 
 
 @pytest.fixture(scope="module")
-def report_run(synthetic_bmad, bundle_backbone, tmp_path_factory) -> Path:
-    """A tiny few-shot model (k = 2, one epoch) evaluated through the bundle: its ``eval/``."""
-    root = tmp_path_factory.mktemp("report")
-    settings = common(synthetic_bmad, bundle_backbone)
-    run_bundle("training", ("train", "fewshot"), root, shot=2, epochs=1, **settings)
-    log = run_bundle("evaluating", ("train", "fewshot", "evaluate"), root, shot=2, report_gallery_size=GALLERY_SIZE, **settings)
-    assert "evaluation report written to" in log
-    return root / "eval"
+def report_run(fewshot_evaluation) -> Path:
+    """The shared tiny few-shot model (k = 2, one epoch) evaluated through the bundle (conftest.py,
+    ``fewshot_evaluation``, which checks the log names the report): its ``eval/``, read-only."""
+    return fewshot_evaluation / "eval"
 
 
 def test_gallery_picks_match_scores_csv(report_run):

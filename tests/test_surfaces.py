@@ -19,7 +19,7 @@ import medad
 from medad.engines import MVFATrainer, adapter_parameter_groups
 from medad.handlers import FewShotMemoryHandler, ModelSaver
 
-from helpers import common, run_bundle
+from helpers import copy_bundle, run_bundle
 
 
 def _rows(path: Path, key=lambda image: Path(image).name) -> dict[str, dict[str, str]]:
@@ -27,10 +27,8 @@ def _rows(path: Path, key=lambda image: Path(image).name) -> dict[str, dict[str,
         return {key(row["image"]): row for row in csv.DictReader(handle)}
 
 
-def test_evaluation_inference_and_python_agree_on_a_few_shot_model(synthetic_bmad, bundle_backbone, tmp_path):
-    settings = common(synthetic_bmad, bundle_backbone)
-    root = tmp_path / "few"
-    run_bundle("training", ("train", "fewshot"), root, shot=2, epochs=1, **settings)
+def test_evaluation_inference_and_python_agree_on_a_few_shot_model(fewshot_bundle, synthetic_bmad, bundle_backbone, tmp_path):
+    root = copy_bundle(fewshot_bundle, tmp_path / "few")  # the shared few-shot model (k = 2, one epoch; conftest.py)
     # No architecture key: evaluation and inference take clip_model, image_size and levels from model.pt.
     weights = {"clip_weights": bundle_backbone["clip_weights"], "num_workers": 0}
     run_bundle("evaluating", ("train", "fewshot", "evaluate"), root, dataset_dir=synthetic_bmad, target="Alpha",
