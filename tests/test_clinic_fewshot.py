@@ -14,7 +14,7 @@ from PIL import Image
 
 import medad
 
-from helpers import IMAGE_SIZE, common, run_bundle
+from helpers import IMAGE_SIZE, REPORT_GALLERY_SIZE, common, copy_bundle, run_bundle
 from synthetic import write_dataset
 
 
@@ -119,7 +119,7 @@ def _own_layouts(bmad: Path, name: str, root: Path) -> tuple[Path, Path]:
     return folders, listed / "datalist.json"
 
 
-def test_own_data_layouts_give_the_metrics_of_the_bmad_layout(synthetic_bmad, bundle_backbone, tmp_path):
+def test_own_data_layouts_give_the_metrics_of_the_bmad_layout(fewshot_evaluation, synthetic_bmad, bundle_backbone, tmp_path):
     folders, datalist = _own_layouts(synthetic_bmad, "Alpha", tmp_path)
     for layout in (folders, datalist):
         assert medad.data.dataset_has_masks(layout, "Alpha")
@@ -128,14 +128,17 @@ def test_own_data_layouts_give_the_metrics_of_the_bmad_layout(synthetic_bmad, bu
         assert [Path(i["image"]).name for i in picks] == [Path(i["image"]).name for i in reference]
         assert [bool(i.get("mask")) for i in picks] == [bool(i.get("mask")) for i in reference]
     settings = common(synthetic_bmad, bundle_backbone)
-    root = tmp_path / "model"
-    run_bundle("training", ("train", "fewshot"), root, shot=2, epochs=1, **settings)
-    metrics = {}
-    for name, dataset_dir in (("bmad", synthetic_bmad), ("folders", folders), ("datalist", datalist)):
+    # The shared few-shot model (k = 2, one epoch) and its evaluation on the BMAD layout (conftest.py);
+    # the other layouts are evaluated with the same command but for dataset_dir, in a copy of the bundle.
+    root = copy_bundle(fewshot_evaluation, tmp_path / "model")
+    metrics = {"bmad": json.loads((fewshot_evaluation / "eval" / "metrics.json").read_text())}
+    for name, dataset_dir in (("folders", folders), ("datalist", datalist)):
         output = root / f"eval_{name}"
         run_bundle("evaluating", ("train", "fewshot", "evaluate"), root, shot=2, output_dir=output,
-                   **{**settings, "dataset_dir": dataset_dir})
-        metrics[name] = {k: v for k, v in json.loads((output / "metrics.json").read_text()).items() if k.startswith("val_")}
+                   report_gallery_size=REPORT_GALLERY_SIZE, **{**settings, "dataset_dir": dataset_dir})
+        metrics[name] = json.loads((output / "metrics.json").read_text())
+    metrics = {name: {k: v for k, v in values.items() if k.startswith("val_")} for name, values in metrics.items()}
+    assert {"val_image_auroc", "val_pixel_auroc", "val_pixel_ap", "val_aupro"} <= set(metrics["bmad"]), metrics
     assert metrics["folders"] == pytest.approx(metrics["bmad"], abs=1e-9)
     assert metrics["datalist"] == pytest.approx(metrics["bmad"], abs=1e-9)
 
