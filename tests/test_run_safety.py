@@ -26,7 +26,7 @@ from medad.checkpoint import CheckpointError, description_tensor, save_model
 from medad.io import OUTPUT_MARKER, RunLock, StagedOutput, check_output_folder
 from medad.workflow import RunError, error_summary, unknown_keys
 
-from helpers import CONFIGS, bundle_command, common, run_bundle
+from helpers import CONFIGS, bundle_command, common, copy_bundle, run_bundle
 
 def digest(folder: Path) -> dict[str, str]:
     """Every file under ``folder`` with its content's hash: what must survive a failed run."""
@@ -329,25 +329,27 @@ def test_set_up_errors_of_training_end_in_one_line(synthetic_bmad, bundle_backbo
     assert not any("Failed to evaluate" in line or line.startswith("Traceback") for line in lines), lines[-20:]
 
 
-def test_a_failed_evaluation_keeps_the_previous_results_whole(synthetic_bmad, bundle_backbone, tmp_path, monkeypatch):
-    settings = common(synthetic_bmad, bundle_backbone)
-    run_bundle("training", ("train",), tmp_path, epochs=1, **settings)
-    run_bundle("evaluating", ("train", "evaluate"), tmp_path, **settings)
+def test_a_failed_evaluation_keeps_the_previous_results_whole(fewshot_evaluation, synthetic_bmad, bundle_backbone, tmp_path,
+                                                             monkeypatch):
+    settings = {**common(synthetic_bmad, bundle_backbone), "shot": 2}
+    # A bundle with a model and the results of a finished evaluation: a copy of the session's
+    # shared few-shot model evaluated through the bundle (conftest.py).
+    root = copy_bundle(fewshot_evaluation, tmp_path / "bundle")
     results = ("metrics.json", "metrics.csv", "scores.csv", "report.html")
     for name in results:  # the previous results, told apart from anything this run could write
-        (tmp_path / "eval" / name).write_text(f"the previous {name}")
-    before = {name: (tmp_path / "eval" / name).read_bytes() for name in results}
+        (root / "eval" / name).write_text(f"the previous {name}")
+    before = {name: (root / "eval" / name).read_bytes() for name in results}
 
     def fail(*args, **kwargs):
         raise StepFailed("the report could not be drawn")
 
     # The report is written last: metrics and scores of the failed run must not replace the old ones.
     monkeypatch.setattr("medad.report.EvaluationReport.__call__", fail)
-    workflow = _workflow("evaluating", ("train", "evaluate"), tmp_path, "eval",
+    workflow = _workflow("evaluating", ("train", "fewshot", "evaluate"), root, "eval",
                          **{**settings, "levels": [1, 2, 3, 4]})
     raises_step_failed(workflow.run)
-    assert {name: (tmp_path / "eval" / name).read_bytes() for name in results} == before
-    assert not (tmp_path / ".eval.partial").exists()
+    assert {name: (root / "eval" / name).read_bytes() for name in results} == before
+    assert not (root / ".eval.partial").exists()
 
 
 def test_an_unwritable_mlflow_store_is_named_at_once(tmp_path):
