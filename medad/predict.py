@@ -20,7 +20,8 @@ from PIL import Image
 
 from medad.decision import GIVEN_RULE, Thresholds, conformal_p_values
 from medad.detector import MVFADetector
-from medad.transforms import MapToInputGridd, input_slice_indices, mvfa_preprocessing, plain_tensor
+from medad.outputs import MapToInputGridd
+from medad.transforms import input_slice_indices, mvfa_preprocessing, plain_tensor
 from medad.volumes import DEFAULT_SLICE_BATCH, input_kind, predict_images, score_volumes
 
 __all__ = ["Prediction", "predict_input"]

@@ -46,7 +46,8 @@ from medad.detector import MVFADetector, unwrap
 from medad.handlers import gather_rows, mlflow_runs
 from medad.io import atomic_write, strict_json
 from medad.metrics import AnomalyEvaluation
-from medad.transforms import annotate_overlay, heat_overlay, input_size, plain_tensor
+from medad.outputs import annotate_overlay, heat_overlay, input_size
+from medad.transforms import plain_tensor
 
 __all__ = [
     "GALLERIES",

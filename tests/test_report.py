@@ -23,7 +23,8 @@ from medad.metric_ops import BinnedScores
 from medad.report import (
     GALLERIES, SECTION_IDS, confusion_matrix, gallery_picks, mask_contour,
 )
-from medad.transforms import COLOUR_BAR_WIDTH, SaveOverlayd, mvfa_preprocessing
+from medad.outputs import COLOUR_BAR_WIDTH, SaveOverlayd
+from medad.transforms import mvfa_preprocessing
 
 from helpers import REPORT_GALLERY_SIZE as GALLERY_SIZE
 

@@ -141,7 +141,7 @@ def test_a_failed_inference_keeps_the_previous_outputs_and_leaves_no_staging(mod
 
     # MONAI's StatsHandler comes before the staging handler and re-raises first: the run's own
     # cleanup must not depend on that order.
-    monkeypatch.setattr("medad.transforms.SaveOverlayd.__call__", fail)
+    monkeypatch.setattr("medad.outputs.SaveOverlayd.__call__", fail)
     workflow = _workflow("inferring", ("inference",), root, "infer", dataset_dir=images, num_workers=0, overwrite=True)
     raises_step_failed(workflow.run)
     assert digest(root / "outputs") == before
