@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from medad.data import IMAGE_SUFFIXES
+from medad.discovery import input_kind
 from medad.io import atomic_write
 from medad.transforms import (
     MAX_IMAGE_PIXELS,
@@ -171,8 +172,6 @@ def check_volume(path: str | os.PathLike) -> list[str]:
 
 
 def _check_image(path: str, volumes: bool) -> tuple[np.ndarray | None, list[str]]:
-    from medad.volumes import input_kind
-
     if input_kind(path) == "volume":
         if volumes:
             return None, check_volume(path)

@@ -20,9 +20,10 @@ from PIL import Image
 
 from medad.decision import GIVEN_RULE, Thresholds, conformal_p_values
 from medad.detector import MVFADetector
+from medad.discovery import input_kind
 from medad.outputs import MapToInputGridd
 from medad.transforms import input_slice_indices, mvfa_preprocessing, plain_tensor
-from medad.volumes import DEFAULT_SLICE_BATCH, input_kind, predict_images, score_volumes
+from medad.volumes import DEFAULT_SLICE_BATCH, predict_images, score_volumes
 
 __all__ = ["Prediction", "predict_input"]
 

@@ -33,10 +33,10 @@ from medad.backbone import MVFA_MODEL_NAME, MissingWeightsError, default_image_s
 from medad.checks import check_items
 from medad.decision import Thresholds, effective_thresholds, map_scale
 from medad.detector import MVFADetector, load_detector, unwrap
+from medad.discovery import list_inputs
 from medad.network import default_levels
 from medad.handlers import check_resumable
 from medad.io import RunLock, discard_unfinished, disk_full, exception_chain
-from medad.volumes import list_inputs
 
 __all__ = [
     "CheckedData",
@@ -160,7 +160,7 @@ def model_detector(
 
 #: :func:`medad.checks.check_items`, ending the run with the report of every bad item.
 checked_items = _ending_on_input_errors(check_items)
-#: :func:`medad.volumes.list_inputs`, ending the run when no usable input is found.
+#: :func:`medad.discovery.list_inputs`, ending the run when no usable input is found.
 inputs = _ending_on_input_errors(list_inputs)
 
 

@@ -17,10 +17,10 @@ from PIL import Image
 import medad.transforms
 from medad.checks import DataCheckError, check_items, check_volume, read_array
 from medad.data import target_datalist
+from medad.discovery import input_kind, list_inputs
 from medad.outputs import MapToInputGridd, input_size
 from medad.predict import predict_input
 from medad.transforms import MAX_SIDE, UnsupportedInputError, mvfa_preprocessing, shrink_for_resize
-from medad.volumes import input_kind, list_inputs
 
 from synthetic import write_dataset
 

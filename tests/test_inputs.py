@@ -19,6 +19,7 @@ from PIL import Image
 import medad
 from medad.checkpoint import CheckpointError
 from medad.checks import check_items
+from medad.discovery import list_inputs
 from medad.io import StagedOutput, atomic_write
 
 from helpers import bundle_command, run_bundle
@@ -162,7 +163,7 @@ def test_inputs_whose_outputs_would_collide_are_refused(tmp_path):
     Image.new("L", (20, 20)).save(tmp_path / "scan.png")
     Image.new("L", (20, 20)).save(tmp_path / "scan.jpg")
     with pytest.raises(ValueError, match=r"would overwrite each other \(scan.jpg and scan.png -> scan_\*\)"):
-        medad.volumes.list_inputs(tmp_path)
+        list_inputs(tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -35,7 +35,8 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
 from medad.adaptation import adapt_to_normal_images
-from medad.volumes import input_kind, iter_slice_batches, prepare_slices
+from medad.discovery import input_kind
+from medad.volumes import iter_slice_batches, prepare_slices
 
 from lib.options import int_option, parse_bool
 from lib.store import DetectorStore

@@ -23,7 +23,7 @@ from PIL import Image
 
 from medad import predict_input
 from medad.io import strict_json
-from medad.volumes import input_kind
+from medad.discovery import input_kind
 
 from lib.options import choice_option, numeric_option
 from lib.store import DetectorStore
