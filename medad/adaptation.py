@@ -22,7 +22,7 @@ from medad.augment import FEWSHOT_AUGMENTATIONS, augment_fewshot
 from medad.decision import HELD_OUT_RULE, Thresholds
 from medad.detector import MVFADetector, RawScores
 
-__all__ = ["HELD_OUT_RULE", "adapt_to_normal_images"]  # HELD_OUT_RULE: defined in medad.decision
+__all__ = ["adapt_to_normal_images"]
 
 
 @torch.no_grad()

@@ -42,7 +42,6 @@ __all__ = [
     "WITH_MODEL_NAME",
     "CheckpointError",
     "ModelDescription",
-    "Thresholds",
     "DESCRIPTION_KEY",
     "checkpoint_kind",
     "describe",

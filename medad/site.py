@@ -35,7 +35,7 @@ from medad.decision import (
 from medad.detector import MVFADetector, unwrap
 from medad.predict import predict_input
 
-__all__ = ["SITE_RULES", "SiteThresholdRun", "set_site_threshold"]
+__all__ = ["SiteThresholdRun", "set_site_threshold"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class SiteThresholdRun:
     Args:
         network: the detector, loaded from ``save_path``.
         dataset_dir, target: the calibration data set in any layout medad reads.
-        rule: :data:`SITE_RULES`.
+        rule: :data:`medad.decision.SITE_RULES`.
         target_fpr, target_sensitivity: the target of the rule that is chosen.
         fraction, seed: the share of each class drawn for calibration where the data set's
             pool is also the evaluated one, and the draw's seed.
