@@ -4,7 +4,9 @@ from medad.augment import augment_fewshot
 from medad.backbone import TINY_MODEL_NAME, BackboneSpec, MissingWeightsError, create_clip
 from medad.checkpoint import ModelDescription, describe
 from medad.decision import Thresholds
-from medad.detector import METHODS, AnomalyScores, MVFADetector, RawScores, build_detector, load_detector
+from medad.detector import MVFADetector
+from medad.factory import build_detector, load_detector
+from medad.methods import METHODS, AnomalyScores, Method, RawScores, get_method, register_method
 from medad.losses import AlignmentLoss, MVFALosses, focal_loss
 from medad.network import AdaptedVisualTower, AdapterTokens, BackboneTokens, ResidualAdapter
 from medad.predict import Prediction, predict_input
@@ -27,6 +29,7 @@ __all__ = [
     "AdaptedVisualTower",
     "MVFADetector",
     "MVFALosses",
+    "Method",
     "MissingWeightsError",
     "ModelDescription",
     "Prediction",
@@ -43,8 +46,10 @@ __all__ = [
     "focal_loss",
     "load_detector",
     "fuse",
+    "get_method",
     "predict_input",
     "prompt_name",
+    "register_method",
     "set_site_threshold",
     "zero_shot_maps",
     "zero_shot_scores",

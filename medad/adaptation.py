@@ -20,7 +20,8 @@ import torch
 
 from medad.augment import FEWSHOT_AUGMENTATIONS, augment_fewshot
 from medad.decision import HELD_OUT_RULE, Thresholds
-from medad.detector import MVFADetector, RawScores
+from medad.detector import MVFADetector
+from medad.methods import RawScores
 
 __all__ = ["adapt_to_normal_images"]
 

@@ -82,7 +82,7 @@ class ModelDescription:
             the seeded random backbone of tests and the demo, ``"with-model-name"`` for the
             weights of an ``hf-hub:``/``local-dir:`` model, or ``None`` (unknown, format 1).
         thresholds: the decision thresholds stored with the model.
-        method: ``"mvfa"``, or a baseline, ``"clip"`` or ``"memory"`` (:data:`medad.detector.METHODS`).
+        method: the registered method (:data:`medad.methods.METHODS`): ``"mvfa"`` or a baseline.
         fitted: the images the model was fitted on, which evaluation leaves out: one record per
             image (:func:`medad.data.fitted_records`: ``name``, ``sha256`` of its bytes, ``label``,
             ``role`` ``"support"`` or ``"calibration"``).

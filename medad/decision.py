@@ -193,18 +193,18 @@ def map_scale(levels: int, has_memory: bool) -> tuple[float, float]:
     return (0.0, 1.0) if has_memory else (0.0, float(levels))
 
 
-def effective_thresholds(stored: Thresholds, levels: int, has_memory: bool) -> Thresholds:
+def effective_thresholds(stored: Thresholds, scale: tuple[float, float], has_memory: bool) -> Thresholds:
     """The thresholds that apply: the stored ones, the rule's default where one is missing (the
-    middle of :func:`map_scale`).
+    middle of the model's map ``scale``, :func:`map_scale` for MVFA's scoring).
 
     Example:
-        >>> applied = effective_thresholds(Thresholds(0.7, None, SUPPORT_F1_RULE), levels=4, has_memory=True)
+        >>> applied = effective_thresholds(Thresholds(0.7, None, SUPPORT_F1_RULE), (0.0, 1.0), has_memory=True)
         >>> applied.image, applied.image_rule, applied.pixel, applied.pixel_rule
         (0.7, 'support_f1', 0.5, 'calibrated_midpoint')
-        >>> effective_thresholds(Thresholds(), levels=4, has_memory=False).image
+        >>> effective_thresholds(Thresholds(), map_scale(4, has_memory=False), has_memory=False).image
         2.0
     """
-    low, high = map_scale(levels, has_memory)
+    low, high = scale
     default, rule = 0.5 * (low + high), CALIBRATED_MIDPOINT_RULE if has_memory else ZERO_SHOT_PRIOR_RULE
     image, image_rule = (stored.image, stored.image_rule) if stored.image is not None else (default, rule)
     pixel, pixel_rule = (stored.pixel, stored.pixel_rule) if stored.pixel is not None else (default, rule)

@@ -26,8 +26,8 @@ from monai.utils import convert_to_dst_type, ensure_tuple
 from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
-from medad.detector import AnomalyScores, unwrap
-from medad.network import AdaptedVisualTower
+from medad.detector import unwrap
+from medad.methods import AnomalyScores
 from medad.transforms import plain_tensor
 from medad.volumes import VolumeScores, predict_images
 
@@ -42,8 +42,9 @@ def adapter_parameter_groups(network: nn.Module) -> list[dict]:
     without gradients, which is how a set is left out of a step here. A baseline has no adapters:
     both groups are empty (the bundle builds its optimiser, but never trains a baseline).
     """
-    encoder = unwrap(network).encoder
-    if not isinstance(encoder, AdaptedVisualTower):
+    detector = unwrap(network)
+    encoder = detector.encoder
+    if not detector.method.trained:
         return [{"params": [], "name": "seg_adapters"}, {"params": [], "name": "det_adapters"}]
     return [
         {"params": list(encoder.seg_adapters.parameters()), "name": "seg_adapters"},

@@ -14,6 +14,7 @@ from medad.augment import FEWSHOT_AUGMENTATIONS, augment_fewshot
 from medad.checks import check_items
 from medad.data import fewshot_selection
 from medad.detector import MVFADetector, unwrap
+from medad.methods import get_method
 from medad.checkpoint import CheckpointError, describe, save_model
 from medad.transforms import mvfa_preprocessing, plain_tensor
 
@@ -97,16 +98,17 @@ def checked_init_checkpoint(
         CheckpointError: an unreadable, unsafe or foreign file, a baseline's model, or a model of
             another backbone; the message names the file.
     """
+    trained = get_method(method).trained
     if init_checkpoint is None:
-        if method == "mvfa" and abnormal_shots == 0:
+        if trained and abnormal_shots == 0:
             raise ValueError(_NEEDS_A_MODEL)
         return None
-    if method != "mvfa":
+    if not trained:
         raise ValueError(
             f"init_checkpoint {init_checkpoint}: starts MVFA's adapters, but method {method!r} has none: leave it unset"
         )
     description = describe(init_checkpoint)  # None for released adapters
-    if description is not None and description.method != "mvfa":
+    if description is not None and not get_method(description.method).trained:
         raise CheckpointError(
             f"{init_checkpoint}: the {description.method!r} baseline, which has no adapters to start from: give a "
             "zero-shot MVFA models/model.pt or a released MVFA adapter file"
@@ -137,10 +139,9 @@ class NormalOnlyAdaptation:
         fitted: records of the support images (:func:`medad.data.fitted_records`), stored with
             the model so that evaluation leaves them out.
 
-    Raises:
-        ValueError: when built, without ``init_checkpoint`` or with abnormal items (the bundle
-            builds it only for normal-only runs, and checks ``init_checkpoint`` before anything
-            else with :func:`checked_init_checkpoint`).
+    The bundle builds it for every few-shot run and runs it where MVFA's
+    :meth:`medad.methods.Method.fitting` chooses it (``abnormal_shots`` 0), having checked
+    ``init_checkpoint`` before anything else (:func:`checked_init_checkpoint`).
     """
 
     def __init__(
@@ -153,19 +154,22 @@ class NormalOnlyAdaptation:
         init_checkpoint: str | os.PathLike | None = None,
         fitted: Sequence[dict] = (),
     ) -> None:
-        if init_checkpoint is None:
-            raise ValueError(_NEEDS_A_MODEL)
-        abnormal = [item["image"] for item in items if int(item["label"]) == 1]
-        if abnormal:
-            raise ValueError(
-                f"normal-only adaptation takes normal images only, got {len(abnormal)} abnormal ones: {abnormal[:3]}"
-            )
         self.network, self.items, self.image_size = network, list(items), image_size
         self.save_path, self.batch_size, self.init_checkpoint = save_path, batch_size, init_checkpoint
         self.fitted = list(fitted)
 
     def run(self) -> None:
-        """Build the memory bank and calibration from the normal support images and save the model."""
+        """Build the memory bank and calibration from the normal support images and save the model.
+
+        Raises:
+            ValueError: without ``init_checkpoint``, or with abnormal items."""
+        if self.init_checkpoint is None:
+            raise ValueError(_NEEDS_A_MODEL)
+        abnormal = [item["image"] for item in self.items if int(item["label"]) == 1]
+        if abnormal:
+            raise ValueError(
+                f"normal-only adaptation takes normal images only, got {len(abnormal)} abnormal ones: {abnormal[:3]}"
+            )
         detector: MVFADetector = unwrap(self.network).eval()
         images, _ = _load(self.items, self.image_size)
         thresholds = adapt_to_normal_images(detector, images, augment=True, batch_size=self.batch_size)

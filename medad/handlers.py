@@ -4,7 +4,6 @@ metrics JSON, and atomic (resumable) checkpoints."""
 from __future__ import annotations
 
 import csv
-import dataclasses
 import itertools
 import json
 import logging

@@ -9,7 +9,8 @@ import torch
 from monai.inferers import Inferer
 from torch import nn
 
-from medad.detector import RawScores, unwrap
+from medad.detector import unwrap
+from medad.methods import RawScores
 from medad.volumes import DEFAULT_SLICE_BATCH, VolumeScores, score_volumes
 
 __all__ = ["AnomalyInferer"]

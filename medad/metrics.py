@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from ignite.metrics import Metric, MetricsLambda
 
-from medad.detector import MVFADetector, RawScores, unwrap
+from medad.detector import MVFADetector, unwrap
+from medad.methods import RawScores
 from medad.metric_ops import BinnedScores, PROCurve, image_metrics
 from medad.scoring import FusionRange, fuse
 

@@ -32,7 +32,8 @@ from typing import NamedTuple
 import torch
 from monai.transforms import Resize
 
-from medad.detector import AnomalyScores, MVFADetector
+from medad.detector import MVFADetector
+from medad.methods import AnomalyScores
 from medad.transforms import plain_tensor, shrink_for_resize, to_rgb
 
 __all__ = [

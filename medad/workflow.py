@@ -31,9 +31,11 @@ import torch
 
 from medad.backbone import MVFA_MODEL_NAME, MissingWeightsError, default_image_size, weights_come_with_name
 from medad.checks import check_items
-from medad.decision import Thresholds, effective_thresholds, map_scale
-from medad.detector import MVFADetector, load_detector, unwrap
+from medad.decision import Thresholds, effective_thresholds
+from medad.detector import MVFADetector, unwrap
+from medad.factory import load_detector
 from medad.discovery import list_inputs
+from medad.methods import get_method
 from medad.network import default_levels
 from medad.handlers import check_resumable
 from medad.io import RunLock, discard_unfinished, disk_full, exception_chain
@@ -111,6 +113,7 @@ class MissingModel(torch.nn.Module):
         self.path = str(path)
         self.image_size = int(given.get("image_size") or default_image_size(given.get("model_name", MVFA_MODEL_NAME)))
         self.levels = tuple(int(level) for level in given["levels"]) if "levels" in given else default_levels(24)
+        self.method = get_method(given.get("method", "mvfa"))
         self.has_memory = False
         self.fitted: list[dict[str, Any]] = []
 
@@ -124,11 +127,11 @@ class MissingModel(torch.nn.Module):
 
     def effective_thresholds(self) -> Thresholds:
         """The thresholds of :meth:`medad.MVFADetector.effective_thresholds` for a model without stored ones."""
-        return effective_thresholds(Thresholds(), len(self.levels), self.has_memory)
+        return effective_thresholds(Thresholds(), self.map_scale(), self.has_memory)
 
     def map_scale(self) -> tuple[float, float]:
         """The map range of :meth:`medad.MVFADetector.map_scale` for a model without memory."""
-        return map_scale(len(self.levels), self.has_memory)
+        return self.method.map_scale(len(self.levels), self.has_memory)
 
     def compile_paths(self, enabled: bool = True, **options: Any) -> MissingModel:
         """Nothing to compile (:meth:`medad.MVFADetector.compile_paths`)."""

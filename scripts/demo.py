@@ -6,8 +6,9 @@ randomly initialised backbone of ``configs/tiny.json`` (no weights can be downlo
 1. zero-shot training on every demo domain but the held-out target, and its evaluation;
 2. few-shot training on k normal + k abnormal images of the target, and its evaluation;
 3. normal-only adaptation of the zero-shot model to k normal images (no training), and its evaluation;
-4. the paper's baselines on the same backbone and k support images, nothing trained: CLIP without
-   adapters (``method: clip``) and the memory bank of the backbone's own tokens (``method: memory``);
+4. the baselines on the same backbone and k support images, nothing trained: every registered
+   method that trains nothing (:data:`medad.METHODS`: CLIP without adapters, ``method: clip``;
+   the memory bank of the backbone's own tokens, ``method: memory``; WinCLIP, ``method: winclip``);
 5. inference on a few target images (RGB PNG and JPEG): anomaly maps, overlays and a scores table.
 
 It prints a results table and writes ``roc.png`` under the output folder; every evaluation also
@@ -26,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+from medad.methods import METHODS
 from medad.workflow import bundle_command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,10 +125,10 @@ def main() -> None:
            init_checkpoint=zero / "models" / "model.pt", **common)
     step(f"Normal-only evaluation on {args.target}")
     bundle("evaluating", ["train", "fewshot", "evaluate"], normal, shot=args.shot, **common)
-    baselines = {method: args.output / f"{method}_baseline" for method in ("clip", "memory")}
+    baselines = {method: args.output / f"{method.name}_baseline" for method in METHODS.values() if not method.trained}
     for method, root in baselines.items():
-        step(f"The {method} baseline (no adapters, nothing trained) on the {args.shot}-shot support set, and its evaluation")
-        bundle("training", ["train", "fewshot"], root, shot=args.shot, method=method, **common)
+        step(f"The {method.label} baseline (nothing trained) on the {args.shot}-shot support set, and its evaluation")
+        bundle("training", ["train", "fewshot"], root, shot=args.shot, method=method.name, **common)
         bundle("evaluating", ["train", "fewshot", "evaluate"], root, shot=args.shot, **common)
 
     step("Inference on a few test images as RGB PNG and JPEG files (as BMAD ships them): maps, overlays, scores")
@@ -142,7 +144,7 @@ def main() -> None:
     bundle("inferring", ["inference"], few, dataset_dir=samples, num_workers=args.workers, overwrite=True)
 
     runs = (("zero-shot", zero), (f"few-shot (k={args.shot})", few), (f"normal-only (k={args.shot})", normal),
-            ("CLIP baseline, no adapters", baselines["clip"]), (f"memory baseline, no adapters (k={args.shot})", baselines["memory"]))
+            *((f"{method.label} baseline" + (f" (k={args.shot})" if method.takes_memory else ""), root) for method, root in baselines.items()))
     results = {name: json.loads((root / "eval" / "metrics.json").read_text()) for name, root in runs}
     plot_roc({name: root / "eval" / "scores.csv" for name, root in runs}, args.output / "roc.png")
     print(f"\nResults on the held-out domain {args.target} (test split):\n")

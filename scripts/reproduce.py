@@ -3,14 +3,15 @@
     python scripts/reproduce.py --dataset-dir data/BMAD --output runs/mvfa \
         --clip-weights ~/weights/ViT-L-14-336px.pt --seed-dir MVFA-AD/dataset/fewshot_seed \
         [--datasets Brain Liver] [--shots 0 2 4 8 16] [--seeds 0 1 2] [--epochs 50] \
-        [--model-selection last|paper] [--methods mvfa,clip,memory] [--extra KEY=VALUE ...] [--dry-run | --report-only]
+        [--model-selection last|paper] [--methods mvfa,clip,memory,winclip] [--extra KEY=VALUE ...] [--dry-run | --report-only]
 
 Zero-shot (shot 0): leave one data set out, train on all the others, evaluate on it. Few-shot:
 for each k and support pick (seed-file indices with --seed-dir, else seeded random picks), train
 on the target's k + k support images and evaluate on its test split. ``--methods`` adds the
 paper's baselines on the same backbone and data (no adapters, nothing trained): ``clip`` (CLIP's
 projected tokens against the same prompts, one zero-shot cell per target) and ``memory`` (the
-few-shot memory bank of the backbone's own tokens, at each k and pick). Each cell is a folder
+few-shot memory bank of the backbone's own tokens, at each k and pick) and ``winclip`` (WinCLIP's
+window embeddings and harmonic aggregation, zero-shot per target and at each k and pick). Each cell is a folder
 under --output; finished cells are skipped and interrupted ones resumed when run again. The
 results go to results.csv, results.json and report.md in --output.
 """
@@ -21,6 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from medad.methods import METHODS
 from reproduction import (  # scripts/reproduction.py, beside this script
     CellFailed,
     GridOptions,
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, help="training epochs (default: the bundle's, 50)")
     parser.add_argument("--model-selection", choices=("last", "paper"), default="last",
                         help="last: leak-free final epoch (default); paper: best epoch on the target's test set, as the authors did")
-    parser.add_argument("--methods", default="mvfa", help="comma-separated: mvfa (default), clip, memory (baselines)")
+    parser.add_argument("--methods", default="mvfa", help=f"comma-separated, of {', '.join(METHODS)} (default: mvfa; the others are baselines)")
     parser.add_argument("--clip-model", help="open_clip model name, hf-hub:<repo> or local-dir:<folder> (default: the bundle's, ViT-L-14-336)")
     parser.add_argument("--clip-weights", help="CLIP weights: a path to ViT-L-14-336px.pt or an open_clip tag")
     parser.add_argument("--tiny", action="store_true", help="tiny randomly initialised CLIP (configs/tiny.json): smoke tests only")

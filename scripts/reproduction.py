@@ -33,7 +33,7 @@ from pathlib import Path
 
 from medad.augment import FEWSHOT_AUGMENTATIONS
 from medad.backbone import weights_come_with_name
-from medad.detector import METHODS
+from medad.methods import METHODS, Method
 from medad.data import (
     BMAD,
     BMAD_DATASETS,
@@ -556,14 +556,15 @@ def plan_grid(
         seeds: with ``seed_dir``, the seed-file indices to run (default: those the file holds,
             at most five); without, the seeds of random support picks (default 0-4).
         seed_dir: MVFA's seed files, ``<seed_dir>/<target>/<k>-shot.txt``.
-        methods: ``mvfa`` and the baselines (:data:`medad.METHODS`): ``clip`` scores with text
-            alone, the same with or without support images, so it runs once per target, as a
-            zero-shot cell; ``memory`` needs support images and runs the few-shot cells' picks.
+        methods: registered methods (:data:`medad.METHODS`): ``mvfa`` and the baselines, which
+            run the cells :func:`_method_cells` gives them (``clip`` scores with text alone, the
+            same with or without support images, so it runs once per target, as a zero-shot
+            cell; ``memory`` needs support images and runs the few-shot cells' picks).
 
     Raises:
         FileNotFoundError: no data sets, or a seed file is missing.
         ValueError: an unknown target or method, zero-shot with a single data set, a seed index
-            the file lacks, or the memory baseline without few-shot shots.
+            the file lacks, or a method that needs support images (``memory``) without shots.
     """
     available = list_datasets(dataset_dir) if Path(dataset_dir).is_dir() else []
     if not available:
@@ -579,8 +580,9 @@ def plan_grid(
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ValueError(f"methods must be some of {list(METHODS)}, got {list(methods)}")
-    if "memory" in methods and not any(shots):
-        raise ValueError("the memory baseline is a few-shot memory bank: give shots k > 0")
+    needing_support = [m for m in methods if METHODS[m].needs_support]
+    if needing_support and not any(shots):
+        raise ValueError(f"the {needing_support[0]} baseline is a few-shot memory bank: give shots k > 0")
     cells = []
     for shot in sorted(set(shots)):
         for target in targets:
@@ -598,12 +600,20 @@ def plan_grid(
             if absent:
                 raise ValueError(f"{seed_file} has no seed indices {absent} (it has {indices})")
             cells += [Cell(target, shot, "seed_index", i) for i in (seeds if seeds else indices[:DEFAULT_PICKS])]
-    by_method = {
-        "mvfa": cells,
-        "clip": [Cell(target, method="clip") for target in targets],
-        "memory": [dataclasses.replace(cell, method="memory") for cell in cells if cell.shot],
-    }
-    return sorted((cell for method in dict.fromkeys(methods) for cell in by_method[method]), key=lambda cell: cell.shot)
+    chosen = (cell for name in dict.fromkeys(methods) for cell in _method_cells(METHODS[name], cells, targets, shots))
+    return sorted(chosen, key=lambda cell: cell.shot)
+
+
+def _method_cells(method: Method, cells: Sequence[Cell], targets: Sequence[str], shots: Sequence[int]) -> list[Cell]:
+    """The cells ``method`` runs of MVFA's ``cells``: a trained method all of them; one that
+    trains nothing a zero-shot cell per target where it scores with text (always where it has
+    no memory, since support images change nothing then) and the few-shot cells where it takes
+    a memory."""
+    if method.trained:
+        return list(cells)
+    zero_shot = method.scores_text and (0 in shots or not method.takes_memory)
+    few_shot = [dataclasses.replace(cell, method=method.name) for cell in cells if cell.shot] if method.takes_memory else []
+    return ([Cell(target, method=method.name) for target in targets] if zero_shot else []) + few_shot
 
 
 @dataclass
@@ -816,8 +826,11 @@ PAPER_RESULTS: dict[int, dict[str, tuple[float, float | None]]] = {
     },
 }
 _FIRST_COLUMNS = ("setting", "method", "shot", "target", "pick", "has_masks", "folder")
-#: How the report names each method's rows.
-METHOD_ROWS = {"mvfa": "ours", "clip": "CLIP (no adapters)", "memory": "memory bank (no adapters)"}
+
+
+def method_row(method: str) -> str:
+    """How the report names a method's rows: MVFA's are ``ours``, the others their label."""
+    return "ours" if METHODS[method].trained else METHODS[method].label
 
 
 def _finite(value: object) -> float | None:
@@ -922,7 +935,7 @@ def format_report(rows: Sequence[dict], cells: Sequence[Cell], protocol: Mapping
                 number = None if published is None else published[0 if metric == "image_auroc" else 1]
                 paper.append("" if number is None else f"{number:.2f}")
                 delta.append("" if number is None or not values else f"{100 * statistics.fmean(values) - number:+.2f}")
-            lines.append("| " + " | ".join([setting, METHOD_ROWS[method], *ours]) + " |")
+            lines.append("| " + " | ".join([setting, method_row(method), *ours]) + " |")
             if any(paper):
                 lines.append("| " + " | ".join(["", "paper", *paper]) + " |")
                 lines.append("| " + " | ".join(["", "Δ", *delta]) + " |")
@@ -960,12 +973,11 @@ def format_report(rows: Sequence[dict], cells: Sequence[Cell], protocol: Mapping
         "mean ± sample standard deviation over the support picks; (n/N): only n of N runs finished; "
         "—: none finished.",
     ]
-    if any(cell.method != "mvfa" for cell in cells):
+    baselines = [METHODS[name] for name in dict.fromkeys(cell.method for cell in cells) if not METHODS[name].trained]
+    if baselines:
         out.append(
-            "Baselines on the same backbone, data and metrics, nothing trained: CLIP (no adapters) scores each "
-            "level's tokens, through the tower's final norm and projection, against the same prompts (MVFA's "
-            "zero-shot formulas); memory bank (no adapters) scores the backbone's own tokens at the same levels "
-            "against the augmented normal support images (MVFA's few-shot distance)."
+            "Baselines on the same backbone, data and metrics, nothing trained: "
+            + "; ".join(f"{method.label}: {method.summary}" for method in baselines) + "."
         )
     if any(shot in PAPER_RESULTS for shot in shots):
         out.append(
@@ -989,7 +1001,7 @@ def estimate_runtime(cells: Sequence[Cell], options: GridOptions, seconds_per_im
     train_images = eval_images = 0
     for cell in cells:
         per_epoch = sum(n for name, n in sizes.items() if name != cell.target) if cell.shot == 0 else 2 * cell.shot * FEWSHOT_AUGMENTATIONS
-        train_images += per_epoch * epochs if cell.method == "mvfa" else 0  # baselines train nothing
+        train_images += per_epoch * epochs if METHODS[cell.method].trained else 0  # baselines train nothing
         validations = 1 + (epochs * (5 if cell.shot == 0 else 1) if options.model_selection == "paper" else 0)
         eval_images += validations * sizes[cell.target]
     train_s = train_images * seconds_per_image

@@ -290,8 +290,8 @@ def test_baselines_build_without_training_and_evaluate_through_the_bundle(synthe
     for root, detector in ((clip, clip_detector), (memory, memory_detector)):
         metrics = json.loads((root / "eval" / "metrics.json").read_text())
         assert_metrics_are_sklearns(metrics, detector, synthetic_bmad, root / "eval" / "scores.csv")
-    assert clip_detector.method == "clip" and not clip_detector.has_memory
-    assert memory_detector.method == "memory" and memory_detector.has_memory and memory_detector.is_calibrated
+    assert clip_detector.method.name == "clip" and not clip_detector.has_memory
+    assert memory_detector.method.name == "memory" and memory_detector.has_memory and memory_detector.is_calibrated
     # The memory is the backbone's own tokens: 2 normal images x 11 augmentations x (1 + 8 x 8) tokens of width 64.
     assert memory_detector.memory_seg.shape == (4, 2 * 11 * 65, 64)
     # The memory baseline's map is MVFA's fusion with a zero text part: half the min-max memory distance.
@@ -308,9 +308,10 @@ def test_the_method_is_checked_and_read_from_the_model_file(synthetic_bmad, bund
     settings = common(synthetic_bmad, {**bundle_backbone, "levels": [1, 2, 3, 4]})
     # MONAI's config parser wraps medad's RunError; the bundle's last line is the RunError's text.
     with pytest.raises(RuntimeError) as raised:
-        run_in_process("training", ("train",), tmp_path / "unknown", method="winclip", **settings)
+        run_in_process("training", ("train",), tmp_path / "unknown", method="patchcore", **settings)
     assert any(isinstance(e, RunError) for e in (raised.value, raised.value.__cause__))
-    assert error_summary(raised.value)[0] == "method must be one of ['mvfa', 'clip', 'memory'], got 'winclip'"
+    assert error_summary(raised.value)[0] == f"method must be one of {list(medad.METHODS)}, got 'patchcore'"
+    assert list(medad.METHODS)[:3] == ["mvfa", "clip", "memory"]
     with pytest.raises(RuntimeError) as raised:
         run_in_process("training", ("train",), tmp_path / "zero_memory", method="memory", **settings)
     assert error_summary(raised.value)[0].startswith("the memory baseline is a few-shot memory bank: it needs support images")
