@@ -43,7 +43,8 @@ from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix, precis
 
 from medad.decision import HELD_OUT_RULE, decision_rates, f1_best_threshold
 from medad.detector import MVFADetector, unwrap
-from medad.handlers import gather_rows, mlflow_runs
+from medad.handlers import gather_rows
+from medad.tracking import mlflow_runs
 from medad.io import atomic_write, strict_json
 from medad.metrics import AnomalyEvaluation
 from medad.outputs import annotate_overlay, heat_overlay, input_size

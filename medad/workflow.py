@@ -37,7 +37,7 @@ from medad.factory import load_detector
 from medad.discovery import list_inputs
 from medad.methods import get_method
 from medad.network import default_levels
-from medad.handlers import check_resumable
+from medad.resume import check_resumable
 from medad.io import RunLock, discard_unfinished, disk_full, exception_chain
 
 __all__ = [
@@ -249,7 +249,7 @@ class CheckedData(Sequence):
     def __repr__(self) -> str:
         state = "checked" if self._reported else "not checked yet"
         return f"CheckedData({len(self.items)} items, {state})"
-#: :func:`medad.handlers.check_resumable`, ending the run before it resumes with other settings.
+#: :func:`medad.resume.check_resumable`, ending the run before it resumes with other settings.
 resumable = _ending_on_input_errors(check_resumable)
 
 

@@ -20,7 +20,7 @@ from PIL import Image
 import medad
 from medad.checks import DataCheckError, check_items
 from medad.data import bmad_datalist
-from medad.handlers import RunSettings
+from medad.resume import RunSettings
 from medad.transforms import mvfa_preprocessing
 
 from synthetic import write_dataset
@@ -164,7 +164,7 @@ def _write_half_then_fail(_obj, target, *args, **kwargs) -> None:
 def test_a_failed_checkpoint_save_leaves_no_half_file(tmp_path, monkeypatch):
     from ignite.engine import Engine
 
-    from medad.handlers import AtomicCheckpointSaver
+    from medad.resume import AtomicCheckpointSaver
 
     engine = Engine(lambda engine, batch: None)
     saver = AtomicCheckpointSaver(str(tmp_path), {"model": torch.nn.Linear(2, 2)}, save_final=True, final_filename="model.pt")
