@@ -13,6 +13,7 @@ from medad.predict import Prediction, predict_input
 from medad.prompts import ORGAN_NAMES, encode_prompt_ensemble, encode_text_features, prompt_name
 from medad.site import set_site_threshold
 from medad.scoring import FusionRange, few_shot_maps, fuse, zero_shot_maps, zero_shot_scores
+from medad.winclip import WinCLIP  # registers the WinCLIP baseline (method: winclip)
 
 __version__ = "0.1.0"
 
@@ -20,6 +21,7 @@ __all__ = [
     "METHODS",
     "ORGAN_NAMES",
     "TINY_MODEL_NAME",
+    "WinCLIP",
     "AdapterTokens",
     "AlignmentLoss",
     "AnomalyScores",

@@ -323,3 +323,28 @@ def test_the_method_is_checked_and_read_from_the_model_file(synthetic_bmad, bund
         run_in_process("evaluating", ("train", "evaluate"), root, method="memory", **settings)
     summary, user_error = error_summary(raised.value)
     assert "was made for method='clip', but method='memory' was given" in summary and user_error, summary
+
+
+def test_winclip_builds_and_evaluates_through_the_bundle(synthetic_bmad, bundle_backbone, tmp_path):
+    settings = common(synthetic_bmad, {**bundle_backbone, "levels": None})  # WinCLIP reads the last block
+    root = tmp_path / "winclip"
+    run_in_process("training", ("train", "fewshot"), root, shot=2, epochs=1, method="winclip", **settings)
+    saved = torch.load(root / "models" / "model.pt", weights_only=True)
+    assert medad.describe(saved).method == "winclip" and medad.describe(saved).levels == (4,)
+    assert not list((root / "models").glob("resume_*.pt"))  # nothing trained: no epoch ran
+    run_in_process("evaluating", ("train", "fewshot", "evaluate"), root, shot=2, **settings)
+
+    detector = medad.load_detector(root / "models" / "model.pt", bundle_backbone["clip_weights"])
+    metrics = json.loads((root / "eval" / "metrics.json").read_text())
+    assert_metrics_are_sklearns(metrics, detector, synthetic_bmad, root / "eval" / "scores.csv")
+    assert detector.method.name == "winclip" and detector.has_memory
+    # Its memory: 2 normal images x 11 augmentations x the 8 x 8 patches, the 7 x 7 windows of 2 x 2
+    # and the 6 x 6 windows of 3 x 3, each projected to the tiny CLIP's 32-wide joint space.
+    shapes = {name: tuple(getattr(detector, f"memory_{name}").shape) for name in detector.memory_names}
+    assert shapes == {"patch": (22 * 64, 32), "window2": (22 * 49, 32), "window3": (22 * 36, 32)}
+    # WinCLIP's few-shot answer is the mean of its zero- and few-shot parts (no min-max fusion).
+    images = torch.rand(2, 3, 112, 112)
+    with torch.no_grad():
+        raw, final = detector.raw_scores(images), detector.predict(images)
+    torch.testing.assert_close(final.anomaly_map, 0.5 * (raw.zero_map + raw.few_map))
+    torch.testing.assert_close(final.score, 0.5 * (raw.zero_score + raw.few_score))
