@@ -298,6 +298,10 @@ def test_baselines_join_the_grid_and_the_table(synthetic_bmad, tmp_path):
     cells = plan_grid(synthetic_bmad, ["Alpha"], [0, 2], seeds=[0, 1], methods=["mvfa", "clip", "memory"])
     assert [(c.shot, c.method, c.value) for c in cells] == [
         (0, "mvfa", None), (0, "clip", None), (2, "mvfa", 0), (2, "mvfa", 1), (2, "memory", 0), (2, "memory", 1)]
+    # WinCLIP has text and memory: a zero-shot cell per target where the grid has zero-shot, and MVFA's picks
+    winclip = plan_grid(synthetic_bmad, ["Alpha"], [0, 2], seeds=[0, 1], methods=["winclip"])
+    assert [(c.shot, c.method, c.value) for c in winclip] == [(0, "winclip", None), (2, "winclip", 0), (2, "winclip", 1)]
+    assert [c.shot for c in plan_grid(synthetic_bmad, ["Alpha"], [2], seeds=[0], methods=["winclip", "clip"])] == [0, 2]
     options = GridOptions(synthetic_bmad, tmp_path / "runs")
     memory = cells[4]
     assert memory.relpath == Path("memory") / "k2" / "Alpha" / "random_seed_0"  # MVFA's cells keep their folders
@@ -314,6 +318,6 @@ def test_baselines_join_the_grid_and_the_table(synthetic_bmad, tmp_path):
         "| k=2 | memory bank (no adapters) | 75.00 ± 7.07 | 80.00 ± 7.07 |",
     ]
     with pytest.raises(ValueError, match="methods must be some of"):
-        plan_grid(synthetic_bmad, ["Alpha"], [0], methods=["winclip"])
+        plan_grid(synthetic_bmad, ["Alpha"], [0], methods=["patchcore"])
     with pytest.raises(ValueError, match="memory baseline is a few-shot memory bank"):
         plan_grid(synthetic_bmad, ["Alpha"], [0], methods=["memory"])
