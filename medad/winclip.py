@@ -291,6 +291,11 @@ class WinCLIP(Method):
 
     name = "winclip"
     label = "WinCLIP"
+    summary = (
+        "scores the class token and each 2 x 2 and 3 x 3 window of patches, run through the tower alone, "
+        "against the same prompts, harmonic means back to the patches, and with support images the mean "
+        "with their patch and window embeddings' distance"
+    )
     trained = False
     scores_text = True
     takes_memory = True
