@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import gc
+import io
 import os
+import runpy
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from sklearn.metrics import roc_auc_score
@@ -40,6 +45,43 @@ def run_bundle(run_id: str, config_names: tuple[str, ...], bundle_root: Path, **
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-6000:]
     return log
+
+
+def run_bundle_in_process(run_id: str, config_names: tuple[str, ...], bundle_root: Path, **overrides) -> tuple[int, list[str]]:
+    """The :func:`bundle_command` run inside this process, whose imports are paid already: the
+    exit status that ``python -m monai.bundle run`` would end with, and its stderr lines.
+
+    ``monai.bundle``'s ``__main__`` runs under ``runpy`` with the command's ``sys.argv``, so medad
+    sees the bundle's command line as in the process (``medad.workflow.check_command_line``), and
+    an exception that ends it goes to the bundle process's ``sys.excepthook``,
+    ``medad.workflow.summarise_failure`` (the last stderr line). For refusals and failures whose
+    outcome does not depend on the process boundary; test_run_safety.py checks that a real bundle
+    process ends with the same line and a failure status."""
+    from medad.workflow import summarise_failure
+
+    command = bundle_command(run_id, config_names, bundle_root, **overrides)
+    assert command[1:3] == ["-m", "monai.bundle"], command
+    argv, stderr, status = sys.argv, io.StringIO(), 0
+    sys.argv = command[2:]  # runpy puts the module's file in sys.argv[0], as python -m does
+    try:
+        with contextlib.redirect_stderr(stderr):
+            try:
+                runpy.run_module("monai.bundle", run_name="__main__", alter_sys=True)
+            except SystemExit as ended:  # as the interpreter ends on it: no excepthook
+                if ended.code is None or isinstance(ended.code, int):
+                    status = ended.code or 0
+                else:
+                    print(ended.code, file=sys.stderr)
+                    status = 1
+            except Exception as error:  # what the process's excepthook receives (a Ctrl-C ends the tests)
+                summarise_failure(type(error), error, error.__traceback__)
+                status = 1
+            # What the process's end would drop: the workflow and what it holds (its RunLock, open
+            # files, progress bars, which would write to stderr after the summary if left open).
+            gc.collect()
+    finally:
+        sys.argv = argv
+    return status, stderr.getvalue().strip().splitlines()
 
 
 def common(dataset_dir: Path, backbone: dict) -> dict:

@@ -1,9 +1,12 @@
 """Nothing lost, nothing left behind, every error one line: what a run does to the files around it
 when it is misconfigured, fails, is interrupted or meets another run (issue 25).
 
-The bundle runs here are real ``python -m monai.bundle`` processes on the tiny backbone; the
-failures inside a run are raised in-process through MONAI's ``ConfigWorkflow`` (the same configs),
-where a step can be made to fail."""
+The bundle runs here are ``python -m monai.bundle run`` on the tiny backbone. Where the process
+itself is tested (a signal, a lock held by another process, the line a real process ends with)
+they are real processes; the refusals and set-up errors run the same command inside the test's
+process (``helpers.run_bundle_in_process``: its imports are paid already), which one test pins to
+end as the real process does. The failures inside a run are raised in-process through MONAI's
+``ConfigWorkflow`` (the same configs), where a step can be made to fail."""
 
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ from medad.checkpoint import CheckpointError, description_tensor, save_model
 from medad.io import OUTPUT_MARKER, RunLock, StagedOutput, check_output_folder
 from medad.workflow import RunError, error_summary, unknown_keys
 
-from helpers import CONFIGS, bundle_command, common, copy_bundle, run_bundle
+from helpers import CONFIGS, bundle_command, common, copy_bundle, run_bundle_in_process
+
 
 def digest(folder: Path) -> dict[str, str]:
     """Every file under ``folder`` with its content's hash: what must survive a failed run."""
@@ -54,12 +58,22 @@ def bundle_with_inputs(root: Path, model_file: Path, count: int = 3) -> Path:
     return images
 
 
-def failing_run(run_id: str, configs: tuple[str, ...], root: Path, **overrides) -> list[str]:
+def failing_process(run_id: str, configs: tuple[str, ...], root: Path, **overrides) -> list[str]:
+    """The stderr lines of a ``python -m monai.bundle run`` process that must fail."""
     result = subprocess.run(
         bundle_command(run_id, configs, root, **overrides), capture_output=True, text=True, timeout=300
     )
     assert result.returncode != 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stderr.strip().splitlines()
+
+
+def failing_run(run_id: str, configs: tuple[str, ...], root: Path, **overrides) -> list[str]:
+    """The stderr lines of the same run inside this process (``helpers.run_bundle_in_process``),
+    which must fail as the process would; :func:`test_a_bundle_process_ends_as_the_run_in_process_does`
+    pins the two together."""
+    status, lines = run_bundle_in_process(run_id, configs, root, **overrides)
+    assert status != 0, lines[-40:]
+    return lines
 
 
 # --- --overwrite never touches inputs or models -------------------------------------------------
@@ -133,7 +147,8 @@ def raises_step_failed(run) -> None:
 def test_a_failed_inference_keeps_the_previous_outputs_and_leaves_no_staging(model_file, tmp_path, monkeypatch):
     root = tmp_path / "bundle"
     images = bundle_with_inputs(root, model_file)
-    run_bundle("inferring", ("inference",), root, dataset_dir=images, num_workers=0)
+    status, lines = run_bundle_in_process("inferring", ("inference",), root, dataset_dir=images, num_workers=0)
+    assert status == 0, lines[-40:]
     before = digest(root / "outputs")
 
     def fail(*args, **kwargs):
@@ -240,10 +255,24 @@ def test_disk_full_during_training_ends_in_one_line_naming_it(synthetic_bmad, bu
         assert not (small / "bundle" / "models" / "model.pt").exists()
         assert not [path for path in (small / "bundle").rglob(".*.pt")]  # no temporary checkpoint left
     finally:
-        subprocess.run(["umount", str(small)], check=False)
+        unmounted = subprocess.run(["umount", str(small)], capture_output=True)
+    # The run ended inside this process: it must have let go of every file on the tmpfs.
+    assert unmounted.returncode == 0, unmounted.stderr.decode()
 
 
 # --- every error one line; misspelt keys refused ----------------------------------------------------
+
+
+def test_a_bundle_process_ends_as_the_run_in_process_does(synthetic_bmad, bundle_backbone, tmp_path):
+    # The refusals of this file run inside the test's process; a real process installs the
+    # summary as its excepthook, reads its own command line, and ends with a failure status and
+    # the same line, last, without a traceback.
+    settings = common(synthetic_bmad, bundle_backbone)
+    process = failing_process("training", ("train",), tmp_path, epoch=3, **settings)
+    assert process[-1].startswith("medad: --epoch: did you mean --epochs?"), process[-20:]
+    assert not any("Failed to evaluate" in line or line.startswith("Traceback") for line in process), process[-20:]
+    assert failing_run("training", ("train",), tmp_path, epoch=3, **settings)[-1] == process[-1]
+    assert not (tmp_path / "models").exists()
 
 
 def test_a_misspelt_key_is_refused_with_the_nearest_one(synthetic_bmad, bundle_backbone, tmp_path):
@@ -307,7 +336,7 @@ def test_a_model_file_naming_a_local_weights_path_is_not_followed(model_file, tm
 
 
 def test_a_truncated_resume_checkpoint_says_how_to_recover(tmp_path):
-    from medad.handlers import check_resumable
+    from medad.resume import check_resumable
 
     (tmp_path / "resume_checkpoint_epoch=3.pt").write_bytes(b"PK\x03\x04 cut short")
     with pytest.raises(CheckpointError, match=r"not a complete PyTorch checkpoint .*: the run cannot resume from it; "
