@@ -27,9 +27,8 @@ from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
 from medad.detector import unwrap
-from medad.methods import AnomalyScores
+from medad.inferers import final_scores
 from medad.transforms import plain_tensor
-from medad.volumes import VolumeScores, predict_images
 
 __all__ = ["MVFAEvaluator", "MVFATrainer", "adapter_parameter_groups"]
 
@@ -250,15 +249,9 @@ class MVFAEvaluator(SupervisedEvaluator):
         with engine.mode(engine.network):
             raw = engine.inferer(plain_tensor(images, device, engine.non_blocking), engine.network)
             engine.state.output.update({k: v for k, v in raw._asdict().items() if v is not None})
-            final = None
-            if isinstance(raw, VolumeScores):  # fused slice by slice already
-                final = AnomalyScores(raw.anomaly_map, raw.score)
-                engine.state.output["blank"] = raw.empty_slices.all(dim=1)
-            elif raw.few_map is None or detector.is_calibrated:
-                final = detector.finalize(raw)
-                if engine.skip_blank:
-                    final, blank = predict_images(detector, plain_tensor(images, device), final)
-                    engine.state.output["blank"] = blank
+            final, blank = final_scores(detector, raw, plain_tensor(images, device), engine.skip_blank)
+            if blank is not None:
+                engine.state.output["blank"] = blank
             if final is not None:
                 # keep the image's meta data (file name, geometry, applied transforms) for saving
                 pred = convert_to_dst_type(final.anomaly_map.unsqueeze(1), images)[0]

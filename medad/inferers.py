@@ -1,5 +1,7 @@
-"""The MONAI inferer that turns images into MVFA's raw anomaly scores, and volumes into final
-scores slice by slice."""
+"""The inference pipeline's scoring, shared by the bundle and :func:`medad.predict_input`: the
+MONAI inferer that turns images into raw anomaly scores and volumes into final scores slice by
+slice, and :func:`final_scores`, the one step from its output to the final map, score and
+blank flag."""
 
 from __future__ import annotations
 
@@ -9,11 +11,11 @@ import torch
 from monai.inferers import Inferer
 from torch import nn
 
-from medad.detector import unwrap
-from medad.methods import RawScores
-from medad.volumes import DEFAULT_SLICE_BATCH, VolumeScores, score_volumes
+from medad.detector import MVFADetector, unwrap
+from medad.methods import AnomalyScores, RawScores
+from medad.volumes import DEFAULT_SLICE_BATCH, VolumeScores, predict_images, score_volumes
 
-__all__ = ["AnomalyInferer"]
+__all__ = ["AnomalyInferer", "final_scores"]
 
 
 class AnomalyInferer(Inferer):
@@ -47,3 +49,22 @@ class AnomalyInferer(Inferer):
         chunks = inputs.split(self.batch_size) if self.batch_size else (inputs,)
         parts = [detector.raw_scores(chunk) for chunk in chunks]
         return RawScores.concat(parts)
+
+
+def final_scores(
+    detector: MVFADetector, scored: RawScores | VolumeScores, images: torch.Tensor, skip_blank: bool = True
+) -> tuple[AnomalyScores | None, torch.Tensor | None]:
+    """The final scores of :class:`AnomalyInferer`'s output for ``images`` and which inputs were
+    blank ``(B,)``, as every surface applies them.
+
+    Volumes are final already (blank: no non-empty slice). Images are fused with the stored
+    calibration and, with ``skip_blank``, background-only images set to map and score 0
+    (:func:`medad.volumes.predict_images`; blank ``None`` without it); a detector with a memory
+    bank but no calibration yet gives ``(None, None)`` (set-level fusion only: evaluation).
+    """
+    if isinstance(scored, VolumeScores):
+        return AnomalyScores(scored.anomaly_map, scored.score), scored.empty_slices.all(dim=1)
+    if scored.few_map is not None and not detector.is_calibrated:
+        return None, None
+    final = detector.finalize(scored)
+    return predict_images(detector, images, final) if skip_blank else (final, None)

@@ -1,10 +1,11 @@
 """Scoring one input as a user has it: a file (2D image, NIfTI, DICOM file or series folder), a
 PIL image or an array, with the model's own decision thresholds.
 
-:func:`predict_input` is what the MONAI Label app and Python users call; the bundle's
-``inferring`` runs the same steps batched (``mvfa_preprocessing``, :class:`medad.inferers.AnomalyInferer`
-with the detector's final scores and the blank rule, ``MapToInputGridd``), so all of them give
-the same map, score and decision for the same input and model (``tests/test_surfaces.py``).
+:func:`predict_input` is what the MONAI Label app and Python users call. It runs the bundle's
+``inferring`` pipeline on one input, with the same objects: ``mvfa_preprocessing``,
+:class:`medad.inferers.AnomalyInferer`, :func:`medad.inferers.final_scores` (the detector's final
+scores and the blank rule) and ``MapToInputGridd``; so all surfaces give the same map, score and
+decision for the same input and model (``tests/test_surfaces.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from medad.detector import MVFADetector
 from medad.discovery import input_kind
 from medad.outputs import MapToInputGridd
 from medad.transforms import input_slice_indices, mvfa_preprocessing, plain_tensor
-from medad.volumes import DEFAULT_SLICE_BATCH, predict_images, score_volumes
+from medad.inferers import AnomalyInferer, final_scores
+from medad.volumes import DEFAULT_SLICE_BATCH
 
 __all__ = ["Prediction", "predict_input"]
 
@@ -121,22 +123,21 @@ def predict_input(
         data = preprocessing({"image": path})
     image = data["image"]
     batch = plain_tensor(image)[None].to(device)
+    scored = AnomalyInferer(batch_size)(batch, detector)
+    final, blanks = final_scores(detector, scored, batch)
+    if final is None:
+        raise RuntimeError("this detector has a few-shot memory but no calibration: build it with the few-shot workflow")
+    anomaly_map, score, blank = final.anomaly_map[0], float(final.score[0]), bool(blanks[0])
     extra: dict[str, Any] = {}
     if volume:
-        scores = score_volumes(detector, batch, batch_size)
-        anomaly_map, score = scores.anomaly_map[0], float(scores.score[0])
-        blank = bool(scores.empty_slices[0].all())
         axis, indices = input_slice_indices(image)
         order = sorted(range(len(indices)), key=indices.__getitem__)
         extra = {
-            "score_p95": float(scores.score_p95[0]),
+            "score_p95": float(scored.score_p95[0]),
             "slice_axis": axis,
-            "slice_scores": [float(scores.slice_scores[0, k]) for k in order],
-            "empty_slices": [indices[k] for k in order if bool(scores.empty_slices[0, k])],
+            "slice_scores": [float(scored.slice_scores[0, k]) for k in order],
+            "empty_slices": [indices[k] for k in order if bool(scored.empty_slices[0, k])],
         }
-    else:
-        final, blanks = predict_images(detector, batch)
-        anomaly_map, score, blank = final.anomaly_map[0], float(final.score[0]), bool(blanks[0])
     pred = _like(image, torch.as_tensor(anomaly_map).float().cpu()[None])
     restored = MapToInputGridd(keys="pred", transform=preprocessing, orig_keys="image", nearest_interp=False)(
         {"image": image, "pred": pred}
