@@ -1,19 +1,19 @@
 """medad: MVFA (CVPR 2024) medical anomaly detection with CLIP and multi-level adapters."""
 
-from medad.augment import augment_fewshot
-from medad.backbone import TINY_MODEL_NAME, BackboneSpec, MissingWeightsError, create_clip
-from medad.checkpoint import ModelDescription, describe
-from medad.decision import Thresholds
-from medad.detector import MVFADetector
-from medad.factory import build_detector, load_detector
-from medad.methods import METHODS, AnomalyScores, Method, RawScores, get_method, register_method
-from medad.losses import AlignmentLoss, MVFALosses, focal_loss
-from medad.network import AdaptedVisualTower, AdapterTokens, BackboneTokens, ResidualAdapter
-from medad.predict import Prediction, predict_input
-from medad.prompts import ORGAN_NAMES, encode_prompt_ensemble, encode_text_features, prompt_name
-from medad.site import set_site_threshold
-from medad.scoring import FusionRange, few_shot_maps, fuse, zero_shot_maps, zero_shot_scores
-from medad.winclip import WinCLIP  # registers the WinCLIP baseline (method: winclip)
+from medad.model.augment import augment_fewshot
+from medad.model.backbone import TINY_MODEL_NAME, BackboneSpec, MissingWeightsError, create_clip
+from medad.model.checkpoint import ModelDescription, describe
+from medad.model.decision import Thresholds
+from medad.model.detector import MVFADetector
+from medad.model.factory import build_detector, load_detector
+from medad.model.methods import METHODS, AnomalyScores, Method, RawScores, get_method, register_method
+from medad.model.losses import AlignmentLoss, MVFALosses, focal_loss
+from medad.model.network import AdaptedVisualTower, AdapterTokens, BackboneTokens, ResidualAdapter
+from medad.surfaces.predict import Prediction, predict_input
+from medad.model.prompts import ORGAN_NAMES, encode_prompt_ensemble, encode_text_features, prompt_name
+from medad.engine.site import set_site_threshold
+from medad.model.scoring import FusionRange, few_shot_maps, fuse, zero_shot_maps, zero_shot_scores
+from medad.model.winclip import WinCLIP  # registers the WinCLIP baseline (method: winclip)
 
 __version__ = "0.1.0"
 

@@ -43,10 +43,10 @@ import torch
 import torch.nn.functional as F
 
 import medad
-from medad.augment import augment_fewshot
-from medad.backbone import PRECISIONS
-from medad.engines import adapter_parameter_groups
-from medad.io import atomic_write, strict_json
+from medad.model.augment import augment_fewshot
+from medad.model.backbone import PRECISIONS
+from medad.engine.engines import adapter_parameter_groups
+from medad.io.files import atomic_write, strict_json
 
 DEFAULT_MODEL = "ViT-L-14-336"
 
@@ -119,7 +119,7 @@ def reference_tokens(detector: medad.MVFADetector, images: torch.Tensor) -> meda
     """The authors' forward: every block run with attention weights materialised and returned,
     and all blocks up to the last adapter, the final pooling included."""
     encoder, visual = detector.encoder, detector.encoder.visual
-    x = encoder.tower.embed(images)  # open_clip's own embedding step (medad.towers.OpenCLIPTower.embed)
+    x = encoder.tower.embed(images)  # open_clip's own embedding step (medad.model.towers.OpenCLIPTower.embed)
     seg, det = [], []
     for index, block in enumerate(visual.transformer.resblocks, start=1):
         x = x + attention_with_weights(block.attn, block.ln_1(x))
@@ -249,7 +249,7 @@ def fewshot_scoring(detector: medad.MVFADetector, size: int, device: torch.devic
     for k, memory in memories.items():
         result[f"k{k}_exact"] = score(memory)
     start = time.perf_counter()
-    chosen = medad.scoring.coreset_indices(memories[16][0], memories[4].shape[1])  # one level's selection
+    chosen = medad.model.scoring.coreset_indices(memories[16][0], memories[4].shape[1])  # one level's selection
     result["coreset_selection_seconds_per_level"] = time.perf_counter() - start
     result["k16_coreset_of_k4_size"] = score(memories[16][:, chosen])
     result["k16_over_k4_exact"] = result["k16_exact"] / result["k4_exact"]
@@ -281,7 +281,7 @@ def top_kernels(detector: medad.MVFADetector, images: torch.Tensor, count: int =
 
 def metric_cost(maps: int, size: int, queue) -> None:
     """Pixel AUROC/AP/F1-max and AUPRO over ``maps`` maps, streamed in batches of 8 (child process)."""
-    from medad.metric_ops import BinnedScores, PROCurve
+    from medad.model.metric_ops import BinnedScores, PROCurve
 
     before = current_rss_mib()
     peak = before

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 if TYPE_CHECKING:
-    from medad.checkpoint import ModelDescription
+    from medad.model.checkpoint import ModelDescription
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -174,7 +174,7 @@ def file_hash(path: Path, hash_type: str = HASH_TYPE) -> str:
 def check_model(path: Path) -> ModelDescription:
     """The description of a saved :class:`medad.MVFADetector` state dict (``models/model.pt``);
     other files are refused."""
-    from medad.checkpoint import read_checkpoint, stored_description  # only here: the rest needs no torch
+    from medad.model.checkpoint import read_checkpoint, stored_description  # only here: the rest needs no torch
 
     try:
         state = read_checkpoint(path)
@@ -207,7 +207,7 @@ def release_train_config(config: dict[str, Any], description: ModelDescription, 
     """
     from monai.bundle import ConfigParser  # only here: the rest needs no torch
 
-    from medad.checkpoint import WITH_MODEL_NAME
+    from medad.model.checkpoint import WITH_MODEL_NAME
 
     weights, backbone = description.clip_weights, description.backbone.model_name
     if weights is None or weights.startswith("file:") or backbone.startswith("local-dir:"):
@@ -372,7 +372,7 @@ def build(
 
     output_dir.mkdir(parents=True, exist_ok=True)
     target = output_dir / f"{name}_v{version}.zip"
-    from medad.io import atomic_write  # only here: the rest needs no torch
+    from medad.io.files import atomic_write  # only here: the rest needs no torch
 
     # Written beside the target and renamed: readers never see a half-written archive.
     with atomic_write(target, "wb") as handle, zipfile.ZipFile(handle, "w") as archive:

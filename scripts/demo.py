@@ -27,8 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-from medad.methods import METHODS
-from medad.workflow import bundle_command
+from medad.model.methods import METHODS
+from medad.surfaces.workflow import bundle_command
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from medad.io import atomic_write
+from medad.io.files import atomic_write
 
 __all__ = [
     "ANOMALY_KINDS",

@@ -6,7 +6,7 @@
 
 Writes ``<output>/<Name>_AD/{valid,test}/{good,Ungood}/img/<file>`` and, for Brain, Liver and
 Retina_RESC, ``<output>/<Name>_AD/{valid,test}/Ungood/anomaly_mask/<file>``. The folder names it
-looks for in the download are ``download_folders`` in ``medad.data.BMAD`` (listed by ``--help``);
+looks for in the download are ``download_folders`` in ``medad.io.data.BMAD`` (listed by ``--help``);
 ``--map`` overrides them. The work is done by ``scripts/reproduction.py``.
 """
 
@@ -17,7 +17,7 @@ import sys
 
 from reproduction import BMADLayoutError, parse_assignments, prepare_bmad  # scripts/reproduction.py
 
-from medad.data import BMAD
+from medad.io.data import BMAD
 
 
 def main(argv: list[str] | None = None) -> int:

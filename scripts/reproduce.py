@@ -22,7 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from medad.methods import METHODS
+from medad.model.methods import METHODS
 from reproduction import (  # scripts/reproduction.py, beside this script
     CellFailed,
     GridOptions,

@@ -2,7 +2,7 @@
 
 A product tool, not part of the installed ``medad`` library: the command-line scripts beside it
 import it as a sibling module (``from reproduction import ...``). What it knows of the data
-sets (download folder names, masks, the paper's names) comes from :data:`medad.data.BMAD`.
+sets (download folder names, masks, the paper's names) comes from :data:`medad.io.data.BMAD`.
 
 Three parts, used by ``scripts/prepare_bmad.py`` and ``scripts/reproduce.py``:
 
@@ -31,10 +31,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medad.augment import FEWSHOT_AUGMENTATIONS
-from medad.backbone import weights_come_with_name
-from medad.methods import METHODS, Method
-from medad.data import (
+from medad.model.augment import FEWSHOT_AUGMENTATIONS
+from medad.model.backbone import weights_come_with_name
+from medad.model.methods import METHODS, Method
+from medad.io.data import (
     BMAD,
     BMAD_DATASETS,
     IMAGE_SUFFIXES,
@@ -45,8 +45,8 @@ from medad.data import (
     read_fewshot_seed,
     seed_file_indices,
 )
-from medad.io import atomic_write, strict_json
-from medad.workflow import bundle_command
+from medad.io.files import atomic_write, strict_json
+from medad.surfaces.workflow import bundle_command
 
 __all__ = [
     "PAPER_ORDER",
@@ -74,10 +74,10 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 
 # The folder names under which each MVFA data set may lie in the BMAD download are
-# ``medad.data.BMAD[name].download_folders``, tried in that order (case-insensitive, at most four
+# ``medad.io.data.BMAD[name].download_folders``, tried in that order (case-insensitive, at most four
 # levels below ``--source``; a folder counts only when it holds a ``test`` split). Where a folder
 # is named otherwise, pass ``--map NAME=FOLDER``. Which data sets MVFA evaluates at pixel level
-# (their abnormal images must all have masks) is ``medad.data.BMAD[name].has_masks``.
+# (their abnormal images must all have masks) is ``medad.io.data.BMAD[name].has_masks``.
 #: Split and class folder names as BMAD spells them (case-insensitive); the first is ours.
 SPLIT_FOLDERS = {"valid": ("valid", "val", "validation"), "test": ("test",)}
 CLASS_FOLDERS = {"good": ("good",), "Ungood": ("ungood",)}
@@ -266,7 +266,7 @@ def _class_images(split_dir: Path, cls: str) -> tuple[Path | None, str]:
 
 def _mask_folder(split_dir: Path) -> Path | None:
     """The abnormal class's mask folder: ``Ungood/<name>`` or ``<name>/Ungood`` for each name of
-    :data:`medad.data.MASK_FOLDERS` in turn (MVFA's ``anomaly_mask``, then BMAD's ``label``)."""
+    :data:`medad.io.data.MASK_FOLDERS` in turn (MVFA's ``anomaly_mask``, then BMAD's ``label``)."""
     cls_dir = _child(split_dir, CLASS_FOLDERS["Ungood"])
     for name in MASK_FOLDERS:
         if cls_dir is not None and (found := _child(cls_dir, (name,))) is not None:
@@ -415,7 +415,7 @@ def prepare_bmad(
         output: new or empty folder (becomes the bundle's ``dataset_dir``).
         datasets: which data sets (default: all six that are found).
         mapping: ``{name: folder}`` where the automatic search fails (see
-            ``medad.data.BMAD[name].download_folders``).
+            ``medad.io.data.BMAD[name].download_folders``).
         link: ``symlink`` (default), ``hard`` or ``copy``; links fall back to copies where the
             file system refuses them.
         skip_unpaired: leave out abnormal images without masks instead of failing.
@@ -799,7 +799,7 @@ def run_grid(cells: Sequence[Cell], options: GridOptions, dry_run: bool = False,
 # Results and the report
 # --------------------------------------------------------------------------------------------
 
-#: The paper tables' column order (their names for the data sets: ``medad.data.BMAD[name].paper_name``).
+#: The paper tables' column order (their names for the data sets: ``medad.io.data.BMAD[name].paper_name``).
 PAPER_ORDER = ("Histopathology", "Chest", "Retina_OCT2017", "Brain", "Liver", "Retina_RESC")
 
 #: MVFA's published results, AUROC in percent: ``{shot: {data set: (image AUROC, pixel AUROC)}}``

@@ -93,7 +93,7 @@ def bundle_backbone(tiny_clip_path) -> dict:
 def random_fewshot_model(tmp_path_factory) -> Path:
     """A few-shot ``model.pt`` on the seeded random tiny backbone at 112 px (the model records
     it: inference needs no backbone keys), with a memory bank and a calibration with labels."""
-    from medad.checkpoint import save_model
+    from medad.model.checkpoint import save_model
 
     torch.manual_seed(0)
     detector = medad.build_detector(

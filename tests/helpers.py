@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sklearn.metrics import roc_auc_score
 
-from medad.workflow import bundle_command as _bundle_command
+from medad.surfaces.workflow import bundle_command as _bundle_command
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -32,7 +32,7 @@ def configs(*names: str) -> str:
 
 def bundle_command(run_id: str, config_names: tuple[str, ...], bundle_root: Path, **overrides) -> list[str]:
     """The ``python -m monai.bundle run`` command merging ``configs/<name>.json`` files in order
-    (:func:`medad.workflow.bundle_command`)."""
+    (:func:`medad.surfaces.workflow.bundle_command`)."""
     return _bundle_command(run_id, [CONFIGS / f"{name}.json" for name in config_names], bundle_root, overrides)
 
 
@@ -52,12 +52,12 @@ def run_bundle_in_process(run_id: str, config_names: tuple[str, ...], bundle_roo
     exit status that ``python -m monai.bundle run`` would end with, and its stderr lines.
 
     ``monai.bundle``'s ``__main__`` runs under ``runpy`` with the command's ``sys.argv``, so medad
-    sees the bundle's command line as in the process (``medad.workflow.check_command_line``), and
+    sees the bundle's command line as in the process (``medad.surfaces.workflow.check_command_line``), and
     an exception that ends it goes to the bundle process's ``sys.excepthook``,
-    ``medad.workflow.summarise_failure`` (the last stderr line). For refusals and failures whose
+    ``medad.surfaces.workflow.summarise_failure`` (the last stderr line). For refusals and failures whose
     outcome does not depend on the process boundary; test_run_safety.py checks that a real bundle
     process ends with the same line and a failure status."""
-    from medad.workflow import summarise_failure
+    from medad.surfaces.workflow import summarise_failure
 
     command = bundle_command(run_id, config_names, bundle_root, **overrides)
     assert command[1:3] == ["-m", "monai.bundle"], command
@@ -112,9 +112,9 @@ def sklearn_set_metrics(detector, dataset_dir: Path, target: str) -> dict[str, f
     import numpy as np
     import torch
 
-    from medad.data import bmad_datalist
-    from medad.scoring import FusionRange
-    from medad.transforms import mvfa_preprocessing
+    from medad.io.data import bmad_datalist
+    from medad.model.scoring import FusionRange
+    from medad.io.transforms import mvfa_preprocessing
 
     items = bmad_datalist(dataset_dir, target, "test")
     preprocess = mvfa_preprocessing(detector.image_size)

@@ -16,10 +16,10 @@ from monai.bundle import ConfigWorkflow
 from safetensors.torch import save_file
 
 import medad
-from medad.network import default_levels
-from medad.prompts import ABNORMAL_STATES, NORMAL_STATES, TEMPLATES
-from medad.towers import vision_tower
-from medad.workflow import RunError, error_summary
+from medad.model.network import default_levels
+from medad.model.prompts import ABNORMAL_STATES, NORMAL_STATES, TEMPLATES
+from medad.model.towers import vision_tower
+from medad.surfaces.workflow import RunError, error_summary
 
 from helpers import CONFIGS, bundle_command, common, run_bundle, scores_csv_image_auroc, sklearn_set_metrics
 

@@ -102,7 +102,7 @@ def _own_layouts(bmad: Path, name: str, root: Path) -> tuple[Path, Path]:
     folders, listed = root / "folders", root / "listed"
     entries = {"training": [], "test": []}
     for split, key in (("valid", "training"), ("test", "test")):
-        for item in medad.data.bmad_datalist(bmad, name, split):
+        for item in medad.io.data.bmad_datalist(bmad, name, split):
             kind = "abnormal" if item["label"] else "normal"
             image = Path(item["image"])
             for base in (folders / split / kind, listed / "images" / split / kind):
@@ -122,9 +122,9 @@ def _own_layouts(bmad: Path, name: str, root: Path) -> tuple[Path, Path]:
 def test_own_data_layouts_give_the_metrics_of_the_bmad_layout(fewshot_evaluation, synthetic_bmad, bundle_backbone, tmp_path):
     folders, datalist = _own_layouts(synthetic_bmad, "Alpha", tmp_path)
     for layout in (folders, datalist):
-        assert medad.data.dataset_has_masks(layout, "Alpha")
-        picks = medad.data.fewshot_selection(layout, "Alpha", 2, seed=3)
-        reference = medad.data.fewshot_selection(synthetic_bmad, "Alpha", 2, seed=3)
+        assert medad.io.data.dataset_has_masks(layout, "Alpha")
+        picks = medad.io.data.fewshot_selection(layout, "Alpha", 2, seed=3)
+        reference = medad.io.data.fewshot_selection(synthetic_bmad, "Alpha", 2, seed=3)
         assert [Path(i["image"]).name for i in picks] == [Path(i["image"]).name for i in reference]
         assert [bool(i.get("mask")) for i in picks] == [bool(i.get("mask")) for i in reference]
     settings = common(synthetic_bmad, bundle_backbone)
@@ -148,7 +148,7 @@ def test_inconsistent_own_data_is_refused_naming_the_entry(tmp_path):
     datalist = tmp_path / "list.json"
     datalist.write_text(json.dumps({"training": [{"image": "a.png", "label": 2}, {"mask": "m.png", "label": 1}], "test": []}))
     with pytest.raises(ValueError) as raised:
-        medad.data.target_datalist(datalist, "Mine", "valid")
+        medad.io.data.target_datalist(datalist, "Mine", "valid")
     lines = str(raised.value).splitlines()
     assert lines[0] == f"{datalist}: training[0]: 'label' must be 0 (normal) or 1 (abnormal), got 2"
     assert lines[1].startswith(f"{datalist}: training[1]: no 'image' (a mask without an image)")
@@ -158,9 +158,9 @@ def test_inconsistent_own_data_is_refused_naming_the_entry(tmp_path):
     Image.new("L", (8, 8)).save(folders / "test" / "normal" / "n.png")
     Image.new("L", (8, 8)).save(folders / "test" / "masks" / "lost.png")
     with pytest.raises(ValueError, match=r"masks without an abnormal image of the same name .*\['lost.png'\]"):
-        medad.data.target_datalist(folders, "Mine", "test")
+        medad.io.data.target_datalist(folders, "Mine", "test")
     (folders / "test" / "masks" / "lost.png").unlink()
     with pytest.raises(ValueError, match="the test split of 'Mine' has no abnormal images: evaluation needs both classes"):
-        medad.data.target_datalist(folders, "Mine", "test")
+        medad.io.data.target_datalist(folders, "Mine", "test")
     with pytest.raises(FileNotFoundError, match="no data set 'Mine' in any layout medad reads"):
-        medad.data.target_datalist(tmp_path / "empty", "Mine", "test")
+        medad.io.data.target_datalist(tmp_path / "empty", "Mine", "test")

@@ -25,9 +25,9 @@ from scipy.spatial.transform import Rotation
 from sklearn.metrics import roc_auc_score
 
 import medad
-from medad.discovery import list_inputs
-from medad.transforms import CT_WINDOWS, UnitIntensityd, mvfa_preprocessing, window_range
-from medad.volumes import iter_slice_batches, prepare_slices
+from medad.io.discovery import list_inputs
+from medad.io.transforms import CT_WINDOWS, UnitIntensityd, mvfa_preprocessing, window_range
+from medad.engine.volumes import iter_slice_batches, prepare_slices
 
 from helpers import CONFIGS, IMAGE_SIZE, run_bundle
 from synthetic import head_phantom, write_dicom_series

@@ -12,8 +12,8 @@ import torch
 from monai.bundle import ConfigWorkflow
 
 import medad
-from medad.engines import adapter_parameter_groups
-from medad.workflow import error_summary
+from medad.engine.engines import adapter_parameter_groups
+from medad.surfaces.workflow import error_summary
 
 from helpers import CONFIGS, IMAGE_SIZE, common, run_bundle
 

@@ -16,9 +16,9 @@ from monai.bundle import ConfigWorkflow
 from monai.utils import convert_to_tensor
 
 import medad
-from medad.data import bmad_datalist
-from medad.engines import MVFATrainer, adapter_parameter_groups
-from medad.transforms import mvfa_preprocessing
+from medad.io.data import bmad_datalist
+from medad.engine.engines import MVFATrainer, adapter_parameter_groups
+from medad.io.transforms import mvfa_preprocessing
 
 from helpers import CONFIGS, IMAGE_SIZE, bundle_command
 from synthetic import write_dataset
@@ -36,7 +36,7 @@ RECORD = {
         "$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_COMPLETED, lambda engine, batches=@batches: "
         "batches.append([(item['image'].meta['filename_or_obj'], bool(item['has_mask'])) for item in engine.state.batch]))",
         "$@train#trainer.run()",
-        "$torch.save({'batches': @batches, 'adapters': medad.detector.unwrap(@network).encoder.adapter_state()}, "
+        "$torch.save({'batches': @batches, 'adapters': medad.model.detector.unwrap(@network).encoder.adapter_state()}, "
         "os.path.join(@record_dir, 'rank' + str(torch.distributed.get_rank()) + '_epochs' + str(@epochs) + '.pt'))",
     ],
 }
@@ -181,7 +181,7 @@ def test_torchrun_training_and_evaluation_equal_one_process(uneven_bmad, bundle_
     assert len(writers) == 2, f"one TensorBoard writer per run, got {writers}"
 
     ranks = [[torch.load(records / f"rank{rank}_epochs{epochs}.pt") for rank in range(RANKS)] for epochs in (1, 2)]
-    sources = medad.data.source_datalist(uneven_bmad, "Alpha", medad.data.list_datasets(uneven_bmad))
+    sources = medad.io.data.source_datalist(uneven_bmad, "Alpha", medad.io.data.list_datasets(uneven_bmad))
     for epoch in ranks:
         shards = [{name for batch in rank["batches"] for name, _ in batch} for rank in epoch]
         assert not shards[0] & shards[1], "the ranks' shards overlap"
@@ -198,7 +198,7 @@ def test_torchrun_training_and_evaluation_equal_one_process(uneven_bmad, bundle_
     # One process on the same global batches (same seed and sampler) trains the same adapters.
     single = tmp_path / "single"
     _in_process(("train",), single, "train", epochs=2, batch_size=RANKS * BATCH, **settings)
-    trained, reference = (medad.checkpoint.read_checkpoint(root / "models" / "model.pt") for root in (ddp, single))
+    trained, reference = (medad.model.checkpoint.read_checkpoint(root / "models" / "model.pt") for root in (ddp, single))
     assert trained.keys() == reference.keys()
     for key, value in reference.items():
         if isinstance(value, torch.Tensor):

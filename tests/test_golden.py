@@ -8,7 +8,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 import medad
-from medad.scoring import FusionRange
+from medad.model.scoring import FusionRange
 
 ATOL = 1e-5
 

@@ -14,13 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-import medad.transforms
-from medad.checks import DataCheckError, check_items, check_volume, read_array
-from medad.data import target_datalist
-from medad.discovery import input_kind, list_inputs
-from medad.outputs import MapToInputGridd, input_size
-from medad.predict import predict_input
-from medad.transforms import MAX_SIDE, UnsupportedInputError, mvfa_preprocessing, shrink_for_resize
+import medad.io.transforms
+from medad.io.checks import DataCheckError, check_items, check_volume, read_array
+from medad.io.data import target_datalist
+from medad.io.discovery import input_kind, list_inputs
+from medad.io.outputs import MapToInputGridd, input_size
+from medad.surfaces.predict import predict_input
+from medad.io.transforms import MAX_SIDE, UnsupportedInputError, mvfa_preprocessing, shrink_for_resize
 
 from synthetic import write_dataset
 
@@ -290,7 +290,7 @@ def test_image_with_a_side_over_the_nifti_limit_is_refused_before_scoring(tmp_pa
 def test_images_over_the_pixel_limit_are_refused_naming_the_limit(tmp_path, monkeypatch):
     Image.new("RGB", (30, 20)).save(tmp_path / "big.png")
     write_dicom(tmp_path / "big.dcm", colour_picture(20, 30), "RGB")
-    monkeypatch.setattr(medad.transforms, "MAX_IMAGE_PIXELS", 500)
+    monkeypatch.setattr(medad.io.transforms, "MAX_IMAGE_PIXELS", 500)
     lines = problems_of([{"image": str(tmp_path / "big.png")}, {"image": str(tmp_path / "big.dcm")}])
     for name in ("big.png", "big.dcm"):
         assert any(name in line and "600 pixels, over medad's limit of 500" in line for line in lines), lines

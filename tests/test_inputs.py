@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 
 import medad
-from medad.checkpoint import CheckpointError
-from medad.checks import check_items
-from medad.discovery import list_inputs
-from medad.io import StagedOutput, atomic_write
+from medad.model.checkpoint import CheckpointError
+from medad.io.checks import check_items
+from medad.io.discovery import list_inputs
+from medad.io.files import StagedOutput, atomic_write
 
 from helpers import bundle_command, run_bundle
 

@@ -16,8 +16,8 @@ from monai.transforms import LoadImage
 from PIL import Image
 
 import medad
-from medad.io import strict_json
-from medad.outputs import PNG_MAP_RANGE_KEYS, SaveMapd, read_map_png
+from medad.io.files import strict_json
+from medad.io.outputs import PNG_MAP_RANGE_KEYS, SaveMapd, read_map_png
 
 from helpers import run_bundle
 
@@ -95,7 +95,7 @@ def test_map_format_writes_the_map_as_png_and_tiff_too(run, name):
 
 
 def _map(*spatial: int, name: str) -> MetaTensor:
-    """A map as :class:`medad.outputs.MapToInputGridd` gives it: one channel first."""
+    """A map as :class:`medad.io.outputs.MapToInputGridd` gives it: one channel first."""
     values = torch.rand(1, *spatial, generator=torch.Generator().manual_seed(0))
     return MetaTensor(values, meta={"filename_or_obj": name, "spatial_shape": np.asarray(spatial)})
 

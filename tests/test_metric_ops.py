@@ -11,7 +11,7 @@ from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 import medad
-from medad.metric_ops import BinnedScores, PROCurve, image_metrics
+from medad.model.metric_ops import BinnedScores, PROCurve, image_metrics
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -390,7 +390,7 @@ def test_anomaly_evaluation_leaves_no_score_file_behind(tmp_path):
     """The spilled maps live in anonymous files: none is left in the spill folder, also after
     ``compute`` without a later ``reset`` (as at the end of every evaluation), and they read back
     what was written (pixel AUROC of maps that equal their masks is 1)."""
-    from medad.metrics import AnomalyEvaluation
+    from medad.engine.metrics import AnomalyEvaluation
 
     torch.manual_seed(0)
     detector = medad.build_detector(["Alpha"], "Alpha", medad.TINY_MODEL_NAME, 56, random_init=True, levels=(1, 2, 3, 4))

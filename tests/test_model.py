@@ -93,7 +93,7 @@ def test_checkpoint_for_another_backbone_is_refused(tiny_detector, tmp_path):
     state = tiny_detector.state_dict()
     description = medad.describe(state)
     other = description.replace(backbone=medad.BackboneSpec(description.backbone.model_name, 224))
-    state["description"] = medad.checkpoint.description_tensor(other)
+    state["description"] = medad.model.checkpoint.description_tensor(other)
     torch.save(state, path)
     with pytest.raises(ValueError, match="image_size=224"):
         tiny_detector.load_checkpoint(path)
@@ -117,7 +117,7 @@ def test_openai_torchscript_archive_loads_with_resized_positions(tmp_path):
     traced = torch.jit.trace(source, (torch.rand(1, 3, 84, 84), torch.randint(0, 49408, (1, 77))), check_trace=False)
     archive = tmp_path / "ViT-tiny.pt"
     traced.save(str(archive))
-    assert medad.backbone.is_torchscript_archive(archive)
+    assert medad.model.backbone.is_torchscript_archive(archive)
 
     model = medad.create_clip(medad.TINY_MODEL_NAME, 60, pretrained=archive)
     expected = dict(source.state_dict())
@@ -150,7 +150,7 @@ def test_bf16_backbone_matches_fp32(tiny_config, tiny_weights):
     """
     from sklearn.metrics import roc_auc_score
 
-    from medad.scoring import FusionRange
+    from medad.model.scoring import FusionRange
 
     detectors = {
         precision: medad.build_detector(
@@ -184,7 +184,7 @@ def test_bf16_backbone_matches_fp32(tiny_config, tiny_weights):
         assert abs(pixel[0] - pixel[1]) <= 0.02 and abs(image[0] - image[1]) <= 0.01, (seed, pixel, image)
 
 
-@pytest.mark.parametrize("module", ["medad.scoring", "medad.decision", "medad.losses"])
+@pytest.mark.parametrize("module", ["medad.model.scoring", "medad.model.decision", "medad.model.losses"])
 def test_public_functions_show_a_runnable_example(module):
     """Doctests run by discovery (pyproject: ``--doctest-modules`` over ``medad``); this keeps the
     promise that every public function of the method's core modules has one."""
@@ -205,7 +205,7 @@ def test_a_coreset_memory_bounds_the_cost_and_states_its_parity(tiny_detector, g
     0.7775 to 0.766; a quarter by 8 % (19 %) and to 0.756."""
     from sklearn.metrics import roc_auc_score
 
-    from medad.scoring import FusionRange, coreset_indices
+    from medad.model.scoring import FusionRange, coreset_indices
 
     support = medad.augment_fewshot(golden["support_images"])[0]
     masks = (golden["masks"] > 0.5).flatten().numpy()

@@ -33,14 +33,14 @@ from monai.data import load_net_with_metadata
 from PIL import Image
 
 import medad
-from medad.workflow import RunError, error_summary
+from medad.surfaces.workflow import RunError, error_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 METADATA = json.loads((CONFIGS / "metadata.json").read_text())
 NAME, VERSION = METADATA["name"], METADATA["version"]
 TINY = json.loads((CONFIGS / "tiny.json").read_text())
-IMAGE_SIZE = medad.backbone.MVFA_IMAGE_SIZE  # train.json's default for ViT-L-14-336, as metadata.json says
+IMAGE_SIZE = medad.model.backbone.MVFA_IMAGE_SIZE  # train.json's default for ViT-L-14-336, as metadata.json says
 
 _spec = importlib.util.spec_from_file_location("build_bundle", ROOT / "scripts" / "build_bundle.py")
 build_bundle = importlib.util.module_from_spec(_spec)
@@ -196,7 +196,7 @@ def test_configs_pass_monai_property_checks_without_a_model_and_the_run_names_it
         workflow.initialize()
         try:
             assert workflow.check_properties() == [], kind
-            assert isinstance(workflow.network_def, medad.workflow.MissingModel)
+            assert isinstance(workflow.network_def, medad.surfaces.workflow.MissingModel)
             with pytest.raises(RuntimeError) as raised:
                 workflow.run()
         finally:

@@ -41,8 +41,8 @@ import torch
 from PIL import Image
 
 import medad
-from medad.checkpoint import describe, read_checkpoint, restore_model_version, save_model
-from medad.decision import Thresholds
+from medad.model.checkpoint import describe, read_checkpoint, restore_model_version, save_model
+from medad.model.decision import Thresholds
 
 from helpers import IMAGE_SIZE, ROOT, run_bundle
 from synthetic import head_phantom, write_dataset

@@ -12,10 +12,10 @@ import torch
 from monai.bundle import ConfigWorkflow
 
 import medad
-from medad.checkpoint import CheckpointError, describe
-from medad.data import SourceSet, source_datalist, source_sets
-from medad.fewshot import NormalOnlyAdaptation, checked_init_checkpoint
-from medad.workflow import error_summary
+from medad.model.checkpoint import CheckpointError, describe
+from medad.io.data import SourceSet, source_datalist, source_sets
+from medad.engine.fewshot import NormalOnlyAdaptation, checked_init_checkpoint
+from medad.surfaces.workflow import error_summary
 
 from helpers import CONFIGS, IMAGE_SIZE
 from synthetic import write_dataset
@@ -114,8 +114,8 @@ def test_normal_only_inputs_are_refused_before_the_backbone_is_built(
     synthetic_bmad, bundle_backbone, random_fewshot_model, tmp_path, monkeypatch
 ):
     built = []
-    create_clip = medad.detector.create_clip
-    monkeypatch.setattr(medad.detector, "create_clip", lambda *a, **k: built.append(a) or create_clip(*a, **k))
+    create_clip = medad.model.detector.create_clip
+    monkeypatch.setattr(medad.model.detector, "create_clip", lambda *a, **k: built.append(a) or create_clip(*a, **k))
     missing = tmp_path / "zero" / "models" / "model.pt"
     settings = {"dataset_dir": synthetic_bmad, "target": "Alpha", "shot": 4, "abnormal_shots": 0}
     for overrides, line in (

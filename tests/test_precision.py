@@ -1,6 +1,6 @@
 """Precision has one meaning: whatever ``torch.autocast`` encloses the detector (training's
 ``amp``, a caller's own), the patch embedding, the adapters, their tokens, the text logits and the
-few-shot memory similarities are computed in float32 (the islands of ``medad.backbone.PRECISIONS``);
+few-shot memory similarities are computed in float32 (the islands of ``medad.model.backbone.PRECISIONS``);
 only the frozen blocks' matrix products follow the autocast, exactly as ``precision`` sets them.
 ``amp`` is a training option: evaluation, inference and the MONAI Label app refuse it.
 
@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 import medad
-from medad.engines import MVFAEvaluator
-from medad.scoring import FusionRange, few_shot_maps, text_logits
-from medad.workflow import unknown_keys
+from medad.engine.engines import MVFAEvaluator
+from medad.model.scoring import FusionRange, few_shot_maps, text_logits
+from medad.surfaces.workflow import unknown_keys
 
 from helpers import CONFIGS, bundle_command
 

@@ -19,12 +19,12 @@ from PIL import Image
 from sklearn.metrics import confusion_matrix as sklearn_confusion, precision_recall_curve, roc_curve
 
 import medad
-from medad.metric_ops import BinnedScores
-from medad.report import (
+from medad.model.metric_ops import BinnedScores
+from medad.io.report import (
     GALLERIES, SECTION_IDS, confusion_matrix, gallery_picks, mask_contour,
 )
-from medad.outputs import COLOUR_BAR_WIDTH, SaveOverlayd
-from medad.transforms import mvfa_preprocessing
+from medad.io.outputs import COLOUR_BAR_WIDTH, SaveOverlayd
+from medad.io.transforms import mvfa_preprocessing
 
 from helpers import REPORT_GALLERY_SIZE as GALLERY_SIZE
 

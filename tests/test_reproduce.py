@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medad.data import bmad_datalist, dataset_has_masks, list_datasets
+from medad.io.data import bmad_datalist, dataset_has_masks, list_datasets
 from reproduction import (  # scripts/reproduction.py
     BMADLayoutError,
     Cell,

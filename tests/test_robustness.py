@@ -18,10 +18,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import medad
-from medad.checks import DataCheckError, check_items
-from medad.data import bmad_datalist
-from medad.resume import RunSettings
-from medad.transforms import mvfa_preprocessing
+from medad.io.checks import DataCheckError, check_items
+from medad.io.data import bmad_datalist
+from medad.engine.resume import RunSettings
+from medad.io.transforms import mvfa_preprocessing
 
 from synthetic import write_dataset
 from helpers import bundle_command, common, run_bundle
@@ -143,7 +143,7 @@ def test_malicious_pickles_are_refused_without_running(tmp_path):
     checkpoint = tmp_path / "model.pt"
     torch.save({"seg_adapters": _Payload(marker)}, checkpoint)
     with pytest.raises(ValueError, match="refused: it holds pickled Python objects other than tensors"):
-        medad.checkpoint.read_checkpoint(checkpoint)
+        medad.model.checkpoint.read_checkpoint(checkpoint)
     with pytest.raises(medad.MissingWeightsError, match="Could not load CLIP weights"):
         medad.create_clip(medad.TINY_MODEL_NAME, 60, pretrained=checkpoint)
     assert not marker.exists()
@@ -164,7 +164,7 @@ def _write_half_then_fail(_obj, target, *args, **kwargs) -> None:
 def test_a_failed_checkpoint_save_leaves_no_half_file(tmp_path, monkeypatch):
     from ignite.engine import Engine
 
-    from medad.resume import AtomicCheckpointSaver
+    from medad.engine.resume import AtomicCheckpointSaver
 
     engine = Engine(lambda engine, batch: None)
     saver = AtomicCheckpointSaver(str(tmp_path), {"model": torch.nn.Linear(2, 2)}, save_final=True, final_filename="model.pt")
@@ -180,7 +180,7 @@ def test_a_failed_map_write_keeps_the_previous_map(tmp_path, monkeypatch):
     from monai.data import MetaTensor, NibabelWriter
     from monai.transforms import SaveImage
 
-    from medad.io import atomic_image_writer
+    from medad.io.files import atomic_image_writer
 
     save_map = SaveImage(
         output_dir=tmp_path, output_postfix="anomaly_map", output_ext=".nii.gz", separate_folder=False,

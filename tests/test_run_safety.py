@@ -25,9 +25,9 @@ from monai.bundle import ConfigWorkflow
 from PIL import Image
 
 import medad
-from medad.checkpoint import CheckpointError, description_tensor, save_model
-from medad.io import OUTPUT_MARKER, RunLock, StagedOutput, check_output_folder
-from medad.workflow import RunError, error_summary, unknown_keys
+from medad.model.checkpoint import CheckpointError, description_tensor, save_model
+from medad.io.files import OUTPUT_MARKER, RunLock, StagedOutput, check_output_folder
+from medad.surfaces.workflow import RunError, error_summary, unknown_keys
 
 from helpers import CONFIGS, bundle_command, common, copy_bundle, run_bundle_in_process
 
@@ -156,7 +156,7 @@ def test_a_failed_inference_keeps_the_previous_outputs_and_leaves_no_staging(mod
 
     # MONAI's StatsHandler comes before the staging handler and re-raises first: the run's own
     # cleanup must not depend on that order.
-    monkeypatch.setattr("medad.outputs.SaveOverlayd.__call__", fail)
+    monkeypatch.setattr("medad.io.outputs.SaveOverlayd.__call__", fail)
     workflow = _workflow("inferring", ("inference",), root, "infer", dataset_dir=images, num_workers=0, overwrite=True)
     raises_step_failed(workflow.run)
     assert digest(root / "outputs") == before
@@ -190,7 +190,7 @@ def _zero_shot_training(root: Path, synthetic_bmad: Path, bundle_backbone: dict,
 
 @pytest.mark.parametrize("saver_first", [False, True], ids=["saver last", "saver first"])
 def test_an_exception_inside_a_training_step_writes_no_model(synthetic_bmad, bundle_backbone, tmp_path, monkeypatch, saver_first):
-    from medad.engines import MVFATrainer
+    from medad.engine.engines import MVFATrainer
 
     root = tmp_path / "bundle"
     (root / "models").mkdir(parents=True)
@@ -336,7 +336,7 @@ def test_a_model_file_naming_a_local_weights_path_is_not_followed(model_file, tm
 
 
 def test_a_truncated_resume_checkpoint_says_how_to_recover(tmp_path):
-    from medad.resume import check_resumable
+    from medad.engine.resume import check_resumable
 
     (tmp_path / "resume_checkpoint_epoch=3.pt").write_bytes(b"PK\x03\x04 cut short")
     with pytest.raises(CheckpointError, match=r"not a complete PyTorch checkpoint .*: the run cannot resume from it; "
@@ -373,7 +373,7 @@ def test_a_failed_evaluation_keeps_the_previous_results_whole(fewshot_evaluation
         raise StepFailed("the report could not be drawn")
 
     # The report is written last: metrics and scores of the failed run must not replace the old ones.
-    monkeypatch.setattr("medad.report.EvaluationReport.__call__", fail)
+    monkeypatch.setattr("medad.io.report.EvaluationReport.__call__", fail)
     workflow = _workflow("evaluating", ("train", "fewshot", "evaluate"), root, "eval",
                          **{**settings, "levels": [1, 2, 3, 4]})
     raises_step_failed(workflow.run)
@@ -382,7 +382,7 @@ def test_a_failed_evaluation_keeps_the_previous_results_whole(fewshot_evaluation
 
 
 def test_an_unwritable_mlflow_store_is_named_at_once(tmp_path):
-    from medad.workflow import tracking_store
+    from medad.surfaces.workflow import tracking_store
 
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("a file where the store's folder would be")

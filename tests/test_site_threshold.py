@@ -2,7 +2,7 @@
 site thresholds chosen with a stated guarantee and stored in model.pt, and the same score, decision
 and p-value from evaluation, inference and Python.
 
-The statistical checks compare :mod:`medad.decision` with independent oracles: brute-force
+The statistical checks compare :mod:`medad.model.decision` with independent oracles: brute-force
 counting over the definition, and the exact distribution of conformal ranks."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from PIL import Image
 from scipy.stats import chisquare
 
 import medad
-from medad.data import fewshot_selection, fitted_records, leave_out_fitted, shares_pool, target_datalist
-from medad.decision import conformal_p_values, conformal_threshold, decision_rates, sensitivity_threshold
+from medad.io.data import fewshot_selection, fitted_records, leave_out_fitted, shares_pool, target_datalist
+from medad.model.decision import conformal_p_values, conformal_threshold, decision_rates, sensitivity_threshold
 
 from helpers import IMAGE_SIZE, common, run_bundle
 from synthetic import write_dataset
@@ -149,7 +149,7 @@ def test_own_data_train_threshold_evaluate_infer_one_decision_everywhere(bundle_
     assert len(thresholds.reference_scores) == thresholds.provenance["normal"] == 8  # half of the 15 non-support normals
     roles = [record["role"] for record in detector.fitted]
     assert roles.count("support") == 4 and roles.count("calibration") == 8 + 3
-    assert len(medad.checkpoint.model_versions(root / "models" / "model.pt")) == 1  # the few-shot model is kept
+    assert len(medad.model.checkpoint.model_versions(root / "models" / "model.pt")) == 1  # the few-shot model is kept
 
     run_bundle("evaluating", ("train", "fewshot", "evaluate"), root, dataset_dir=flat, target="Alpha", shot=2, **weights)
     evaluated = _rows(root / "eval" / "scores.csv")
@@ -192,7 +192,7 @@ def test_a_decathlon_datalist_with_mask_paths_as_labels_is_refused_with_the_fix(
 def test_metrics_json_is_strict_json_with_null_for_undefined_metrics(random_fewshot_model, tmp_path):
     from types import SimpleNamespace
 
-    from medad.handlers import MetricsJSONWriter
+    from medad.engine.handlers import MetricsJSONWriter
 
     detector = medad.load_detector(random_fewshot_model)
     engine = SimpleNamespace(network=detector, state=SimpleNamespace(metrics={"val_image_auroc": 0.75, "val_pixel_auroc": float("nan")}))

@@ -16,8 +16,8 @@ import torch
 from monai.engines.utils import IterationEvents
 
 import medad
-from medad.engines import MVFATrainer, adapter_parameter_groups
-from medad.handlers import FewShotMemoryHandler, ModelSaver
+from medad.engine.engines import MVFATrainer, adapter_parameter_groups
+from medad.engine.handlers import FewShotMemoryHandler, ModelSaver
 
 from helpers import copy_bundle, run_bundle
 

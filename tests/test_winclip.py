@@ -1,4 +1,4 @@
-"""WinCLIP (medad.winclip): its equations against oracles written from the paper's definitions
+"""WinCLIP (medad.model.winclip): its equations against oracles written from the paper's definitions
 (explicit loops), its encoder against the open_clip tower run by hand, and the method's zero-
 and few-shot scores; then the method through the detector, the model file and back.
 
@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import medad
-from medad.towers import vision_tower
-from medad.winclip import (
+from medad.model.towers import vision_tower
+from medad.model.winclip import (
     WinCLIP,
     WindowEncoder,
     anomaly_probability,
@@ -289,7 +289,7 @@ def test_memory_size_keeps_a_coreset_per_buffer(encoder):
 
 
 def test_registered():
-    from medad.methods import METHODS, get_method
+    from medad.model.methods import METHODS, get_method
 
     method = get_method("winclip")
     assert isinstance(method, WinCLIP) and METHODS["winclip"] is method
@@ -326,7 +326,7 @@ def test_detector_zero_shot():
 
 
 def test_detector_few_shot_save_load_and_compile(tmp_path):
-    from medad.checkpoint import save_model
+    from medad.model.checkpoint import save_model
 
     detector, support, x = winclip_detector(), images(2, 11), images(3, 12)
     with torch.no_grad():

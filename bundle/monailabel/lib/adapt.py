@@ -10,7 +10,7 @@ or ``normal_*.nii.gz`` into the studies folder).
 What it does: load the normal studies (at most ``max_images`` support images, spread evenly over
 them: a 2D image is one support image, a volume gives ``slices_per_volume`` non-empty slices
 spread over its extent, prepared as the bundle prepares them), then call the library's
-:func:`medad.adaptation.adapt_to_normal_images` with each image's study as its group: the memory
+:func:`medad.engine.adaptation.adapt_to_normal_images` with each image's study as its group: the memory
 holds every support image (augmented x11 as MVFA does, unless ``augment=false``), and the
 calibration and the thresholds come from each study scored against the memory without its own
 images (an image never scores against itself). ``models/model.pt``, which now holds the memory,
@@ -34,9 +34,9 @@ import torch
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
-from medad.adaptation import adapt_to_normal_images
-from medad.discovery import input_kind
-from medad.volumes import iter_slice_batches, prepare_slices
+from medad.engine.adaptation import adapt_to_normal_images
+from medad.io.discovery import input_kind
+from medad.engine.volumes import iter_slice_batches, prepare_slices
 
 from lib.options import int_option, parse_bool
 from lib.store import DetectorStore

@@ -22,8 +22,8 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from PIL import Image
 
 from medad import predict_input
-from medad.io import strict_json
-from medad.discovery import input_kind
+from medad.io.files import strict_json
+from medad.io.discovery import input_kind
 
 from lib.options import choice_option, numeric_option
 from lib.store import DetectorStore
@@ -65,11 +65,11 @@ class AnomalyInfer(InferTask):
       show scalar overlays.
     - ``threshold``: pixel threshold of the label; ``score_threshold``: image (volume) score
       threshold of the decision. ``"auto"`` takes the model's (stored with it, or the default
-      of medad's threshold rule, :mod:`medad.decision`).
+      of medad's threshold rule, :mod:`medad.model.decision`).
 
     The JSON result holds the score, the decision, the thresholds used and where they come from
     (with a site threshold's provenance), the score's conformal p-value where the model holds a
-    site's reference scores (:mod:`medad.decision`),
+    site's reference scores (:mod:`medad.model.decision`),
     the map's range and, for volumes, the score of every slice (by its index in the input file).
     """
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from medad.transforms import window_range
+from medad.io.transforms import window_range
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 

@@ -3,7 +3,7 @@
 Each adaptation (and each restore) keeps the model it replaces in ``models/versions/``
 (``model-<UTC time of the replacement>.pt``, listed oldest first as ``versions`` in the
 adaptation task's ``train_stats``). This task puts one back with
-:func:`medad.checkpoint.restore_model_version`: the one named by the option ``version`` (a file
+:func:`medad.model.checkpoint.restore_model_version`: the one named by the option ``version`` (a file
 name), by default the newest, i.e. the model the last adaptation or restore replaced. The model
 it replaces is kept as a version in turn, so a restore is undone by restoring again; to go back
 further, name the version.

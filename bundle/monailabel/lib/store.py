@@ -1,6 +1,6 @@
 """The detector behind the app: its settings, its loading and reloading.
 
-The bundle's ``models/model.pt`` describes itself (:mod:`medad.checkpoint`): the MVFA adapters,
+The bundle's ``models/model.pt`` describes itself (:mod:`medad.model.checkpoint`): the MVFA adapters,
 prompt features, few-shot memory, calibration, the backbone they were made for and the decision
 thresholds with their rules; the frozen CLIP weights come from ``clip_weights`` (or, for a test
 or demo model, the seeded random backbone it records). The detector is loaded with
@@ -9,10 +9,10 @@ again whenever ``model.pt`` changes, which is how the server picks up a few-shot
 in MONAI Label's training subprocess. Its thresholds are the ones every surface uses
 (:meth:`medad.MVFADetector.effective_thresholds`).
 
-Versions: the app writes ``model.pt`` only through :func:`medad.checkpoint.save_model` with
+Versions: the app writes ``model.pt`` only through :func:`medad.model.checkpoint.save_model` with
 ``keep_previous=True``, so each model it replaces stays in ``models/versions/`` beside it
 (``model-<UTC time of the replacement>.pt``); :meth:`DetectorStore.restore` puts one back
-(:func:`medad.checkpoint.restore_model_version`). ``models/monailabel_adaptation.json`` records
+(:func:`medad.model.checkpoint.restore_model_version`). ``models/monailabel_adaptation.json`` records
 the last change the app made to ``model.pt`` (an adaptation or a restore) and, under
 ``replaced_version``, the version file that holds the model the change replaced.
 """
@@ -33,9 +33,9 @@ import torch
 from monai.transforms import Compose
 
 from medad import MVFADetector, load_detector
-from medad.checkpoint import describe, model_versions, read_checkpoint, restore_model_version, save_model
-from medad.io import atomic_write, strict_json
-from medad.transforms import SLICE_PLANES, mvfa_preprocessing
+from medad.model.checkpoint import describe, model_versions, read_checkpoint, restore_model_version, save_model
+from medad.io.files import atomic_write, strict_json
+from medad.io.transforms import SLICE_PLANES, mvfa_preprocessing
 
 from lib.options import int_option, parse_window
 
@@ -95,7 +95,7 @@ class AppSettings:
         )
 
     def preprocessing(self, kind: str, image_size: int) -> Compose:
-        """The bundle's preprocessing (``medad.transforms.mvfa_preprocessing``) of a 2D
+        """The bundle's preprocessing (``medad.io.transforms.mvfa_preprocessing``) of a 2D
         ``"image"`` or a ``"volume"``, with this app's window and slice plane."""
         if kind == "volume":
             return mvfa_preprocessing(
@@ -181,7 +181,7 @@ class DetectorStore:
             json.dump(strict_json(dict(record)), handle, indent=2, allow_nan=False)
 
     def save(self, detector: MVFADetector, record: Mapping[str, Any]) -> dict[str, Any]:
-        """Write ``model.pt`` (:func:`medad.checkpoint.save_model`, keeping the model it replaces
+        """Write ``model.pt`` (:func:`medad.model.checkpoint.save_model`, keeping the model it replaces
         in ``models/versions/``) and then the record, each atomically (readers see the old or the
         new file, never half of one). Returns the record as written: ``record`` with
         ``replaced_version``, the version file holding the replaced model."""
@@ -194,7 +194,7 @@ class DetectorStore:
         return record
 
     def restore(self, version: str | None = None) -> dict[str, Any]:
-        """Put a kept version back as ``model.pt`` (:func:`medad.checkpoint.restore_model_version`):
+        """Put a kept version back as ``model.pt`` (:func:`medad.model.checkpoint.restore_model_version`):
         ``version`` is a file name from :meth:`versions`, by default the newest (the model the last
         adaptation or restore replaced). The current model is kept as a version in turn, so a
         restore can be undone the same way. The server reloads the detector on its next request

@@ -1,0 +1,153 @@
+"""Finding the cases to run inference on: which files and folders are inputs, of which kind.
+
+:func:`list_inputs` turns the path a user gives (one file, or a folder of cases) into the sorted
+cases of one kind (:class:`ClinicalInputs`): 2D images, or volumes (NIfTI files, DICOM files,
+DICOM series folders), as :func:`input_kind` tells them apart from the files' names and DICOM
+headers. It refuses, before anything is read or scored, a folder that mixes the two kinds (unless
+``kind`` keeps one), a folder holding several DICOM series, DICOM series as loose files beside
+other inputs, and inputs whose output files would overwrite each other (the same
+:func:`medad.io.files.output_stem`). The input checks (:mod:`medad.io.checks`) and volume scoring
+(:mod:`medad.engine.volumes`) come after it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+from medad.io.data import IMAGE_SUFFIXES
+from medad.io.files import output_stem
+from medad.io.transforms import is_colour_dicom_image, is_dicom_file
+
+__all__ = ["INPUT_KINDS", "NIFTI_SUFFIXES", "ClinicalInputs", "input_kind", "list_inputs"]
+
+#: ``input_kind`` values: decide from the files, or keep only 2D images or only volumes.
+INPUT_KINDS = ("auto", "image", "volume")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def _visible(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def input_kind(path: str | os.PathLike) -> str | None:
+    """``"image"`` (PNG, JPEG, BMP, TIFF, single-frame colour DICOM), ``"volume"`` (NIfTI, any other
+    DICOM file, folder holding DICOM files) or ``None`` (anything else).
+
+    A single-frame colour DICOM (``SamplesPerPixel`` 3 or PALETTE COLOR: photographs,
+    dermoscopy, endoscopy, secondary captures) is a 2D colour image, as a PNG of it would be
+    (:func:`medad.io.transforms.is_colour_dicom_image`, from its header); multi-frame colour DICOM
+    files are volumes, which the checks refuse with the reason."""
+    path = Path(path)
+    if path.is_dir():
+        return "volume" if any(p.is_file() and is_dicom_file(p) for p in _visible(path)) else None
+    name = path.name.lower()
+    if name.endswith(IMAGE_SUFFIXES):
+        return "image"
+    if name.endswith(NIFTI_SUFFIXES):
+        return "volume"
+    if is_dicom_file(path):
+        return "image" if is_colour_dicom_image(path) else "volume"
+    return None
+
+
+def _series_groups(files: Sequence[Path]) -> dict[str, list[Path]]:
+    """DICOM files grouped by ``SeriesInstanceUID`` (headers only)."""
+    try:
+        import pydicom
+    except ImportError as error:
+        raise ImportError("reading DICOM needs pydicom: pip install pydicom") from error
+    groups: dict[str, list[Path]] = defaultdict(list)
+    for path in files:
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+        except Exception as error:  # pydicom raises several types for broken files
+            raise ValueError(f"{path}: not a readable DICOM file ({type(error).__name__}: {error})") from error
+        groups[str(getattr(header, "SeriesInstanceUID", path))].append(path)
+    return groups
+
+
+def _check_one_series(folder: Path) -> None:
+    groups = _series_groups([p for p in _visible(folder) if p.is_file() and is_dicom_file(p)])
+    if len(groups) > 1:
+        raise ValueError(
+            f"{folder}: holds {len(groups)} DICOM series (SeriesInstanceUID {sorted(groups)}); "
+            "a series folder must hold one: move each series into its own folder"
+        )
+
+
+def _check_unique_outputs(paths: Sequence[str]) -> None:
+    by_stem: dict[str, list[str]] = defaultdict(list)
+    for path in paths:
+        by_stem[output_stem(path)].append(Path(path).name)
+    clashes = {stem: names for stem, names in by_stem.items() if len(names) > 1}
+    if clashes:
+        listed = "; ".join(f"{' and '.join(names)} -> {stem}_*" for stem, names in sorted(clashes.items()))
+        raise ValueError(f"inputs whose outputs would overwrite each other ({listed}): rename them apart")
+
+
+class ClinicalInputs(NamedTuple):
+    """The cases found for inference and their kind (``"image"`` or ``"volume"``)."""
+
+    kind: str
+    paths: list[str]
+
+
+def list_inputs(path: str | os.PathLike, kind: str = "auto") -> ClinicalInputs:
+    """The cases to run inference on, sorted.
+
+    ``path`` is one file (one case) or a folder holding cases: 2D images (``.png``, ``.jpg``,
+    ``.jpeg``, ``.bmp``, ``.tif``, ``.tiff``), NIfTI files (``.nii``, ``.nii.gz``), DICOM files
+    (``.dcm`` or any name with the DICOM prefix; single- or multi-frame) and DICOM series
+    (subfolders of DICOM files of one series each). A folder whose files are all DICOM files of
+    one series is itself one series. A single-frame colour DICOM file is a 2D image
+    (:func:`input_kind`). Other files are ignored.
+
+    ``kind``: ``"auto"`` takes the kind of all the cases found and refuses a mix of 2D images and
+    volumes (they run through different pipelines); ``"image"`` or ``"volume"`` keeps that kind.
+    """
+    if kind not in INPUT_KINDS:
+        raise ValueError(f"input_kind must be one of {INPUT_KINDS}, got {kind!r}")
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"input not found: {root}")
+    if root.is_file():
+        found = {root: input_kind(root)}
+        if found[root] is None:
+            raise ValueError(f"{root}: not a supported input (2D image, NIfTI or DICOM)")
+    else:
+        found = {p: input_kind(p) for p in _visible(root)}
+        found = {p: k for p, k in found.items() if k is not None}
+        for folder in [p for p in found if p.is_dir()]:
+            _check_one_series(folder)
+        # DICOM files that may be slices of a series (single-frame colour DICOM files are 2D images)
+        loose = [p for p, k in found.items() if k == "volume" and p.is_file() and is_dicom_file(p)]
+        if loose:
+            groups = _series_groups(loose)
+            series = {uid: files for uid, files in groups.items() if len(files) > 1}
+            if series and len(groups) == 1 and len(loose) == len(found):
+                found = {root: "volume"}  # the folder is one series
+            elif series:
+                raise ValueError(
+                    f"{root}: holds the DICOM series {sorted(series)} as loose files beside other inputs: "
+                    "move each series into its own folder"
+                )
+    kinds = set(found.values())
+    if kind == "auto" and len(kinds) > 1:
+        counts = {k: sum(v == k for v in found.values()) for k in sorted(kinds)}
+        raise ValueError(
+            f"{root} mixes 2D images and volumes ({counts}), which run through different pipelines: "
+            "set input_kind to 'image' or 'volume' to run one kind"
+        )
+    chosen = kinds.pop() if kind == "auto" and kinds else kind
+    paths = [str(p) for p, k in found.items() if k == chosen]
+    _check_unique_outputs(paths)
+    if not paths:
+        raise FileNotFoundError(
+            f"no {'inputs' if kind == 'auto' else kind + 's'} in {root} (2D images: {', '.join(IMAGE_SUFFIXES)}; "
+            f"volumes: {', '.join(NIFTI_SUFFIXES)}, DICOM files and DICOM series folders)"
+        )
+    return ClinicalInputs(chosen, paths)

@@ -1,0 +1,1 @@
+"""What users run: ``predict_input`` (Python, MONAI Label) and the helpers the bundle configs call."""
