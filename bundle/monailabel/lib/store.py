@@ -206,7 +206,8 @@ class DetectorStore:
         state = read_checkpoint(path)
         description = describe(state)
         thresholds = description.thresholds if description is not None else None
-        memory = state.get("memory_seg")
+        # a few-shot model holds a non-empty memory buffer (memory_<name>, per its method)
+        few_shot = any(key.startswith("memory_") and isinstance(value, torch.Tensor) and value.numel() > 0 for key, value in state.items())
         record = {
             "action": "restore",
             "restored_version": restored.name,
@@ -215,7 +216,7 @@ class DetectorStore:
             "score_threshold": thresholds.image if thresholds else None,
             "threshold_rule": thresholds.image_rule if thresholds else None,
             "target": description.target if description is not None else None,
-            "mode": "few-shot" if memory is not None and memory.shape[1] > 0 else "zero-shot",
+            "mode": "few-shot" if few_shot else "zero-shot",
             "restored_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         self._write_record(record)
