@@ -1,4 +1,4 @@
-"""The paper's baselines through MVFA's bundle: their "training" run, which trains nothing.
+"""The baselines through the bundle: the "training" run of a method that trains nothing.
 
 A baseline (a method that trains nothing: ``clip``, ``memory``, ``winclip``; see
 :mod:`medad.model.methods`) has no adapters. Where the
