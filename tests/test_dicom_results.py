@@ -501,3 +501,15 @@ def test_model_description_and_missing_highdicom(monkeypatch, series):
     monkeypatch.setitem(sys.modules, "highdicom", None)
     with pytest.raises(ImportError, match=r"pip install medad\[dicom\]"):
         dr.parametric_map(sources, anomaly_map)
+
+
+def test_blank_map_and_non_finite_values(series, tmp_path):
+    """A blank input's map (all zeros) still makes a valid Parametric Map; NaN is refused."""
+    sources, anomaly_map = series
+    zeros = np.zeros(anomaly_map.shape, np.float32)
+    path = dr.write_dataset(dr.parametric_map(sources, zeros, anomaly_map.affine.numpy(), model=MODEL), tmp_path / "pm.dcm")
+    validate(path)
+    assert not pydicom.dcmread(path).pixel_array.any()
+    zeros[0, 0, 0] = np.nan
+    with pytest.raises(dr.DicomResultError, match="NaN or infinite"):
+        dr.parametric_map(sources, zeros, anomaly_map.affine.numpy())
