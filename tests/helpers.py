@@ -84,6 +84,59 @@ def run_bundle_in_process(run_id: str, config_names: tuple[str, ...], bundle_roo
     return status, stderr.getvalue().strip().splitlines()
 
 
+def _console_handlers() -> list:
+    """The plain ``logging.StreamHandler`` of every named logger: MONAI's ``get_logger`` (its
+    handlers' loggers, ``monai.handlers.StatsHandler`` among them) gives a logger its own handler
+    on ``sys.stdout`` as it is at the logger's creation, and stops it propagating to the root."""
+    import logging
+
+    loggers = [logger for logger in logging.root.manager.loggerDict.values() if isinstance(logger, logging.Logger)]
+    return [handler for logger in loggers for handler in logger.handlers if type(handler) is logging.StreamHandler]
+
+
+def run_bundle_logged_in_process(run_id: str, config_names: tuple[str, ...], bundle_root: Path,
+                                 **overrides) -> tuple[int, str, list[str]]:
+    """:func:`run_bundle_in_process` with the run's stdout captured too, where the bundle's log
+    goes, as in a ``python -m monai.bundle`` process: the exit status, the stdout text and the
+    stderr lines. Its ``logging.conf`` handler is bound to ``sys.stdout`` when MONAI applies it
+    inside the run; the console handlers that loggers made by earlier runs or tests hold (see
+    :func:`_console_handlers`; those on stderr stay) write to the run's stdout while it lasts.
+    Afterwards the root logger's handlers and level are put back, the earlier handlers get their
+    streams back, and the handlers made during the run write to this process's ``sys.stdout``."""
+    import logging
+
+    root_logger = logging.getLogger()
+    handlers, level = root_logger.handlers[:], root_logger.level
+    stdout = io.StringIO()
+    earlier = {handler: handler.stream for handler in _console_handlers()
+               if handler.stream not in (sys.stderr, sys.__stderr__)}
+    try:
+        for handler in earlier:
+            handler.setStream(stdout)
+        with contextlib.redirect_stdout(stdout):
+            status, stderr = run_bundle_in_process(run_id, config_names, bundle_root, **overrides)
+    finally:
+        for handler in _console_handlers():
+            if handler.stream is stdout:
+                handler.setStream(earlier.get(handler, sys.stdout))
+        for handler in root_logger.handlers[:]:
+            root_logger.removeHandler(handler)
+        for handler in handlers:
+            root_logger.addHandler(handler)
+        root_logger.setLevel(level)
+    return status, stdout.getvalue(), stderr
+
+
+def run_bundle_here(run_id: str, config_names: tuple[str, ...], bundle_root: Path, **overrides) -> str:
+    """:func:`run_bundle` inside this process (:func:`run_bundle_logged_in_process`): assert it
+    succeeded and return its log (stdout, then stderr). For runs whose outcome does not depend on
+    the process boundary; each ``python -m monai.bundle`` process pays ~12 CPU-s of imports."""
+    status, stdout, stderr = run_bundle_logged_in_process(run_id, config_names, bundle_root, **overrides)
+    log = stdout + "\n".join(stderr)
+    assert status == 0, log[-6000:]
+    return log
+
+
 def common(dataset_dir: Path, backbone: dict) -> dict:
     """Overrides shared by the bundle tests: generated data, target Alpha, tiny backbone."""
     return {"dataset_dir": dataset_dir, "target": "Alpha", "num_workers": 0, "batch_size": 4, "eval_batch_size": 8, **backbone}

@@ -1,9 +1,13 @@
-"""The MONAI bundle end to end: `python -m monai.bundle run ...` on generated data, tiny CLIP."""
+"""The MONAI bundle end to end: `python -m monai.bundle run ...` on generated data, tiny CLIP.
+
+The commands run inside the test's process (``helpers.run_bundle_here``: monai.bundle's
+``__main__`` under runpy with the command's argv, whose imports are paid already); nothing here
+depends on the process boundary, which test_run_safety.py pins for a real bundle process. The
+shared few-shot model and its evaluation (conftest.py) are real ``python -m monai.bundle`` runs."""
 
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import nibabel as nib
@@ -15,7 +19,8 @@ from PIL import Image
 import medad
 
 from helpers import (
-    CONFIGS, IMAGE_SIZE, bundle_command, common, copy_bundle, run_bundle, scores_csv_image_auroc, sklearn_set_metrics,
+    CONFIGS, IMAGE_SIZE, common, copy_bundle, run_bundle_here, run_bundle_logged_in_process, scores_csv_image_auroc,
+    sklearn_set_metrics,
 )
 
 def as_config(settings: dict) -> dict:
@@ -48,28 +53,27 @@ def test_default_run_id_is_defined_everywhere():
 def test_zero_shot_then_few_shot_training_evaluation_and_inference(fewshot_evaluation, synthetic_bmad, bundle_backbone, tmp_path):
     settings = common(synthetic_bmad, bundle_backbone)
     zero = tmp_path / "zero"
-    log = run_bundle("training", ("train",), zero, epochs=1, **settings)
+    log = run_bundle_here("training", ("train",), zero, epochs=1, **settings)
     assert "Saved checkpoint at epoch: 1" in log
     assert (zero / "models" / "model.pt").is_file()
     assert (zero / "models" / "resume_checkpoint_epoch=1.pt").is_file()
 
     # Rerunning with other settings does not resume the old run: it stops and says how to start afresh.
-    result = subprocess.run(
-        bundle_command("training", ("train",), zero, epochs=2, seed=7, **settings), capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 1
-    assert "cannot resume" in result.stderr and "seed: 111 -> 7" in result.stderr and "epochs" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("To start afresh, delete"), result.stderr[-2000:]
+    status, _, lines = run_bundle_logged_in_process("training", ("train",), zero, epochs=2, seed=7, **settings)
+    stderr = "\n".join(lines)
+    assert status == 1
+    assert "cannot resume" in stderr and "seed: 111 -> 7" in stderr and "epochs" not in stderr
+    assert lines[-1].startswith("To start afresh, delete"), stderr[-2000:]
     # Resuming with the same settings (and more epochs) continues from the saved iteration; the
     # settings hold resolved values: levels left to the default (all 4 blocks here) are [1,2,3,4].
-    log = run_bundle("training", ("train",), zero, epochs=2, **{k: v for k, v in settings.items() if k != "levels"})
+    log = run_bundle_here("training", ("train",), zero, epochs=2, **{k: v for k, v in settings.items() if k != "levels"})
     assert "Restored all variables" in log
     assert "Epoch[2] Complete" in log and "Epoch[1] Complete" not in log
     assert [p.name for p in (zero / "models").glob("resume_*.pt")] == ["resume_checkpoint_epoch=2.pt"]
 
     assert missing_properties(("train",), "train", bundle_root=zero, epochs=2, **as_config(settings)) == []
     assert missing_properties(("train", "evaluate"), "infer", bundle_root=zero, **as_config(settings)) == []
-    run_bundle("evaluating", ("train", "evaluate"), zero, **settings)
+    run_bundle_here("evaluating", ("train", "evaluate"), zero, **settings)
     zero_metrics = json.loads((zero / "eval" / "metrics.json").read_text())
     assert set(zero_metrics) >= {"val_image_auroc", "val_pixel_auroc", "val_pixel_ap", "val_pixel_f1_max", "val_aupro"}
     # ... and equal sklearn's on the zero-shot model's own outputs (computed here) and on scores.csv.
@@ -106,7 +110,7 @@ def test_zero_shot_then_few_shot_training_evaluation_and_inference(fewshot_evalu
         Image.open(source).resize((150, 130)).save(samples / source.name)
     inference = {k: v for k, v in settings.items() if k not in ("target", "dataset_dir", "eval_batch_size")}
     assert missing_properties(("inference",), "infer", bundle_root=few, **as_config(inference)) == []
-    run_bundle("inferring", ("inference",), few, **inference)
+    run_bundle_here("inferring", ("inference",), few, **inference)
     outputs = few / "outputs"
     maps = sorted(outputs.glob("*_anomaly_map.nii.gz"))
     assert [m.name for m in maps] == [f"{s.stem}_anomaly_map.nii.gz" for s in sources]
@@ -118,13 +122,13 @@ def test_zero_shot_then_few_shot_training_evaluation_and_inference(fewshot_evalu
 def test_tracking_with_mlflow(synthetic_bmad, bundle_backbone, tmp_path):
     pytest.importorskip("mlflow", reason="the test extra installs mlflow")
     settings = common(synthetic_bmad, bundle_backbone)
-    run_bundle("training", ("train",), tmp_path, epochs=1, tracking="mlflow", **settings)
+    run_bundle_here("training", ("train",), tmp_path, epochs=1, tracking="mlflow", **settings)
     # Evaluation and inference are tracked too (MONAI's patch needs the evaluator as a component).
-    run_bundle("evaluating", ("train", "evaluate"), tmp_path, tracking="mlflow", **settings)
+    run_bundle_here("evaluating", ("train", "evaluate"), tmp_path, tracking="mlflow", **settings)
     images = tmp_path / "images"
     images.mkdir()
     Image.fromarray(np.full((40, 50, 3), 90, np.uint8)).save(images / "a.png")
-    run_bundle("inferring", ("inference",), tmp_path, dataset_dir=images, tracking="mlflow",
+    run_bundle_here("inferring", ("inference",), tmp_path, dataset_dir=images, tracking="mlflow",
                num_workers=0, clip_weights=bundle_backbone["clip_weights"])
     assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == [".medad-output", "a_anomaly_map.nii.gz", "overlays", "scores.csv"]
     import mlflow
@@ -149,12 +153,11 @@ def test_tracking_with_mlflow(synthetic_bmad, bundle_backbone, tmp_path):
 
 def test_paper_selection_is_an_overlay_and_its_name_alone_is_refused(synthetic_bmad, bundle_backbone, tmp_path):
     settings = common(synthetic_bmad, bundle_backbone)
-    result = subprocess.run(
-        bundle_command("training", ("train", "fewshot"), tmp_path / "refused", shot=2, epochs=1, model_selection="paper", **settings),
-        capture_output=True, text=True, timeout=600,
+    status, _, lines = run_bundle_logged_in_process(
+        "training", ("train", "fewshot"), tmp_path / "refused", shot=2, epochs=1, model_selection="paper", **settings,
     )
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == (
+    assert status == 1
+    assert lines[-1] == (
         "medad: model_selection must be one of ['last'], got 'paper': the paper's selection needs "
         "configs/paper_selection.json merged after train.json (and fewshot.json)"
     )
@@ -162,7 +165,7 @@ def test_paper_selection_is_an_overlay_and_its_name_alone_is_refused(synthetic_b
     paper = json.loads((CONFIGS / "paper_selection.json").read_text())
     assert [h["_target_"] for h in paper["+train#handlers"]] == ["ValidationHandler"]
     root = tmp_path / "paper"
-    log = run_bundle("training", ("train", "fewshot", "paper_selection"), root, shot=2, epochs=2, **settings)
+    log = run_bundle_here("training", ("train", "fewshot", "paper_selection"), root, shot=2, epochs=2, **settings)
     # The validator ran after each epoch, and model.pt is the best epoch by the authors' criterion.
     assert log.count("Key metric: val_selection_score best value") == 2, log[-3000:]
     assert "Epoch[2] Complete" in log and (root / "models" / "model.pt").is_file()
@@ -173,7 +176,7 @@ def test_paper_selection_is_an_overlay_and_its_name_alone_is_refused(synthetic_b
 
 def test_a_target_without_masks_gets_image_metrics_only_and_bf16_runs_on_the_cpu(synthetic_bmad, bundle_backbone, tmp_path):
     settings = {**common(synthetic_bmad, bundle_backbone), "target": "Gamma"}  # Gamma has no masks
-    run_bundle("training", ("train", "fewshot"), tmp_path, shot=2, epochs=1, **settings)
+    run_bundle_here("training", ("train", "fewshot"), tmp_path, shot=2, epochs=1, **settings)
     detector = medad.load_detector(tmp_path / "models" / "model.pt", bundle_backbone["clip_weights"])
     assert not detector.image_score_from_map  # MVFA's rule without masks: the fused detection score
     thresholds = detector.effective_thresholds()
@@ -181,7 +184,7 @@ def test_a_target_without_masks_gets_image_metrics_only_and_bf16_runs_on_the_cpu
     assert thresholds.image_rule == "support_f1" and (thresholds.pixel, thresholds.pixel_rule) == (0.5, "calibrated_midpoint")
     metrics = {}
     for precision in ("fp32", "bf16"):
-        run_bundle("evaluating", ("train", "fewshot", "evaluate"), tmp_path, shot=2, precision=precision,
+        run_bundle_here("evaluating", ("train", "fewshot", "evaluate"), tmp_path, shot=2, precision=precision,
                    output_dir=tmp_path / f"eval_{precision}", **settings)
         metrics[precision] = json.loads((tmp_path / f"eval_{precision}" / "metrics.json").read_text())
         # the image AUROC is sklearn's on the rows of scores.csv (the set-fused scores it is computed on)

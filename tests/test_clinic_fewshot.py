@@ -1,5 +1,8 @@
 """Few-shot the way clinics have data: normal-only adaptation of a zero-shot model, and abnormal
-support images without masks (they train the detection adapters only)."""
+support images without masks (they train the detection adapters only).
+
+The bundle commands run inside the test's process (``helpers.run_bundle_here``): nothing here
+depends on the process boundary, and each ``python -m monai.bundle`` process costs ~12 CPU-s of imports."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from PIL import Image
 
 import medad
 
-from helpers import IMAGE_SIZE, REPORT_GALLERY_SIZE, common, copy_bundle, run_bundle
+from helpers import IMAGE_SIZE, REPORT_GALLERY_SIZE, common, copy_bundle, run_bundle_here
 from synthetic import write_dataset
 
 
@@ -37,12 +40,12 @@ def _false_positive_rate(scores_csv: Path) -> float:
 def test_normal_only_adaptation_of_a_zero_shot_model(clinic_bmad, bundle_backbone, tmp_path):
     settings = common(clinic_bmad, bundle_backbone)
     zero = tmp_path / "zero"
-    run_bundle("training", ("train",), zero, epochs=1, **settings)
-    run_bundle("evaluating", ("train", "evaluate"), zero, **settings)
+    run_bundle_here("training", ("train",), zero, epochs=1, **settings)
+    run_bundle_here("evaluating", ("train", "evaluate"), zero, **settings)
     zero_metrics = json.loads((zero / "eval" / "metrics.json").read_text())
 
     normal = tmp_path / "normal_only"
-    log = run_bundle("training", ("train", "fewshot"), normal, shot=8, abnormal_shots=0,
+    log = run_bundle_here("training", ("train", "fewshot"), normal, shot=8, abnormal_shots=0,
                      init_checkpoint=zero / "models" / "model.pt", **settings)
     assert "normal-only adaptation to 8 normal images" in log and "Epoch[1]" not in log  # no adapter training
     adapted = medad.load_detector(normal / "models" / "model.pt", bundle_backbone["clip_weights"])
@@ -53,13 +56,13 @@ def test_normal_only_adaptation_of_a_zero_shot_model(clinic_bmad, bundle_backbon
     thresholds = adapted.effective_thresholds()
     assert thresholds.image_rule == thresholds.pixel_rule == "normal_heldout_max"
 
-    run_bundle("evaluating", ("train", "fewshot", "evaluate"), normal, shot=8, **settings)
+    run_bundle_here("evaluating", ("train", "fewshot", "evaluate"), normal, shot=8, **settings)
     metrics = json.loads((normal / "eval" / "metrics.json").read_text())
     assert metrics["val_pixel_auroc"] >= zero_metrics["val_pixel_auroc"] + 0.03, (metrics, zero_metrics)
     # The held-out rule's target: a new normal image exceeds the highest of k held-out scores
     # with probability 1 / (k + 1) = 1/9 here (README, "Your own data"). Decisions are made on
     # single images, with the stored calibration.
-    run_bundle("evaluating", ("train", "fewshot", "evaluate"), normal, shot=8, fusion="calibrated",
+    run_bundle_here("evaluating", ("train", "fewshot", "evaluate"), normal, shot=8, fusion="calibrated",
                output_dir=normal / "eval_calibrated", **settings)
     assert _false_positive_rate(normal / "eval_calibrated" / "scores.csv") <= 1 / 9 + 1 / 12  # one image of slack
 
@@ -76,11 +79,11 @@ def test_abnormal_shots_without_masks_train_the_detection_adapters_only(clinic_b
     settings = common(clinic_bmad, bundle_backbone)
     weights = bundle_backbone["clip_weights"]
     zero = tmp_path / "zero"
-    run_bundle("training", ("train",), zero, epochs=1, **{**settings, "target": "Gamma"})
+    run_bundle_here("training", ("train",), zero, epochs=1, **{**settings, "target": "Gamma"})
     # Gamma's abnormal images have no masks: from the zero-shot model, k abnormal + k normal
     # support images change the det adapters and leave the seg adapters as they were.
     few = tmp_path / "few"
-    run_bundle("training", ("train", "fewshot"), few, shot=2, epochs=1, init_checkpoint=zero / "models" / "model.pt",
+    run_bundle_here("training", ("train", "fewshot"), few, shot=2, epochs=1, init_checkpoint=zero / "models" / "model.pt",
                **{**settings, "target": "Gamma"})
     assert _changed(_adapters(zero, weights), _adapters(few, weights)) == {"seg_adapters": False, "det_adapters": True}
 
@@ -90,7 +93,7 @@ def test_abnormal_shots_without_masks_train_the_detection_adapters_only(clinic_b
     masks[0].rename(masks[0].with_suffix(".hidden"))
     try:
         mixed = tmp_path / "mixed"
-        run_bundle("training", ("train", "fewshot"), mixed, shot=2, epochs=1, **settings)
+        run_bundle_here("training", ("train", "fewshot"), mixed, shot=2, epochs=1, **settings)
     finally:
         masks[0].with_suffix(".hidden").rename(masks[0])
     thresholds = medad.load_detector(mixed / "models" / "model.pt", weights).effective_thresholds()
@@ -134,7 +137,7 @@ def test_own_data_layouts_give_the_metrics_of_the_bmad_layout(fewshot_evaluation
     metrics = {"bmad": json.loads((fewshot_evaluation / "eval" / "metrics.json").read_text())}
     for name, dataset_dir in (("folders", folders), ("datalist", datalist)):
         output = root / f"eval_{name}"
-        run_bundle("evaluating", ("train", "fewshot", "evaluate"), root, shot=2, output_dir=output,
+        run_bundle_here("evaluating", ("train", "fewshot", "evaluate"), root, shot=2, output_dir=output,
                    report_gallery_size=REPORT_GALLERY_SIZE, **{**settings, "dataset_dir": dataset_dir})
         metrics[name] = json.loads((output / "metrics.json").read_text())
     metrics = {name: {k: v for k, v in values.items() if k.startswith("val_")} for name, values in metrics.items()}
