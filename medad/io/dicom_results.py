@@ -31,6 +31,7 @@ object is built, so medad imports without it.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -51,6 +52,7 @@ __all__ = [
     "map_to_frames",
     "parametric_map",
     "read_sources",
+    "result_uids",
     "secondary_capture",
     "segmentation",
     "structured_report",
@@ -311,6 +313,33 @@ def map_to_frames(
 
 # --------------------------------------------------------------------------------------------
 # algorithm and common attributes
+
+
+def result_uids(sources: Sequence[Any], model_key: str, kind: str) -> dict[str, str]:
+    """The series and SOP instance UIDs of the ``kind`` result object (``"parametric_map"``,
+    ``"segmentation"``, ...) of ``sources`` by the model ``model_key`` (e.g. the SHA-256 of its
+    ``model.pt``), the same on every run: a rerun writes objects with the same UIDs, which a
+    PACS stores once (and replaces) instead of adding copies; another model or another source
+    series gives other UIDs. UUID-derived UIDs (``2.25.<128-bit integer>``, ISO/IEC 9834-8) of a
+    SHA-256 of those identities: they need no organisation root (pydicom's ``generate_uid``
+    is deterministic only under one, and random without).
+
+    Example:
+        >>> import pydicom
+        >>> source = pydicom.Dataset()
+        >>> source.SeriesInstanceUID, source.SOPInstanceUID = "1.2.3", "1.2.3.4"
+        >>> result_uids([source], "abc", "segmentation") == result_uids([source], "abc", "segmentation")
+        True
+        >>> result_uids([source], "abc", "segmentation") != result_uids([source], "abd", "segmentation")
+        True
+    """
+    identity = [str(sources[0].SeriesInstanceUID), *sorted(str(ds.SOPInstanceUID) for ds in sources), str(model_key), kind]
+
+    def uid(role: str) -> str:
+        digest = hashlib.sha256("\n".join([*identity, role]).encode()).digest()
+        return "2.25." + str(int.from_bytes(digest[:16], "big"))
+
+    return {"series_instance_uid": uid("series"), "sop_instance_uid": uid("instance")}
 
 
 def _model_fields(model: Any) -> dict[str, str]:
