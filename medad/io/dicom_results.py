@@ -24,6 +24,11 @@ colour images), a series of single-frame images with plane geometry (CT, MR, PT;
 slice), and one multi-frame image (enhanced CT/MR, legacy converted). Anything else is refused with
 the file named (:class:`DicomResultError`).
 
+One case's results (:func:`write_results`: Parametric Map, SEG and SR with :func:`result_uids`)
+are what the bundle's inference writes with ``output_format`` ``dicom`` or ``both``
+(:class:`SaveDicomResultsd`, into ``outputs/dicom/<case>/``) and what
+:func:`medad.surfaces.predict.dicom_results` writes for a :class:`medad.Prediction`: one code path.
+
 highdicom is an optional dependency (``pip install medad[dicom]``); it is imported only when an
 object is built, so medad imports without it.
 """
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -39,8 +45,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from monai.transforms import MapTransform
 
 from medad.io.files import atomic_write
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "ANOMALY_SCORE",
@@ -48,7 +57,12 @@ __all__ = [
     "ANOMALY_DECISION",
     "CODING_SCHEME",
     "DicomResultError",
+    "OUTPUT_FORMATS",
     "RESEARCH_ONLY",
+    "RESULT_FILES",
+    "SaveDicomResultsd",
+    "file_sha256",
+    "is_dicom_input",
     "map_to_frames",
     "parametric_map",
     "read_sources",
@@ -57,6 +71,7 @@ __all__ = [
     "segmentation",
     "structured_report",
     "write_dataset",
+    "write_results",
 ]
 
 #: medad's private coding scheme (DICOM PS3.16 8.2: private designators start with "99").
@@ -67,6 +82,11 @@ ANOMALY_THRESHOLD = ("ANOM_THRESHOLD", "Anomaly score threshold")
 ANOMALY_DECISION = ("ANOM_DECISION", "Anomaly decision")
 #: What every object's series description ends with.
 RESEARCH_ONLY = "research use only, not for clinical use"
+
+#: The bundle's ``output_format`` values: today's map files only, DICOM objects instead, or both.
+OUTPUT_FORMATS = ("nifti", "dicom", "both")
+#: The files :func:`write_results` writes into a case's folder, by object.
+RESULT_FILES = {"parametric_map": "parametric_map.dcm", "segmentation": "segmentation.dcm", "report": "report.dcm"}
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 _INDEX_TOLERANCE = 1e-3  # voxels: how far from a voxel centre a source pixel may land
@@ -340,6 +360,14 @@ def result_uids(sources: Sequence[Any], model_key: str, kind: str) -> dict[str, 
         return "2.25." + str(int.from_bytes(digest[:16], "big"))
 
     return {"series_instance_uid": uid("series"), "sop_instance_uid": uid("instance")}
+
+
+def _derived_uid(common: Mapping[str, Any], role: str) -> str:
+    """A UID for ``role`` inside an object (the SR's observer device, its tracking identifier),
+    derived from the object's SOP instance UID: a rerun with :func:`result_uids` gives the same
+    object, content included."""
+    digest = hashlib.sha256(f"{common['sop_instance_uid']}\n{role}".encode()).digest()
+    return "2.25." + str(int.from_bytes(digest[:16], "big"))
 
 
 def _model_fields(model: Any) -> dict[str, str]:
@@ -621,7 +649,7 @@ def structured_report(
     common = _common(kwargs, 903, "anomaly report", model)
     version = _version()
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=hd.UID(), name=_algorithm_name(model)[:64], manufacturer_name=common["manufacturer"],
+        uid=_derived_uid(common, "device"), name=_algorithm_name(model)[:64], manufacturer_name=common["manufacturer"],
         model_name=_algorithm_name(model)[:64],
     )
     context = hd.sr.ObservationContext(
@@ -651,7 +679,7 @@ def structured_report(
     else:
         images = [hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in ordered]
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="medad anomaly detection"),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=_derived_uid(common, "tracking"), identifier="medad anomaly detection"),
         algorithm_id=algorithm,
         measurements=measurements,
         qualitative_evaluations=[decision],
@@ -763,3 +791,173 @@ def write_dataset(dataset: Any, path: str | os.PathLike) -> Path:
     except Exception as error:  # pydicom raises several types for data sets it cannot encode
         raise DicomResultError(f"{path}: cannot write the DICOM file ({type(error).__name__}: {error})") from error
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# one case's results: what the bundle and Python write
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex): the ``model_key`` of :func:`result_uids` for a model file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def is_dicom_input(path: str | os.PathLike) -> bool:
+    """Whether an input (as :func:`medad.io.discovery.list_inputs` gives them) is DICOM: a DICOM
+    file (:func:`medad.io.transforms.is_dicom_file`) or a folder of DICOM files (a series)."""
+    from medad.io.transforms import is_dicom_file
+
+    path = Path(path)
+    if path.is_dir():
+        return any(p.is_file() and not p.name.startswith(".") and is_dicom_file(p) for p in path.iterdir())
+    return is_dicom_file(path)
+
+
+def write_results(
+    folder: str | os.PathLike,
+    sources: Sequence[Any],
+    anomaly_map: Any,
+    affine: Any,
+    *,
+    score: float,
+    anomalous: bool,
+    threshold: float,
+    rule: str,
+    pixel_threshold: float,
+    pixel_rule: str | None,
+    model: Any,
+    model_key: str,
+    p_value: float | None = None,
+    space: str | None = None,
+) -> dict[str, Path]:
+    """Write one case's DICOM results into ``folder`` (:data:`RESULT_FILES`): the map as a
+    Parametric Map, the region ``anomaly_map >= pixel_threshold`` as a Segmentation (with the
+    threshold and its ``pixel_rule``), and the ``score``, decision ``anomalous`` at the image
+    ``threshold`` and its ``rule`` (and ``p_value`` where given) as a TID 1500 SR listing the other
+    two as evidence; each with :func:`result_uids` of the sources and ``model_key``, so that a rerun
+    gives the same UIDs; each file written atomically (:func:`write_dataset`). What the bundle's
+    :class:`SaveDicomResultsd` and :func:`medad.surfaces.predict.dicom_results` both call.
+
+    ``anomaly_map`` and ``affine`` as :func:`map_to_frames` takes them (a volume's map with its
+    affine; a 2D image's ``(rows, columns)`` map with ``affine=None``). A source without a frame
+    of reference (secondary captures, most radiographs) gets no Parametric Map (highdicom cannot
+    build one: see :func:`_highdicom_refusal`); that is logged, and the SEG and SR are written.
+    Returns the paths written, by object.
+    """
+    folder = Path(folder)
+    array, affine, space = _array_and_affine(anomaly_map, affine, space)
+    written: dict[str, Path] = {}
+    evidence = []
+    try:
+        pm = parametric_map(sources, array, affine, space, model=model, **result_uids(sources, model_key, "parametric_map"))
+    except DicomResultError as error:
+        if "FrameOfReferenceUID" in _checked_sources(sources)[0]:
+            raise
+        logger.warning("%s: no Parametric Map written (%s)", folder, error)
+    else:
+        written["parametric_map"] = write_dataset(pm, folder / RESULT_FILES["parametric_map"])
+        evidence.append(pm)
+    label = (array >= float(pixel_threshold)).astype(np.uint8)
+    seg = segmentation(
+        sources, label, affine, space, model=model, threshold=pixel_threshold, rule=pixel_rule,
+        **result_uids(sources, model_key, "segmentation"),
+    )
+    written["segmentation"] = write_dataset(seg, folder / RESULT_FILES["segmentation"])
+    evidence.append(seg)
+    report = structured_report(
+        sources, score, anomalous, threshold, rule, model=model, p_value=p_value, evidence=evidence,
+        **result_uids(sources, model_key, "report"),
+    )
+    written["report"] = write_dataset(report, folder / RESULT_FILES["report"])
+    return written
+
+
+class SaveDicomResultsd(MapTransform):
+    """The bundle inference's DICOM results (``output_format`` ``dicom`` or ``both``; ``nifti``
+    writes nothing): for each case, after :class:`medad.io.outputs.MapToInputGridd` (the map
+    on MONAI's grid of the input, with its affine), :func:`write_results` into
+    ``<output_dir>/<case>/`` (``case``: :func:`medad.io.files.output_stem` of the input, the DICOM
+    file or series folder in the image's ``filename_or_obj``).
+
+    Decisions as :class:`medad.engine.handlers.ScoresWriter` takes them, read from ``detector``
+    when the first case comes (the configs resolve before the model may exist):
+    ``threshold="model"`` the model's effective image threshold and rule, a number as given
+    (rule :data:`medad.model.decision.GIVEN_RULE`); the model's effective pixel threshold and
+    rule; the conformal p-value where the model has reference scores; the model's description
+    (:attr:`medad.MVFADetector.description`); UIDs keyed by the SHA-256 of ``model_path``
+    (computed once).
+    """
+
+    def __init__(
+        self,
+        keys: Any,
+        output_dir: str | os.PathLike,
+        detector: Any,
+        model_path: str | os.PathLike,
+        output_format: str = "nifti",
+        threshold: float | str = "model",
+        image_key: str = "image",
+        score_key: str = "score",
+    ) -> None:
+        super().__init__(keys)
+        if output_format not in OUTPUT_FORMATS:
+            raise ValueError(f"output_format must be one of {list(OUTPUT_FORMATS)}, got {output_format!r}")
+        if isinstance(threshold, str) and threshold != "model":
+            raise ValueError(f"threshold must be a number or 'model', got {threshold!r}")
+        self.output_dir, self.detector, self.model_path = Path(output_dir), detector, model_path
+        self.enabled = output_format in ("dicom", "both")
+        self.threshold, self.image_key, self.score_key = threshold, image_key, score_key
+        self._model: dict[str, Any] | None = None
+
+    def _decisions(self) -> dict[str, Any]:
+        """The model's key, description and thresholds, once (when the first case comes)."""
+        if self._model is None:
+            from medad.model.decision import GIVEN_RULE
+            from medad.model.detector import unwrap
+
+            detector = unwrap(self.detector)
+            effective = detector.effective_thresholds()
+            given = self.threshold != "model"
+            self._model = {
+                "model": detector.description,
+                "model_key": file_sha256(self.model_path),
+                "threshold": float(self.threshold) if given else float(effective.image),
+                "rule": GIVEN_RULE if given else effective.image_rule,
+                "pixel_threshold": float(effective.pixel),
+                "pixel_rule": effective.pixel_rule,
+                "reference_scores": effective.reference_scores,
+            }
+        return self._model
+
+    def __call__(self, data: Mapping[Any, Any]) -> dict:
+        d = dict(data)
+        if not self.enabled:
+            return d
+        from medad.io.files import output_stem
+        from medad.io.transforms import image_source
+        from medad.model.decision import conformal_p_values
+
+        model = self._decisions()
+        source = image_source(d[self.image_key])
+        score = float(np.asarray(_plain(d[self.score_key])).reshape(-1)[0])
+        p_value = float(conformal_p_values([score], model["reference_scores"])[0]) if model["reference_scores"] else None
+        for key in self.key_iterator(d):
+            anomaly_map = d[key]
+            values, affine, space = _array_and_affine(anomaly_map, None, None)
+            if values.ndim == 3 and values.shape[0] == 1 and d[key].dim() == 3:
+                values, affine = values[0].T, None  # a 2D image's map (1, columns, rows): (rows, columns)
+            write_results(
+                self.output_dir / output_stem(source), read_sources(source), values, affine, space=space,
+                score=score, anomalous=score >= model["threshold"], threshold=model["threshold"], rule=model["rule"],
+                pixel_threshold=model["pixel_threshold"], pixel_rule=model["pixel_rule"], model=model["model"],
+                model_key=model["model_key"], p_value=p_value,
+            )
+        return d
+
+
+def _plain(value: Any) -> Any:
+    return value.detach().cpu().numpy() if hasattr(value, "detach") else value

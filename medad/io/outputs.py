@@ -164,6 +164,9 @@ class SaveMapd(MapTransform):
       65535 * (high - low) (:func:`read_map_png`).
     - ``"tiff"`` (2D images): a float32 TIFF (``PILWriter``) of the image's own size with the
       map's values exactly.
+
+    An empty ``formats`` writes no map file at all (the bundle's ``output_format`` ``dicom``,
+    whose maps go into DICOM objects instead: :func:`medad.surfaces.workflow.map_formats`).
     """
 
     def __init__(
@@ -176,7 +179,7 @@ class SaveMapd(MapTransform):
     ) -> None:
         super().__init__(keys)
         formats = [formats] if isinstance(formats, str) else list(formats)
-        if not formats or any(f not in MAP_FORMATS for f in formats):
+        if any(f not in MAP_FORMATS for f in formats):
             raise ValueError(f"map_format must be one of {list(MAP_FORMATS)} or a list of them, got {formats!r}")
         if nifti_ext not in (".nii.gz", ".nii"):
             raise ValueError(f"nifti_ext must be '.nii.gz' or '.nii', got {nifti_ext!r}")
@@ -194,7 +197,7 @@ class SaveMapd(MapTransform):
         for key in self.key_iterator(d):
             anomaly_map = d[key]
             image = anomaly_map.dim() == 3  # a 2D image's map (1, columns, rows); a volume's is (1, X, Y, Z)
-            if not image or "nifti" in self.formats:
+            if self.formats and (not image or "nifti" in self.formats):
                 self.nifti(anomaly_map)
             if image and "tiff" in self.formats:
                 self.tiff(anomaly_map)

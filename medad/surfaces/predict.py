@@ -5,7 +5,9 @@ PIL image or an array, with the model's own decision thresholds.
 ``inferring`` pipeline on one input, with the same objects: ``mvfa_preprocessing``,
 :class:`medad.engine.inferers.AnomalyInferer`, :func:`medad.engine.inferers.final_scores` (the detector's final
 scores and the blank rule) and ``MapToInputGridd``; so all surfaces give the same map, score and
-decision for the same input and model (``tests/test_surfaces.py``).
+decision for the same input and model (``tests/test_surfaces.py``). :func:`dicom_results` writes
+a DICOM input's prediction as the DICOM objects that the bundle's ``output_format`` ``dicom``
+writes (:func:`medad.io.dicom_results.write_results`, the same code).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from medad.io.transforms import input_slice_indices, mvfa_preprocessing, plain_t
 from medad.engine.inferers import AnomalyInferer, final_scores
 from medad.engine.volumes import DEFAULT_SLICE_BATCH
 
-__all__ = ["Prediction", "predict_input"]
+__all__ = ["Prediction", "dicom_results", "predict_input"]
 
 
 @dataclass
@@ -168,3 +170,48 @@ def _like(image: Any, values: torch.Tensor) -> Any:
     from monai.utils import convert_to_dst_type
 
     return convert_to_dst_type(values, image)[0]
+
+
+def dicom_results(
+    prediction: Prediction,
+    source: str | os.PathLike,
+    detector: MVFADetector,
+    output_dir: str | os.PathLike,
+    model_file: str | os.PathLike | None = None,
+) -> dict[str, str]:
+    """Write the DICOM results of ``prediction`` (:func:`predict_input` of ``source``, a DICOM file
+    or series folder) into ``output_dir``: ``parametric_map.dcm`` (the map), ``segmentation.dcm``
+    (``prediction.label``) and ``report.dcm`` (TID 1500 SR: score, decision, image threshold and
+    its rule, p-value), the objects and UIDs the bundle's inference writes with ``output_format``
+    ``dicom`` for the same input and model (:func:`medad.io.dicom_results.write_results`). Needs
+    highdicom (``pip install medad[dicom]``).
+
+    ``model_file``: the ``model.pt`` the detector was loaded from, whose SHA-256 keys the objects'
+    UIDs as in the bundle (:func:`medad.io.dicom_results.result_uids`); without it they are keyed
+    by a SHA-256 of the detector's weights (the same on every run, but not the bundle's UIDs).
+    Returns the paths written, by object.
+
+    >>> # prediction = predict_input(detector, "series/"); dicom_results(prediction, "series/", detector, "out/")
+    """
+    from medad.io.dicom_results import file_sha256, read_sources, write_results
+
+    if model_file is not None:
+        model_key = file_sha256(model_file)
+    else:
+        import hashlib
+
+        digest = hashlib.sha256()
+        for name, value in sorted(detector.state_dict().items()):
+            digest.update(name.encode())
+            if isinstance(value, torch.Tensor):
+                digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        model_key = digest.hexdigest()
+    thresholds = prediction.thresholds
+    affine = None if prediction.kind == "image" else prediction.meta["affine"]
+    written = write_results(
+        output_dir, read_sources(source), prediction.anomaly_map, affine,
+        score=prediction.score, anomalous=prediction.anomalous, threshold=thresholds.image, rule=thresholds.image_rule,
+        pixel_threshold=thresholds.pixel, pixel_rule=thresholds.pixel_rule, model=detector.description,
+        model_key=model_key, p_value=prediction.p_value,
+    )
+    return {name: str(path) for name, path in written.items()}

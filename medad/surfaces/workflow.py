@@ -47,6 +47,7 @@ __all__ = [
     "bundle_command",
     "check_choice",
     "check_command_line",
+    "checked_output_format",
     "check_settings",
     "checked_items",
     "default_clip_weights",
@@ -59,6 +60,7 @@ __all__ = [
     "inputs",
     "lock_output",
     "lock_run",
+    "map_formats",
     "map_range",
     "model_detector",
     "placed_network",
@@ -480,6 +482,43 @@ def check_choice(name: str, value: Any, choices: Sequence[Any], hint: str = "") 
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}" + (f": {hint}" if hint else ""))
     return value
+
+
+@_ending_on_input_errors
+def checked_output_format(output_format: str, inputs: Any) -> str:
+    """Inference's ``output_format`` (:data:`medad.io.dicom_results.OUTPUT_FORMATS`: ``nifti``,
+    ``dicom`` or ``both``) once it is one of them and, for ``dicom`` and ``both``, every input
+    (``inputs``: :func:`inputs`' cases, or their paths) is DICOM (a DICOM file or series folder,
+    :func:`medad.io.dicom_results.is_dicom_input`); otherwise the run ends before anything is
+    scored, naming the key and its choices, or the first input that is not DICOM."""
+    from medad.io.dicom_results import OUTPUT_FORMATS, is_dicom_input
+
+    check_choice("output_format", output_format, OUTPUT_FORMATS)
+    if output_format != "nifti":
+        for path in getattr(inputs, "paths", inputs):
+            if not is_dicom_input(path):
+                raise ValueError(
+                    f"{path}: not a DICOM file or series folder: output_format {output_format!r} writes DICOM results "
+                    "for DICOM inputs only; set output_format to 'nifti' or leave this input out"
+                )
+    return output_format
+
+
+@_ending_on_input_errors
+def map_formats(map_format: str | Sequence[str], output_format: str = "nifti") -> list[str]:
+    """The map files :class:`medad.io.outputs.SaveMapd` writes: ``map_format`` (checked against
+    :data:`medad.io.outputs.MAP_FORMATS`), none for ``output_format`` ``dicom`` (the map goes into
+    a DICOM Parametric Map instead).
+
+    >>> map_formats("nifti"), map_formats(["nifti", "png"], "both"), map_formats("nifti", "dicom")
+    (['nifti'], ['nifti', 'png'], [])
+    """
+    from medad.io.outputs import MAP_FORMATS
+
+    formats = [map_format] if isinstance(map_format, str) else list(map_format)
+    if not formats or any(f not in MAP_FORMATS for f in formats):
+        raise ValueError(f"map_format must be one of {list(MAP_FORMATS)} or a list of them, got {map_format!r}")
+    return [] if output_format == "dicom" else formats
 
 
 @_ending_on_input_errors
