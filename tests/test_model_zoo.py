@@ -40,6 +40,7 @@ CONFIGS = ROOT / "configs"
 METADATA = json.loads((CONFIGS / "metadata.json").read_text())
 NAME, VERSION = METADATA["name"], METADATA["version"]
 TINY = json.loads((CONFIGS / "tiny.json").read_text())
+TINY_LEVELS = [1, 2, 3, 4]  # MVFA's default levels (four evenly spaced blocks) of the 4-block tiny CLIP
 IMAGE_SIZE = medad.model.backbone.MVFA_IMAGE_SIZE  # train.json's default for ViT-L-14-336, as metadata.json says
 
 _spec = importlib.util.spec_from_file_location("build_bundle", ROOT / "scripts" / "build_bundle.py")
@@ -87,7 +88,7 @@ def trained(tmp_path_factory) -> Trained:
     torch.manual_seed(0)
     detector = medad.build_detector(
         ["Brain", "Liver"], "Brain", model_name=TINY["clip_model"], image_size=IMAGE_SIZE,
-        pretrained=TINY["clip_weights"], random_init=TINY["clip_random_init"], levels=TINY["levels"],
+        pretrained=TINY["clip_weights"], random_init=TINY["clip_random_init"], levels=TINY_LEVELS,
     ).eval()
     with torch.no_grad():
         detector.build_memory(torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE))
@@ -248,7 +249,7 @@ def test_archive_has_the_model_zoo_layout(release, trained):
         released_train = json.loads(archive.read(f"{NAME}/configs/train.json"))
     # The release's train.json describes the released model, which its network_def starts from.
     assert {key: released_train[key] for key in ("clip_model", "clip_random_init", "image_size", "levels", "target")} == {
-        "clip_model": TINY["clip_model"], "clip_random_init": True, "image_size": IMAGE_SIZE, "levels": TINY["levels"],
+        "clip_model": TINY["clip_model"], "clip_random_init": True, "image_size": IMAGE_SIZE, "levels": TINY_LEVELS,
         "target": "Brain",
     }
     assert released_train["network_def"]["checkpoint"] == "@init_checkpoint"
@@ -362,7 +363,7 @@ def test_onnx_export_matches_eager(trained, tmp_path):
     pytest.importorskip("onnxscript", reason="torch.onnx.export needs onnxscript (pip install onnxscript)")
     detector = medad.build_detector(
         [], None, model_name=TINY["clip_model"], image_size=IMAGE_SIZE, pretrained=TINY["clip_weights"],
-        random_init=TINY["clip_random_init"], levels=TINY["levels"], checkpoint=trained.model,
+        random_init=TINY["clip_random_init"], levels=TINY_LEVELS, checkpoint=trained.model,
     ).eval()
     path = tmp_path / "model.onnx"
     torch.onnx.export(

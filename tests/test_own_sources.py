@@ -114,8 +114,8 @@ def test_normal_only_inputs_are_refused_before_the_backbone_is_built(
     synthetic_bmad, bundle_backbone, random_fewshot_model, tmp_path, monkeypatch
 ):
     built = []
-    create_clip = medad.model.detector.create_clip
-    monkeypatch.setattr(medad.model.detector, "create_clip", lambda *a, **k: built.append(a) or create_clip(*a, **k))
+    create_clip = medad.model.factory.create_clip
+    monkeypatch.setattr(medad.model.factory, "create_clip", lambda *a, **k: built.append(a) or create_clip(*a, **k))
     missing = tmp_path / "zero" / "models" / "model.pt"
     settings = {"dataset_dir": synthetic_bmad, "target": "Alpha", "shot": 4, "abnormal_shots": 0}
     for overrides, line in (
@@ -133,4 +133,4 @@ def test_normal_only_inputs_are_refused_before_the_backbone_is_built(
         checked_init_checkpoint(random_fewshot_model, 0, "mvfa", "ViT-L-14-336")
     with pytest.raises(ValueError, match="normal-only adaptation takes normal images only, got 1 abnormal"):
         NormalOnlyAdaptation(torch.nn.Identity(), [{"image": "a.png", "label": 1}], IMAGE_SIZE, tmp_path / "m.pt",
-                             init_checkpoint=missing)
+                             init_checkpoint=missing).run()
