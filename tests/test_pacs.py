@@ -1,0 +1,472 @@
+"""The PACS round trip (medad.surfaces.pacs, scripts/pacs_infer.py) against a real PACS: Orthanc
+with its DICOMweb plugin (Debian: apt-get install orthanc orthanc-dicomweb), started by a session
+fixture on free loopback ports with a temporary storage folder and HTTP basic authentication.
+
+A synthetic CT series (8 axial slices of 32 x 32 with plane geometry) and a single-frame 2D
+radiograph are uploaded with STOW-RS; the round trip with the shared tiny few-shot model stores
+a Parametric Map, a Segmentation and a TID 1500 report per source series under the same study; a
+rerun stores nothing (same UIDs, found by QIDO-RS); wrong credentials give one line without the
+password; credentials never reach a log or the output; the command runs once end to end."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pydicom")
+pytest.importorskip("highdicom")
+dicomweb_client = pytest.importorskip("dicomweb_client")
+
+import requests  # noqa: E402  (a dependency of dicomweb-client)
+from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid  # noqa: E402
+from pydicom.valuerep import DSfloat  # noqa: E402
+
+import medad  # noqa: E402
+from medad.io import dicom_results as dr  # noqa: E402
+from medad.surfaces import pacs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PLUGIN_PATHS = (
+    "/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
+    "/usr/lib/orthanc/libOrthancDicomWeb.so",
+    "/usr/local/share/orthanc/plugins/libOrthancDicomWeb.so",
+)
+USER, PASSWORD = "medad-test", "pacs-Secret-7f3a"
+PM_CLASS, SEG_CLASS, SR_CLASS = "1.2.840.10008.5.1.4.1.1.30", "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.34"
+DX_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+MR_CLASS = "1.2.840.10008.5.1.4.1.1.4"
+ROWS = COLUMNS = 32
+SLICES = 8
+
+
+# --------------------------------------------------------------------------------------------
+# the PACS
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _orthanc_binary() -> str | None:
+    return shutil.which("Orthanc") or next((p for p in ("/usr/sbin/Orthanc", "/usr/bin/Orthanc") if os.access(p, os.X_OK)), None)
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory):
+    """A private Orthanc on loopback with the DICOMweb plugin and one registered user; yields
+    its DICOMweb root URL. Skips where Orthanc or the plugin is not installed."""
+    binary = _orthanc_binary()
+    if binary is None:
+        pytest.skip("Orthanc is not installed (apt-get install -y orthanc orthanc-dicomweb)")
+    plugin = next((p for p in PLUGIN_PATHS if Path(p).exists()), None)
+    if plugin is None:
+        pytest.skip("the Orthanc DICOMweb plugin is not installed (apt-get install -y orthanc-dicomweb)")
+    folder = tmp_path_factory.mktemp("orthanc")
+    for attempt in range(3):  # a free port may be taken between the check and Orthanc's bind
+        http_port, dicom_port = _free_port(), _free_port()
+        config = {
+            "Name": "medad-test",
+            "StorageDirectory": str(folder / "storage"),
+            "IndexDirectory": str(folder / "storage"),
+            "HttpPort": http_port,
+            "DicomPort": dicom_port,
+            "DicomAet": "MEDADTEST",
+            "RemoteAccessAllowed": False,  # loopback only
+            "AuthenticationEnabled": True,
+            "RegisteredUsers": {USER: PASSWORD},
+            "Plugins": [plugin],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "Ssl": False,
+                         "StudiesMetadata": "Full", "SeriesMetadata": "Full"},
+            "StorageCompression": False,
+            "HttpCompressionEnabled": False,
+            "ConcurrentJobs": 1,
+            "HttpThreadsCount": 8,
+            "RestApiWriteToFileSystemEnabled": False,
+            "ExecuteLuaEnabled": False,
+        }
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+        log = open(folder / f"orthanc-{attempt}.log", "wb")
+        process = subprocess.Popen([binary, str(folder / "config.json")], stdout=log, stderr=subprocess.STDOUT, cwd=folder)
+        base = f"http://127.0.0.1:{http_port}"
+        deadline = time.monotonic() + 60
+        ready = False
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if requests.get(f"{base}/system", auth=(USER, PASSWORD), timeout=2).status_code == 200:
+                    ready = True
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        if ready:
+            break
+        process.kill()
+        process.wait(timeout=10)
+        log.close()
+    else:
+        pytest.fail("Orthanc did not start:\n" + (folder / "orthanc-2.log").read_text(errors="replace")[-3000:])
+    yield f"{base}/dicom-web"
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+    log.close()
+
+
+def client(url: str, user: str = USER, password: str = PASSWORD):
+    session = requests.Session()
+    session.auth = (user, password)
+    return dicomweb_client.DICOMwebClient(url=url, session=session)
+
+
+# --------------------------------------------------------------------------------------------
+# synthetic sources (as tests/test_dicom_results.py builds them)
+
+
+def _ds(values) -> list:
+    return [DSfloat(float(v), auto_format=True) for v in values]
+
+
+def _base(sop_class: str, study: str, patient: str, accession: str) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Phantom^Pacs", patient, "19700101", "O"
+    ds.StudyInstanceUID, ds.StudyDate, ds.StudyTime = study, "20260101", "120000"
+    ds.AccessionNumber, ds.StudyID, ds.ReferringPhysicianName = accession, "1", ""
+    ds.Manufacturer = "Synthetic"
+    return ds
+
+
+def ct_series(study: str, patient: str, accession: str) -> list[Dataset]:
+    """An axial CT series of SLICES slices of ROWS x COLUMNS with plane geometry: a bright blob
+    in the middle slices on a textured background."""
+    series, frame = generate_uid(), generate_uid()
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:ROWS, :COLUMNS]
+    out = []
+    for k in range(SLICES):
+        ds = _base(CTImageStorage, study, patient, accession)
+        ds.SeriesInstanceUID, ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = series, frame, ""
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber, ds.AcquisitionNumber, ds.KVP = "CT", 1, k + 1, 1, 120
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImageOrientationPatient = _ds((1, 0, 0, 0, 1, 0))
+        ds.ImagePositionPatient = _ds((-20.0, -20.0, 40.0 - 2.5 * k))
+        ds.PixelSpacing, ds.SliceThickness = _ds((1.25, 1.25)), DSfloat(2.5, auto_format=True)
+        ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = ROWS, COLUMNS, 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = 1, -1024, "HU"
+        pixels = 1024 + 40 + rng.normal(0, 20, (ROWS, COLUMNS)) + 30 * np.sin(xx / 3.0)
+        if 2 <= k <= 5:
+            pixels += 300 * ((yy - 16) ** 2 + (xx - 12) ** 2 < 25)
+        ds.PixelData = np.clip(pixels, 0, 4095).astype(np.uint16).tobytes()
+        ds.preamble = b"\0" * 128  # a DICOM file as a modality sends it
+        out.append(ds)
+    return out
+
+
+def mr_slice(study: str, patient: str, accession: str) -> Dataset:
+    """A single-frame 2D MR image (one axial slice) with plane geometry, not square."""
+    ds = _base(MR_CLASS, study, patient, accession)
+    ds.SeriesInstanceUID, ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = generate_uid(), generate_uid(), ""
+    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "MR", 3, 1
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M"]
+    ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions, ds.MRAcquisitionType = "SE", "NONE", "", "2D"
+    ds.ImageOrientationPatient = _ds((1, 0, 0, 0, 1, 0))
+    ds.ImagePositionPatient = _ds((5.0, -30.0, 60.0))
+    ds.PixelSpacing, ds.SliceThickness = _ds((0.9, 0.9)), DSfloat(4.0, auto_format=True)
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 36, 44, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    yy, xx = np.mgrid[:36, :44]
+    pixels = 400 + 150 * np.sin(xx / 5.0) + 900 * ((yy - 18) ** 2 + (xx - 30) ** 2 < 20)
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.preamble = b"\0" * 128
+    return ds
+
+
+def radiograph(study: str, patient: str, accession: str) -> Dataset:
+    """A single-frame 2D digital radiograph (no plane geometry) with a frame of reference, without
+    the DICOM file preamble: Orthanc stores and returns it so, which dicomweb-client cannot read
+    (the round trip reads it with pydicom's force)."""
+    ds = _base(DX_CLASS, study, patient, accession)
+    ds.SeriesInstanceUID, ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = generate_uid(), generate_uid(), ""
+    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "DX", 2, 1
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.PresentationIntentType, ds.PatientOrientation = "FOR PRESENTATION", ["L", "F"]
+    ds.ImagerPixelSpacing = ds.PixelSpacing = _ds((0.5, 0.5))
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 48, 40, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.RescaleSlope, ds.RescaleIntercept = 1, 0
+    yy, xx = np.mgrid[:48, :40]
+    pixels = 1500 + 600 * np.cos(xx / 6.0) * np.sin(yy / 7.0) + 1200 * ((yy - 30) ** 2 + (xx - 20) ** 2 < 16)
+    ds.PixelData = np.clip(pixels, 0, 4095).astype(np.uint16).tobytes()
+    return ds
+
+
+def upload_study(url: str, patient: str) -> tuple[str, list[list[Dataset]]]:
+    """A new study with a CT series, an MR slice and a radiograph, stored with STOW-RS: its UID
+    and the source series."""
+    study = generate_uid()
+    accession = f"A{patient}"
+    sources = [ct_series(study, patient, accession), [mr_slice(study, patient, accession)], [radiograph(study, patient, accession)]]
+    client(url).store_instances([ds for series in sources for ds in series], study_instance_uid=study)
+    return study, sources
+
+
+def instances(url: str, study: str) -> list[dict]:
+    return client(url).search_for_instances(study_instance_uid=study, fields=["00080016", "0020000E"])
+
+
+def report_score(report) -> float:
+    """The anomaly score item of a TID 1500 report."""
+    items = list(report.ContentSequence)
+    while items:
+        item = items.pop()
+        items.extend(item.get("ContentSequence", []))
+        if item.get("ValueType") == "NUM" and item.ConceptNameCodeSequence[0].CodeValue == dr.ANOMALY_SCORE[0]:
+            return float(item.MeasuredValueSequence[0].NumericValue)
+    raise AssertionError("no anomaly score in the report")
+
+
+def value(item: dict, tag: str) -> str:
+    return str(item[tag]["Value"][0])
+
+
+# --------------------------------------------------------------------------------------------
+# the model
+
+
+@pytest.fixture(scope="module")
+def model(fewshot_bundle, tiny_clip_path):
+    """The shared tiny few-shot model (models/model.pt) and its detector, loaded once."""
+    path = fewshot_bundle / "models" / "model.pt"
+    return path, medad.load_detector(path, tiny_clip_path)
+
+
+# --------------------------------------------------------------------------------------------
+# credentials (no PACS needed)
+
+
+def test_credentials_from_environment_and_files(tmp_path):
+    env = {pacs.ENV_USER: "reader", pacs.ENV_PASSWORD: "pw-1"}
+    assert pacs.resolve_credentials(environ=env) == pacs.Credentials("reader", "pw-1")
+    assert pacs.resolve_credentials(environ={pacs.ENV_TOKEN: "tok-1", **env}).token == "tok-1"
+    assert "pw-1" not in repr(pacs.resolve_credentials(environ=env)) and "pw-1" not in str(pacs.resolve_credentials(environ=env))
+    with pytest.raises(pacs.PacsError, match=pacs.ENV_PASSWORD):
+        pacs.resolve_credentials(environ={pacs.ENV_USER: "reader"})
+    assert pacs.resolve_credentials(environ={}) is None
+
+    as_json = tmp_path / "dicomweb.json"
+    as_json.write_text(json.dumps({"user": "reader", "password": "pw-2"}))
+    as_json.chmod(0o600)
+    assert pacs.read_credentials(as_json) == pacs.Credentials("reader", "pw-2")
+    token = tmp_path / "token.json"
+    token.write_text(json.dumps({"token": "tok-2"}))
+    token.chmod(0o400)
+    assert pacs.resolve_credentials(token, environ=env).token == "tok-2"  # the file wins over the environment
+
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine other.example login x password pw-x\nmachine pacs.example login reader password pw-3\n"
+                     "default login anyone password pw-4\n")
+    netrc.chmod(0o600)
+    assert pacs.read_credentials(netrc, "pacs.example") == pacs.Credentials("reader", "pw-3")
+    assert pacs.read_credentials(netrc, "elsewhere.example") == pacs.Credentials("anyone", "pw-4")
+
+    # refused as ssh refuses a private key: readable by others (or the group)
+    for mode in (0o644, 0o640, 0o604):
+        as_json.chmod(mode)
+        with pytest.raises(pacs.PacsError, match=rf"dicomweb\.json: permissions 0{mode:o} are too open.*chmod 600") as refused:
+            pacs.read_credentials(as_json)
+        assert "pw-2" not in str(refused.value)
+    # malformed files are refused without echoing a value
+    broken = tmp_path / "broken"
+    broken.write_text("machine pacs.example login reader pw-5 secret\n")
+    broken.chmod(0o600)
+    with pytest.raises(pacs.PacsError, match="malformed") as refused:
+        pacs.read_credentials(broken, "pacs.example")
+    assert "pw-5" not in str(refused.value) and "secret" not in str(refused.value)
+    incomplete = tmp_path / "incomplete.json"
+    incomplete.write_text(json.dumps({"user": "reader"}))
+    incomplete.chmod(0o600)
+    with pytest.raises(pacs.PacsError, match="incomplete.json: give a token, or a user and a password"):
+        pacs.read_credentials(incomplete)
+
+
+def test_credentials_in_the_url_are_refused(tmp_path):
+    with pytest.raises(pacs.PacsError, match="credentials in the URL are refused") as refused:
+        pacs.pacs_round_trip("http://reader:pw-6@127.0.0.1:1/dicom-web", tmp_path / "model.pt", study="1.2.3")
+    assert "pw-6" not in str(refused.value)
+
+
+def test_missing_dicomweb_client(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "dicomweb_client", None)
+    with pytest.raises(ImportError, match=r"pip install medad\[dicom\]"):
+        pacs.pacs_round_trip("http://127.0.0.1:1/dicom-web", tmp_path / "model.pt", study="1.2.3", credentials=None)
+
+
+# --------------------------------------------------------------------------------------------
+# against Orthanc
+
+
+def test_round_trip_stores_once(orthanc, model, monkeypatch, caplog):
+    """PM, SEG and SR per source series under the same study, with the deterministic UIDs (the
+    radiograph, without plane geometry, gets no PM); a rerun stores nothing and scores nothing; a
+    lost object is stored again alone; credentials from the environment never logged."""
+    path, detector = model
+    study, sources = upload_study(orthanc, "P-ROUND")
+    other, _ = upload_study(orthanc, "P-OTHER")  # a study the round trip must leave alone
+    monkeypatch.setenv(pacs.ENV_USER, USER)
+    monkeypatch.setenv(pacs.ENV_PASSWORD, PASSWORD)
+    monkeypatch.delenv(pacs.ENV_TOKEN, raising=False)
+    caplog.set_level(logging.DEBUG)
+
+    summary = pacs.pacs_round_trip(orthanc, path, study=study, detector=detector)
+    assert summary.ok, summary.failed
+    assert (summary.series_scored, summary.objects_stored, summary.objects_present, summary.maps_not_built) == (3, 8, 0, 1)
+    assert summary.studies == [study] and not summary.skipped
+    records = {record["series"]: record for record in summary.series}
+    assert records[sources[0][0].SeriesInstanceUID]["instances"] == SLICES
+    assert records[sources[2][0].SeriesInstanceUID]["objects"]["parametric_map"] == {"status": pacs.NO_MAP}
+
+    found = instances(orthanc, study)
+    by_class: dict[str, int] = {}
+    for item in found:
+        by_class[value(item, "00080016")] = by_class.get(value(item, "00080016"), 0) + 1
+    assert by_class == {CTImageStorage: SLICES, MR_CLASS: 1, DX_CLASS: 1, PM_CLASS: 2, SEG_CLASS: 3, SR_CLASS: 3}
+    key = pacs.model_key(path)
+    web = client(orthanc)
+    for n, series in enumerate(sources):
+        for kind, sop_class in (("parametric_map", PM_CLASS), ("segmentation", SEG_CLASS), ("structured_report", SR_CLASS)):
+            uids = dr.result_uids(series, key, kind)
+            if kind == "parametric_map" and n == 2:
+                assert not web.search_for_instances(study, search_filters={"SOPInstanceUID": uids["sop_instance_uid"]})
+                continue
+            stored = web.retrieve_instance(study, uids["series_instance_uid"], uids["sop_instance_uid"])
+            assert stored.SOPClassUID == sop_class and stored.StudyInstanceUID == study
+            assert stored.PatientID == series[0].PatientID and stored.AccessionNumber == series[0].AccessionNumber
+            if kind != "structured_report":
+                referenced = {str(item.SeriesInstanceUID) for item in stored.ReferencedSeriesSequence}
+                assert referenced == {str(series[0].SeriesInstanceUID)}
+                assert stored.FrameOfReferenceUID == series[0].FrameOfReferenceUID
+            else:
+                evidence = {str(s.SeriesInstanceUID) for item in stored.CurrentRequestedProcedureEvidenceSequence
+                            for s in item.ReferencedSeriesSequence}
+                assert str(series[0].SeriesInstanceUID) in evidence
+                record = records[series[0].SeriesInstanceUID]
+                assert report_score(stored) == pytest.approx(record["score"], rel=1e-5)
+    pm = web.retrieve_instance(study, *dr.result_uids(sources[0], key, "parametric_map").values())
+    assert pm.pixel_array.shape == (SLICES, ROWS, COLUMNS) and np.isfinite(pm.pixel_array).all()
+    assert len(instances(orthanc, other)) == SLICES + 2  # untouched
+
+    # the rerun: nothing scored, nothing stored, the counts unchanged
+    again = pacs.pacs_round_trip(orthanc, path, study=study, detector=detector)
+    assert again.ok and (again.series_scored, again.objects_stored, again.objects_present) == (0, 0, 8)
+    assert not again.skipped  # its own results are no series to skip
+    assert "0 series scored, 0 objects stored, 8 objects already present" in again.line()
+    assert len(instances(orthanc, study)) == len(found)
+    # a lost object is stored again, alone
+    lost = dr.result_uids(sources[1], key, "structured_report")
+    rest = orthanc.removesuffix("/dicom-web")
+    orthanc_id = requests.post(f"{rest}/tools/lookup", data=lost["sop_instance_uid"], auth=(USER, PASSWORD), timeout=10).json()[0]["ID"]
+    requests.delete(f"{rest}/instances/{orthanc_id}", auth=(USER, PASSWORD), timeout=10).raise_for_status()
+    assert len(instances(orthanc, study)) == len(found) - 1
+    third = pacs.pacs_round_trip(orthanc, path, study=study, detector=detector)
+    assert (third.series_scored, third.objects_stored, third.objects_present) == (1, 1, 7)
+    assert len(instances(orthanc, study)) == len(found)
+    assert PASSWORD not in caplog.text and PASSWORD not in repr(summary)
+
+
+def test_wrong_credentials_give_one_line(orthanc, model, monkeypatch, caplog, tmp_path):
+    path, detector = model
+    wrong = "wrong-Secret-91b2"
+    monkeypatch.setenv(pacs.ENV_USER, USER)
+    monkeypatch.setenv(pacs.ENV_PASSWORD, wrong)
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(pacs.PacsError) as refused:
+        pacs.pacs_round_trip(orthanc, path, study="1.2.3.4", detector=detector)
+    message = str(refused.value)
+    assert "\n" not in message and orthanc in message and "1.2.3.4" in message and "HTTP 401" in message
+    assert wrong not in message and wrong not in caplog.text
+    # a token, as a bearer: Orthanc's basic authentication refuses it
+    monkeypatch.setenv(pacs.ENV_TOKEN, wrong)
+    with pytest.raises(pacs.PacsError, match="HTTP 401") as refused:
+        pacs.pacs_round_trip(orthanc, path, study="1.2.3.4", detector=detector)
+    assert wrong not in str(refused.value) and wrong not in caplog.text
+    # an unknown study and no server at all: one line naming the endpoint and study
+    monkeypatch.delenv(pacs.ENV_TOKEN)
+    monkeypatch.setenv(pacs.ENV_PASSWORD, PASSWORD)
+    with pytest.raises(pacs.PacsError, match=r"study 1\.2\.3\.4: no such study"):
+        pacs.pacs_round_trip(orthanc, path, study="1.2.3.4", detector=detector)
+    with pytest.raises(pacs.PacsError, match=r"127\.0\.0\.1:9/dicom-web study 1\.2\.3\.4: cannot connect"):
+        pacs.pacs_round_trip("http://127.0.0.1:9/dicom-web", path, study="1.2.3.4", detector=detector)
+    with pytest.raises(pacs.PacsError, match="no study matches PatientID=NOBODY"):
+        pacs.pacs_round_trip(orthanc, path, query={"PatientID": "NOBODY"}, detector=detector)
+    assert PASSWORD not in caplog.text
+
+
+def test_command_end_to_end(orthanc, model, tiny_clip_path, tmp_path, capsys):
+    """scripts/pacs_infer.py with a query and a credentials file: stores, then finds them present;
+    a world-readable credentials file and wrong credentials are refused in one line."""
+    path, _ = model
+    study, _ = upload_study(orthanc, "P-COMMAND")
+    credentials = tmp_path / "dicomweb.json"
+    credentials.write_text(json.dumps({"user": USER, "password": PASSWORD}))
+    credentials.chmod(0o600)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MEDAD_DICOMWEB_")}
+    command = [sys.executable, str(ROOT / "scripts" / "pacs_infer.py"), "--url", orthanc, "--query", "PatientID=P-COMMAND",
+               "--model", str(path), "--clip-weights", str(tiny_clip_path), "--credentials", str(credentials),
+               "--json", str(tmp_path / "summary.json"), "-v"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert result.stdout.strip().splitlines()[-1] == (
+        f"{orthanc}: 1 study, 3 series scored, 8 objects stored, 0 objects already present, 1 without a Parametric Map (no plane geometry)"
+    )
+    assert PASSWORD not in output
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["studies"] == [study] and len(written["series"]) == 3
+    assert PASSWORD not in (tmp_path / "summary.json").read_text()
+    assert len(instances(orthanc, study)) == SLICES + 2 + 8
+
+    # the rest runs in this process: main() as the command line calls it (scripts/ is on the path)
+    from pacs_infer import main
+
+    arguments = command[2:]
+    assert main(arguments) == 0
+    out, err = capsys.readouterr()
+    assert out.strip().splitlines()[-1].endswith("0 series scored, 0 objects stored, 8 objects already present, 1 without a Parametric Map (no plane geometry)")
+    credentials.chmod(0o644)
+    assert main(arguments) == 1
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines() == [
+        f"pacs_infer: error: {credentials}: permissions 0644 are too open: a credentials file must be readable by "
+        f"its owner only (chmod 600 {credentials})"
+    ]
+    credentials.write_text(json.dumps({"user": USER, "password": "wrong-Secret-3c4d"}))
+    credentials.chmod(0o600)
+    assert main(arguments) == 1
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"pacs_infer: error: {orthanc}: access refused (HTTP 401)")
+    assert "wrong-Secret-3c4d" not in out + err and PASSWORD not in out + err
+    with pytest.raises(SystemExit) as usage:
+        main(["--url", orthanc, "--study", "1.2", "--query", "PatientID=x", "--model", "m"])
+    assert usage.value.code == 2
+    assert len(instances(orthanc, study)) == SLICES + 2 + 8
