@@ -116,13 +116,14 @@ def _digest(folder: Path) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def fewshot_bundle(synthetic_bmad, bundle_backbone, tmp_path_factory):
     """One bundle folder with the tiny few-shot model of the bundle tests (target Alpha, k = 2,
-    one epoch), trained once per session by a real ``python -m monai.bundle run training``
-    subprocess: ``models/model.pt``. Shared and read-only: a test that writes into a bundle root
+    one epoch), trained once per session by ``monai.bundle run training`` inside the test process
+    (``helpers.run_bundle_here``; real processes are tested in test_run_safety.py and
+    test_model_zoo.py): ``models/model.pt``. Shared and read-only: a test that writes into a bundle root
     copies it (``helpers.copy_bundle``); the teardown checks that no test changed a file in it."""
-    from helpers import common, run_bundle
+    from helpers import common, run_bundle_here
 
     root = tmp_path_factory.mktemp("fewshot_bundle") / "bundle"
-    run_bundle("training", ("train", "fewshot"), root, shot=2, epochs=1, **common(synthetic_bmad, bundle_backbone))
+    run_bundle_here("training", ("train", "fewshot"), root, shot=2, epochs=1, **common(synthetic_bmad, bundle_backbone))
     before = _digest(root)
     yield root
     assert _digest(root) == before, "a test wrote into the shared fewshot_bundle: copy it with helpers.copy_bundle"
@@ -130,14 +131,14 @@ def fewshot_bundle(synthetic_bmad, bundle_backbone, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def fewshot_evaluation(fewshot_bundle, synthetic_bmad, bundle_backbone, tmp_path_factory):
-    """``fewshot_bundle`` evaluated once per session by ``python -m monai.bundle run evaluating``
+    """``fewshot_bundle`` evaluated once per session by ``monai.bundle run evaluating`` (in this process)
     with the training's settings (the paper's set fusion, a report gallery of
     ``helpers.REPORT_GALLERY_SIZE``): a copy of the
     bundle folder with ``eval/`` (metrics, scores.csv, report). Shared and read-only, as above."""
-    from helpers import REPORT_GALLERY_SIZE, common, copy_bundle, run_bundle
+    from helpers import REPORT_GALLERY_SIZE, common, copy_bundle, run_bundle_here
 
     root = copy_bundle(fewshot_bundle, tmp_path_factory.mktemp("fewshot_evaluation") / "bundle")
-    log = run_bundle("evaluating", ("train", "fewshot", "evaluate"), root, shot=2, report_gallery_size=REPORT_GALLERY_SIZE,
+    log = run_bundle_here("evaluating", ("train", "fewshot", "evaluate"), root, shot=2, report_gallery_size=REPORT_GALLERY_SIZE,
                      **common(synthetic_bmad, bundle_backbone))
     assert "evaluation report written to" in log
     before = _digest(root)
