@@ -27,6 +27,7 @@ pytest.importorskip("pydicom")
 pytest.importorskip("highdicom")
 dicomweb_client = pytest.importorskip("dicomweb_client")
 
+import pydicom  # noqa: E402
 import requests  # noqa: E402  (a dependency of dicomweb-client)
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid  # noqa: E402
@@ -35,6 +36,7 @@ from pydicom.valuerep import DSfloat  # noqa: E402
 import medad  # noqa: E402
 from medad.io import dicom_results as dr  # noqa: E402
 from medad.surfaces import pacs  # noqa: E402
+from medad.surfaces.predict import dicom_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN_PATHS = (
@@ -325,7 +327,7 @@ def test_missing_dicomweb_client(monkeypatch, tmp_path):
 # against Orthanc
 
 
-def test_round_trip_stores_once(orthanc, model, monkeypatch, caplog):
+def test_round_trip_stores_once(orthanc, model, monkeypatch, caplog, tmp_path):
     """PM, SEG and SR per source series under the same study, with the deterministic UIDs (the
     radiograph, without plane geometry, gets no PM); a rerun stores nothing and scores nothing; a
     lost object is stored again alone; credentials from the environment never logged."""
@@ -353,7 +355,7 @@ def test_round_trip_stores_once(orthanc, model, monkeypatch, caplog):
     key = pacs.model_key(path)
     web = client(orthanc)
     for n, series in enumerate(sources):
-        for kind, sop_class in (("parametric_map", PM_CLASS), ("segmentation", SEG_CLASS), ("structured_report", SR_CLASS)):
+        for kind, sop_class in (("parametric_map", PM_CLASS), ("segmentation", SEG_CLASS), ("report", SR_CLASS)):
             uids = dr.result_uids(series, key, kind)
             if kind == "parametric_map" and n == 2:
                 assert not web.search_for_instances(study, search_filters={"SOPInstanceUID": uids["sop_instance_uid"]})
@@ -361,7 +363,7 @@ def test_round_trip_stores_once(orthanc, model, monkeypatch, caplog):
             stored = web.retrieve_instance(study, uids["series_instance_uid"], uids["sop_instance_uid"])
             assert stored.SOPClassUID == sop_class and stored.StudyInstanceUID == study
             assert stored.PatientID == series[0].PatientID and stored.AccessionNumber == series[0].AccessionNumber
-            if kind != "structured_report":
+            if kind != "report":
                 referenced = {str(item.SeriesInstanceUID) for item in stored.ReferencedSeriesSequence}
                 assert referenced == {str(series[0].SeriesInstanceUID)}
                 assert stored.FrameOfReferenceUID == series[0].FrameOfReferenceUID
@@ -373,6 +375,16 @@ def test_round_trip_stores_once(orthanc, model, monkeypatch, caplog):
                 assert report_score(stored) == pytest.approx(record["score"], rel=1e-5)
     pm = web.retrieve_instance(study, *dr.result_uids(sources[0], key, "parametric_map").values())
     assert pm.pixel_array.shape == (SLICES, ROWS, COLUMNS) and np.isfinite(pm.pixel_array).all()
+    # the objects the bundle's DICOM output (and predict.dicom_results) writes for the same series
+    (tmp_path / "series").mkdir()
+    for k, ds in enumerate(sources[0]):
+        ds.save_as(tmp_path / "series" / f"{k}.dcm", enforce_file_format=True)
+    prediction = medad.predict_input(detector, tmp_path / "series")
+    written = dicom_results(prediction, tmp_path / "series", detector, tmp_path / "out", model_file=path)
+    local = pydicom.dcmread(written["parametric_map"])
+    assert local.SOPInstanceUID == pm.SOPInstanceUID
+    np.testing.assert_array_equal(local.pixel_array, pm.pixel_array)
+    assert pydicom.dcmread(written["report"]).SOPInstanceUID == dr.result_uids(sources[0], key, "report")["sop_instance_uid"]
     assert len(instances(orthanc, other)) == SLICES + 2  # untouched
 
     # the rerun: nothing scored, nothing stored, the counts unchanged
@@ -382,7 +394,7 @@ def test_round_trip_stores_once(orthanc, model, monkeypatch, caplog):
     assert "0 series scored, 0 objects stored, 8 objects already present" in again.line()
     assert len(instances(orthanc, study)) == len(found)
     # a lost object is stored again, alone
-    lost = dr.result_uids(sources[1], key, "structured_report")
+    lost = dr.result_uids(sources[1], key, "report")
     rest = orthanc.removesuffix("/dicom-web")
     orthanc_id = requests.post(f"{rest}/tools/lookup", data=lost["sop_instance_uid"], auth=(USER, PASSWORD), timeout=10).json()[0]["ID"]
     requests.delete(f"{rest}/instances/{orthanc_id}", auth=(USER, PASSWORD), timeout=10).raise_for_status()

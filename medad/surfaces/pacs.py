@@ -27,7 +27,6 @@ when a client is made. The command line: ``scripts/pacs_infer.py``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -57,8 +56,10 @@ logger = logging.getLogger(__name__)
 NO_MAP = "not built: no frame of reference and plane geometry (highdicom 0.28 builds no Parametric Map without)"
 
 #: The result objects stored for each source series, in the order they are stored (the report
-#: lists the map and the segmentation as its evidence).
-RESULT_KINDS = ("parametric_map", "segmentation", "structured_report")
+#: lists the map and the segmentation as its evidence): the kinds (and so the UIDs) of the bundle's
+#: DICOM output (:func:`medad.io.dicom_results.write_results`), so that a PACS holds one copy of
+#: each whichever way it came.
+RESULT_KINDS = ("parametric_map", "segmentation", "report")
 
 ENV_USER, ENV_PASSWORD, ENV_TOKEN = "MEDAD_DICOMWEB_USER", "MEDAD_DICOMWEB_PASSWORD", "MEDAD_DICOMWEB_TOKEN"
 
@@ -85,7 +86,11 @@ _PIXEL_DATA = ("7FE00010", "7FE00008", "7FE00009")
 
 class PacsError(RuntimeError):
     """A round trip that cannot go on: the one-line message names the endpoint and, where it
-    applies, the study; it never holds a credential."""
+    applies, the study; it never holds a credential. ``status``: the HTTP status, where one came."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,6 +158,8 @@ def _check_private(path: Path) -> None:
         raise PacsError(f"{path}: cannot read the credentials file ({error.strerror or error})") from None
     if not stat.S_ISREG(info.st_mode):
         raise PacsError(f"{path}: the credentials file is not a regular file")
+    if os.name == "posix" and info.st_uid not in (os.getuid(), 0):
+        raise PacsError(f"{path}: the credentials file belongs to another user (uid {info.st_uid}): it must be yours")
     if os.name == "posix" and info.st_mode & 0o077:
         raise PacsError(
             f"{path}: permissions {stat.S_IMODE(info.st_mode):04o} are too open: a credentials file must be "
@@ -305,12 +312,11 @@ class PacsSummary:
 
 
 def model_key(model: str | os.PathLike) -> str:
-    """The SHA-256 of a model file: the model's part of the result objects' UIDs."""
-    digest = hashlib.sha256()
-    with open(model, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """The SHA-256 of a model file: the model's part of the result objects' UIDs, as the bundle's
+    (:func:`medad.io.dicom_results.file_sha256`)."""
+    from medad.io.dicom_results import file_sha256
+
+    return file_sha256(model)
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,7 +389,7 @@ class _Client:
                 reason = f"not found (HTTP 404) while trying to {what}"
             else:
                 reason = f"HTTP {status} while trying to {what}"
-            raise PacsError(self.clean(f"{where}: {reason}")) from None
+            raise PacsError(self.clean(f"{where}: {reason}"), status) from None
         except requests.ConnectionError:
             raise PacsError(self.clean(f"{where}: cannot connect to the DICOMweb endpoint to {what}")) from None
         except requests.Timeout:
@@ -555,9 +561,9 @@ def _results(
         datasets, prediction.label, affine, model=model, threshold=thresholds.pixel, rule=thresholds.pixel_rule,
         **uids["segmentation"],
     )
-    objects["structured_report"] = dr.structured_report(
+    objects["report"] = dr.structured_report(
         datasets, prediction.score, prediction.anomalous, thresholds.image, thresholds.image_rule, model=model,
-        p_value=prediction.p_value, evidence=list(objects.values()), **uids["structured_report"],
+        p_value=prediction.p_value, evidence=list(objects.values()), **uids["report"],
     )
     return objects
 
@@ -653,10 +659,17 @@ def pacs_round_trip(
             record.update(kind=prediction.kind, score=prediction.score, anomalous=bool(prediction.anomalous),
                           seconds=round(time.perf_counter() - started, 3))
             missing = [objects[kind] for kind in kinds if kind not in present]
-            response = client.call(
-                f"store {len(missing)} result objects of series {source.series}", uid, client.client.store_instances,
-                datasets=missing, study_instance_uid=uid,
-            )
+            try:
+                response = client.call(
+                    f"store {len(missing)} result objects of series {source.series}", uid, client.client.store_instances,
+                    datasets=missing, study_instance_uid=uid,
+                )
+            except PacsError as error:
+                if error.status is None or error.status in (401, 403):
+                    raise  # the endpoint or the credentials: no other series would fare better
+                logger.warning("%s", error)
+                summary.failed.append((source.series, str(error)))
+                continue
             failed = {str(item.ReferencedSOPInstanceUID) for item in getattr(response, "FailedSOPSequence", [])}
             for kind in kinds:
                 if kind in present:
