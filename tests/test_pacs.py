@@ -482,3 +482,27 @@ def test_command_end_to_end(orthanc, model, tiny_clip_path, tmp_path, capsys):
         main(["--url", orthanc, "--study", "1.2", "--query", "PatientID=x", "--model", "m"])
     assert usage.value.code == 2
     assert len(instances(orthanc, study)) == SLICES + 2 + 8
+
+
+def test_a_failing_series_does_not_stop_the_others(orthanc, model):
+    """A series medad refuses (slices of two sizes) is reported with the endpoint, study and
+    series; the study's other series are scored and stored."""
+    path, detector = model
+    study = generate_uid()
+    good = ct_series(study, "P-FAIL", "AFAIL")
+    bad = ct_series(study, "P-FAIL", "AFAIL")
+    series = generate_uid()
+    for k, ds in enumerate(bad[:3]):
+        ds.SeriesInstanceUID = series
+        if k == 2:
+            ds.Rows = ds.Columns = 16
+            ds.PixelData = ds.PixelData[: 16 * 16 * 2]
+    client(orthanc).store_instances(good + bad[:3], study_instance_uid=study)
+    summary = pacs.pacs_round_trip(orthanc, path, study=study, detector=detector,
+                                   credentials=pacs.Credentials(USER, PASSWORD))
+    assert not summary.ok and summary.series_scored == 1 and summary.objects_stored == 3
+    assert [uid for uid, _ in summary.failed] == [series]
+    message = summary.failed[0][1]
+    assert "\n" not in message and message.startswith(f"{orthanc} study {study} series {series}: ")
+    assert "applying transform" not in message and "shape" in message  # the reason, not MONAI's wrapper
+    assert "1 series failed" in summary.line()

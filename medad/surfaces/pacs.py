@@ -651,7 +651,9 @@ def pacs_round_trip(
             except PacsError:
                 raise
             except (ValueError, RuntimeError, OSError) as error:  # DicomResultError, refusals of the input
-                message = client.clean(f"{url} study {uid} series {source.series}: {error}")
+                from medad.surfaces.workflow import error_summary  # the reason at the root of MONAI's wrappers
+
+                message = client.clean(f"{url} study {uid} series {source.series}: {error_summary(error)[0]}")
                 logger.warning("%s", message)
                 summary.failed.append((source.series, message))
                 continue
