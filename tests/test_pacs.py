@@ -315,6 +315,11 @@ def test_credentials_in_the_url_are_refused(tmp_path):
     with pytest.raises(pacs.PacsError, match="credentials in the URL are refused") as refused:
         pacs.pacs_round_trip("http://reader:pw-6@127.0.0.1:1/dicom-web", tmp_path / "model.pt", study="1.2.3")
     assert "pw-6" not in str(refused.value)
+    with pytest.raises(pacs.PacsError, match="credentials in the URL are refused") as refused:
+        pacs.pacs_round_trip("ftp://reader:pw-6@127.0.0.1/dicom-web", tmp_path / "model.pt", study="1.2.3")
+    assert "pw-6" not in str(refused.value)
+    with pytest.raises(pacs.PacsError, match="not an http"):
+        pacs.pacs_round_trip("pacs.example/dicom-web", tmp_path / "model.pt", study="1.2.3")
 
 
 def test_missing_dicomweb_client(monkeypatch, tmp_path):

@@ -332,15 +332,18 @@ def _dicomweb_client() -> Any:
 
 
 def _check_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise PacsError(f"{url}: not an http(s) DICOMweb endpoint URL")
-    if parts.username is not None or parts.password is not None:
-        # never echo the URL: it holds a credential
+    try:
+        parts = urlsplit(url)
+        userinfo = parts.username is not None or parts.password is not None
+    except ValueError:  # an invalid port, say: never echo a URL that may hold a credential
+        raise PacsError("the DICOMweb endpoint URL is not valid") from None
+    if userinfo:  # never echo the URL: it holds a credential
         raise PacsError(
             f"{parts.scheme}://{parts.hostname}{parts.path}: credentials in the URL are refused: "
             f"use {ENV_USER}/{ENV_PASSWORD}, {ENV_TOKEN} or a credentials file"
         )
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise PacsError(f"{url}: not an http(s) DICOMweb endpoint URL")
     return url.rstrip("/")
 
 
