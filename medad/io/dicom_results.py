@@ -65,7 +65,9 @@ __all__ = [
     "is_dicom_input",
     "map_to_frames",
     "parametric_map",
+    "places_a_map",
     "read_sources",
+    "result_objects",
     "result_uids",
     "secondary_capture",
     "segmentation",
@@ -817,8 +819,17 @@ def is_dicom_input(path: str | os.PathLike) -> bool:
     return is_dicom_file(path)
 
 
-def write_results(
-    folder: str | os.PathLike,
+def places_a_map(sources: Sequence[Any]) -> bool:
+    """Whether a Parametric Map of ``sources`` can be built: each has a frame of reference and
+    plane geometry (top-level ``ImagePositionPatient``, or a multi-frame image's functional
+    groups). highdicom (0.28) builds none for images without (secondary captures, radiographs)."""
+    return all(
+        "FrameOfReferenceUID" in ds and (int(ds.get("NumberOfFrames", 1) or 1) > 1 or "ImagePositionPatient" in ds)
+        for ds in sources
+    )
+
+
+def result_objects(
     sources: Sequence[Any],
     anomaly_map: Any,
     affine: Any,
@@ -833,47 +844,45 @@ def write_results(
     model_key: str,
     p_value: float | None = None,
     space: str | None = None,
-) -> dict[str, Path]:
-    """Write one case's DICOM results into ``folder`` (:data:`RESULT_FILES`): the map as a
-    Parametric Map, the region ``anomaly_map >= pixel_threshold`` as a Segmentation (with the
-    threshold and its ``pixel_rule``), and the ``score``, decision ``anomalous`` at the image
-    ``threshold`` and its ``rule`` (and ``p_value`` where given) as a TID 1500 SR listing the other
-    two as evidence; each with :func:`result_uids` of the sources and ``model_key``, so that a rerun
-    gives the same UIDs; each file written atomically (:func:`write_dataset`). What the bundle's
-    :class:`SaveDicomResultsd` and :func:`medad.surfaces.predict.dicom_results` both call.
+) -> dict[str, Any]:
+    """One case's DICOM results, by kind (:data:`RESULT_FILES`' keys): the map as a Parametric Map
+    (where :func:`places_a_map`; logged otherwise), the region ``anomaly_map >= pixel_threshold``
+    as a Segmentation (with the threshold and its ``pixel_rule``), and the ``score``, decision
+    ``anomalous`` at the image ``threshold`` and its ``rule`` (and ``p_value`` where given) as a
+    TID 1500 SR listing the other two as evidence; each with :func:`result_uids` of the sources
+    and ``model_key``, so that a rerun gives the same UIDs. What :func:`write_results` writes and
+    the PACS round trip (:mod:`medad.surfaces.pacs`) stores.
 
     ``anomaly_map`` and ``affine`` as :func:`map_to_frames` takes them (a volume's map with its
-    affine; a 2D image's ``(rows, columns)`` map with ``affine=None``). A source without a frame
-    of reference (secondary captures, most radiographs) gets no Parametric Map (highdicom cannot
-    build one: see :func:`_highdicom_refusal`); that is logged, and the SEG and SR are written.
-    Returns the paths written, by object.
+    affine; a 2D image's ``(rows, columns)`` map with ``affine=None``).
     """
-    folder = Path(folder)
     array, affine, space = _array_and_affine(anomaly_map, affine, space)
-    written: dict[str, Path] = {}
-    evidence = []
-    try:
-        pm = parametric_map(sources, array, affine, space, model=model, **result_uids(sources, model_key, "parametric_map"))
-    except DicomResultError as error:
-        if "FrameOfReferenceUID" in _checked_sources(sources)[0]:
-            raise
-        logger.warning("%s: no Parametric Map written (%s)", folder, error)
+    objects: dict[str, Any] = {}
+    if places_a_map(_checked_sources(sources)):
+        objects["parametric_map"] = parametric_map(
+            sources, array, affine, space, model=model, **result_uids(sources, model_key, "parametric_map")
+        )
     else:
-        written["parametric_map"] = write_dataset(pm, folder / RESULT_FILES["parametric_map"])
-        evidence.append(pm)
+        logger.warning("%s: no Parametric Map (no frame of reference or plane geometry to place it)", _name(sources[0]))
     label = (array >= float(pixel_threshold)).astype(np.uint8)
-    seg = segmentation(
+    objects["segmentation"] = segmentation(
         sources, label, affine, space, model=model, threshold=pixel_threshold, rule=pixel_rule,
         **result_uids(sources, model_key, "segmentation"),
     )
-    written["segmentation"] = write_dataset(seg, folder / RESULT_FILES["segmentation"])
-    evidence.append(seg)
-    report = structured_report(
-        sources, score, anomalous, threshold, rule, model=model, p_value=p_value, evidence=evidence,
+    objects["report"] = structured_report(
+        sources, score, anomalous, threshold, rule, model=model, p_value=p_value, evidence=list(objects.values()),
         **result_uids(sources, model_key, "report"),
     )
-    written["report"] = write_dataset(report, folder / RESULT_FILES["report"])
-    return written
+    return objects
+
+
+def write_results(folder: str | os.PathLike, sources: Sequence[Any], anomaly_map: Any, affine: Any, **decision: Any) -> dict[str, Path]:
+    """Write one case's :func:`result_objects` (``decision``: its keyword arguments) into
+    ``folder`` as :data:`RESULT_FILES`, each file atomically (:func:`write_dataset`); returns the
+    paths written, by kind. What the bundle's :class:`SaveDicomResultsd` and
+    :func:`medad.surfaces.predict.dicom_results` both call."""
+    objects = result_objects(sources, anomaly_map, affine, **decision)
+    return {kind: write_dataset(dataset, Path(folder) / RESULT_FILES[kind]) for kind, dataset in objects.items()}
 
 
 class SaveDicomResultsd(MapTransform):

@@ -434,15 +434,6 @@ class _Source:
     modality: str | None
     reason: str | None = None  # why it is not scored
 
-    @property
-    def places_a_map(self) -> bool:
-        """Whether highdicom (0.28) can build a Parametric Map of it: a frame of reference and
-        plane geometry (top-level, or a multi-frame image's functional groups). It builds none of
-        an image without (secondary captures, radiographs)."""
-        return all(
-            "FrameOfReferenceUID" in ds and (int(ds.NumberOfFrames) > 1 or "ImagePositionPatient" in ds) for ds in self.headers
-        )
-
 
 def _series_sources(client: _Client, study: str) -> list[_Source]:
     from pydicom import Dataset
@@ -551,26 +542,6 @@ def _score(detector: Any, datasets: Sequence[Any], window: Any) -> tuple[Any, An
     return prediction, affine
 
 
-def _results(
-    datasets: Sequence[Any], prediction: Any, affine: Any, model: Any, uids: Mapping[str, Mapping[str, str]], kinds: Sequence[str]
-) -> dict[str, Any]:
-    from medad.io import dicom_results as dr
-
-    objects: dict[str, Any] = {}
-    if "parametric_map" in kinds:
-        objects["parametric_map"] = dr.parametric_map(datasets, prediction.anomaly_map, affine, model=model, **uids["parametric_map"])
-    thresholds = prediction.thresholds
-    objects["segmentation"] = dr.segmentation(
-        datasets, prediction.label, affine, model=model, threshold=thresholds.pixel, rule=thresholds.pixel_rule,
-        **uids["segmentation"],
-    )
-    objects["report"] = dr.structured_report(
-        datasets, prediction.score, prediction.anomalous, thresholds.image, thresholds.image_rule, model=model,
-        p_value=prediction.p_value, evidence=list(objects.values()), **uids["report"],
-    )
-    return objects
-
-
 def pacs_round_trip(
     url: str,
     model: str | os.PathLike,
@@ -634,7 +605,7 @@ def pacs_round_trip(
                 continue
             record: dict[str, Any] = {"study": uid, "series": source.series, "instances": len(source.headers), "objects": {}}
             summary.series.append(record)
-            kinds = [kind for kind in RESULT_KINDS if kind != "parametric_map" or source.places_a_map]
+            kinds = [kind for kind in RESULT_KINDS if kind != "parametric_map" or dr.places_a_map(source.headers)]
             if "parametric_map" not in kinds:
                 record["objects"]["parametric_map"] = {"status": NO_MAP}
                 summary.maps_not_built += 1
@@ -650,7 +621,12 @@ def pacs_round_trip(
             try:
                 datasets = client.call(f"retrieve series {source.series}", uid, _retrieve_series, client, uid, source.series)
                 prediction, affine = _score(detector, datasets, window)
-                objects = _results(datasets, prediction, affine, description, uids, kinds)
+                thresholds = prediction.thresholds
+                objects = dr.result_objects(
+                    datasets, prediction.anomaly_map, affine, score=prediction.score, anomalous=prediction.anomalous,
+                    threshold=thresholds.image, rule=thresholds.image_rule, pixel_threshold=thresholds.pixel,
+                    pixel_rule=thresholds.pixel_rule, model=description, model_key=key, p_value=prediction.p_value,
+                )
             except PacsError:
                 raise
             except (ValueError, RuntimeError, OSError) as error:  # DicomResultError, refusals of the input
