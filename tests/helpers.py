@@ -57,9 +57,14 @@ def run_bundle_in_process(run_id: str, config_names: tuple[str, ...], bundle_roo
     ``medad.surfaces.workflow.summarise_failure`` (the last stderr line). For refusals and failures whose
     outcome does not depend on the process boundary; test_run_safety.py checks that a real bundle
     process ends with the same line and a failure status."""
+    return run_command_in_process(bundle_command(run_id, config_names, bundle_root, **overrides))
+
+
+def run_command_in_process(command: list[str]) -> tuple[int, list[str]]:
+    """:func:`run_bundle_in_process` for a ``python -m monai.bundle ...`` command made elsewhere
+    (such as ``scripts/reproduction.py``'s grid): its exit status and stderr lines."""
     from medad.surfaces.workflow import summarise_failure
 
-    command = bundle_command(run_id, config_names, bundle_root, **overrides)
     assert command[1:3] == ["-m", "monai.bundle"], command
     argv, stderr, status = sys.argv, io.StringIO(), 0
     sys.argv = command[2:]  # runpy puts the module's file in sys.argv[0], as python -m does
@@ -103,6 +108,12 @@ def run_bundle_logged_in_process(run_id: str, config_names: tuple[str, ...], bun
     :func:`_console_handlers`; those on stderr stay) write to the run's stdout while it lasts.
     Afterwards the root logger's handlers and level are put back, the earlier handlers get their
     streams back, and the handlers made during the run write to this process's ``sys.stdout``."""
+    return run_command_logged_in_process(bundle_command(run_id, config_names, bundle_root, **overrides))
+
+
+def run_command_logged_in_process(command: list[str]) -> tuple[int, str, list[str]]:
+    """:func:`run_bundle_logged_in_process` for a ``python -m monai.bundle ...`` command made
+    elsewhere: the exit status, the stdout text and the stderr lines."""
     import logging
 
     root_logger = logging.getLogger()
@@ -114,7 +125,7 @@ def run_bundle_logged_in_process(run_id: str, config_names: tuple[str, ...], bun
         for handler in earlier:
             handler.setStream(stdout)
         with contextlib.redirect_stdout(stdout):
-            status, stderr = run_bundle_in_process(run_id, config_names, bundle_root, **overrides)
+            status, stderr = run_command_in_process(command)
     finally:
         for handler in _console_handlers():
             if handler.stream is stdout:

@@ -1,6 +1,12 @@
 """``compile: true``: torch.compile of the frozen trunk, the adapted blocks and the scoring gives
 eager execution's maps, scores and adapter gradients (on the CPU), through Python and the bundle;
-any other value than true/false ends the run naming the key."""
+any other value than true/false ends the run naming the key.
+
+The bundle commands run inside the test's process (``helpers.run_bundle_here``): the bundle's
+``compile: true`` detectors then meet the graphs that the Python test's detectors compiled for the
+same architecture and shapes (parameters are graph inputs, so any weights pass their guards), and
+inductor's in-process and on-disk caches, instead of three processes each compiling them afresh
+with ~12 CPU-s of imports; nothing compared here depends on the process boundary."""
 
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ import medad
 from medad.engine.engines import adapter_parameter_groups
 from medad.surfaces.workflow import error_summary
 
-from helpers import CONFIGS, IMAGE_SIZE, common, run_bundle
+from helpers import CONFIGS, IMAGE_SIZE, common, run_bundle_here
 
 
 def _detector() -> medad.MVFADetector:
@@ -66,11 +72,11 @@ def test_compiled_paths_match_eager_in_inference_and_training():
 
 def test_bundle_training_and_inference_with_compile_give_the_eager_scores(synthetic_bmad, bundle_backbone, tmp_path):
     root = tmp_path / "run"
-    run_bundle("training", ("train", "fewshot"), root, shot=2, epochs=1, compile=True, **common(synthetic_bmad, bundle_backbone))
+    run_bundle_here("training", ("train", "fewshot"), root, shot=2, epochs=1, compile=True, **common(synthetic_bmad, bundle_backbone))
     images = synthetic_bmad / "Alpha_AD" / "test" / "Ungood" / "img"
     weights = {"clip_weights": bundle_backbone["clip_weights"], "num_workers": 0, "dataset_dir": images}
-    run_bundle("inferring", ("inference",), root, output_dir=root / "eager", **weights)
-    run_bundle("inferring", ("inference",), root, output_dir=root / "compiled", compile=True, **weights)
+    run_bundle_here("inferring", ("inference",), root, output_dir=root / "eager", **weights)
+    run_bundle_here("inferring", ("inference",), root, output_dir=root / "compiled", compile=True, **weights)
 
     def scores(folder: str) -> dict[str, float]:
         with open(root / folder / "scores.csv", newline="") as handle:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import os
 import stat
-import subprocess
 from pathlib import Path
 
 import nibabel as nib
@@ -22,7 +21,7 @@ from medad.io.checks import check_items
 from medad.io.discovery import list_inputs
 from medad.io.files import StagedOutput, atomic_write
 
-from helpers import bundle_command, run_bundle
+from helpers import run_bundle_here, run_bundle_logged_in_process
 
 # The model's own input size; images come in other sizes and aspect ratios.
 SIZE = 112
@@ -82,7 +81,7 @@ def read_scores(path: Path) -> dict[str, dict[str, str]]:
 def test_every_image_format_through_inferring_matches_python(trained_root, detector, tmp_path):
     inputs = tmp_path / "inputs"
     sizes = write_formats(inputs)
-    run_bundle("inferring", ("inference",), trained_root, dataset_dir=inputs, num_workers=0)
+    run_bundle_here("inferring", ("inference",), trained_root, dataset_dir=inputs, num_workers=0)
     outputs = trained_root / "outputs"
     rows = read_scores(outputs / "scores.csv")
     assert set(rows) == set(sizes)
@@ -107,10 +106,12 @@ def test_every_image_format_through_inferring_matches_python(trained_root, detec
 
 
 def _failing_run(root: Path, **overrides) -> list[str]:
-    result = subprocess.run(bundle_command("inferring", ("inference",), root, num_workers=0, **overrides),
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stderr.strip().splitlines()
+    """The stderr lines of an ``inferring`` run that must end with status 1, run inside this process
+    (``helpers.run_bundle_logged_in_process``): its status and last lines do not depend on the
+    process boundary, which test_run_safety.py pins for a real bundle process."""
+    status, stdout, lines = run_bundle_logged_in_process("inferring", ("inference",), root, num_workers=0, **overrides)
+    assert status == 1, stdout[-3000:] + "\n".join(lines)[-3000:]
+    return lines
 
 
 def test_bad_inputs_end_with_one_summary_and_skip_runs_the_rest(trained_root, tmp_path):
@@ -133,7 +134,7 @@ def test_bad_inputs_end_with_one_summary_and_skip_runs_the_rest(trained_root, tm
         assert any(name in line and reason in line for line in lines[-5:]), (name, lines[-5:])
     assert not (root / "outputs").exists()  # nothing half-written, nothing that blocks the rerun
 
-    run_bundle("inferring", ("inference",), root, dataset_dir=inputs, num_workers=0, on_bad_data="skip")
+    run_bundle_here("inferring", ("inference",), root, dataset_dir=inputs, num_workers=0, on_bad_data="skip")
     assert set(read_scores(root / "outputs" / "scores.csv")) == {"good.png"}
     report = (root / "outputs" / "input_problems.csv").read_text()
     assert all(name in report for name in expected)

@@ -9,7 +9,6 @@ The autocast tests run on the CPU (bf16) always and on CUDA (fp16 and bf16) wher
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from medad.engine.engines import MVFAEvaluator
 from medad.model.scoring import FusionRange, few_shot_maps, text_logits
 from medad.surfaces.workflow import unknown_keys
 
-from helpers import CONFIGS, bundle_command
+from helpers import CONFIGS, run_bundle_logged_in_process
 
 _NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: the CPU cases stand for it")
 AUTOCASTS = [
@@ -144,11 +143,12 @@ def test_inference_refuses_amp_as_a_training_option():
 
 @pytest.mark.parametrize("run_id, configs", [("inferring", ("inference",)), ("evaluating", ("train", "evaluate"))])
 def test_bundle_runs_refuse_amp_before_any_work(tmp_path, run_id, configs):
-    """Inference has no ``amp`` key; evaluation merges train.json's and refuses it all the same."""
-    result = subprocess.run(bundle_command(run_id, configs, tmp_path, amp=True), capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("medad: --amp: amp is a training option"), result.stderr[-3000:]
+    """Inference has no ``amp`` key; evaluation merges train.json's and refuses it all the same.
+    The bundle command runs inside this process (``helpers.run_bundle_logged_in_process``): a
+    refusal's status and last line do not depend on the process boundary (test_run_safety.py)."""
+    status, _, lines = run_bundle_logged_in_process(run_id, configs, tmp_path, amp=True)
+    assert status != 0
+    assert lines and lines[-1].startswith("medad: --amp: amp is a training option"), "\n".join(lines)[-3000:]
     assert not (tmp_path / "eval").exists() and not (tmp_path / "outputs").exists()
 
 

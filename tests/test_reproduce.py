@@ -6,22 +6,27 @@ import ast
 import importlib.util
 import json
 import re
+import shlex
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import reproduction  # scripts/reproduction.py
 from medad.io.data import bmad_datalist, dataset_has_masks, list_datasets
-from reproduction import (  # scripts/reproduction.py
+from reproduction import (
     BMADLayoutError,
     Cell,
+    CellFailed,
     GridOptions,
     estimate_runtime,
     format_report,
     plan_grid,
     prepare_bmad,
 )
+
+from helpers import run_command_logged_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -245,12 +250,30 @@ def test_report_lists_generic_data_sets_without_paper_rows():
     assert "leak-free" in report and "Paper:" not in report
 
 
+def _run_in_process(command: list[str], log: Path) -> None:
+    """``reproduction._run`` with the bundle command run inside this process
+    (``helpers.run_command_logged_in_process``; each ``python -m monai.bundle`` pays ~12 CPU-s of
+    imports): the same command line written to the cell's log, then the run's output; a failure
+    raises ``CellFailed`` with the log's tail, as ``_run`` does."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a", encoding="utf-8") as handle:
+        handle.write(f"\n$ {shlex.join(command)}\n")
+        status, stdout, stderr = run_command_logged_in_process(command)
+        handle.write(stdout + "".join(f"{line}\n" for line in stderr))
+    if status != 0:
+        raise CellFailed(f"exit status {status}; log: {log}\n{log.read_text(encoding='utf-8', errors='replace')[-4000:]}")
+
+
 def test_prepare_then_reproduce_the_grid_resumably(download, tmp_path, capsys, monkeypatch):
     """prepare_bmad.py then reproduce.py --tiny on a reduced grid (Brain: zero-shot and 2-shot;
-    five bundle subprocesses in all, about 10 s each): the report has every cell, a rerun skips
-    finished cells, and a cell that lost its metrics is run again alone."""
+    five bundle runs in all): the report has every cell, a rerun skips finished cells, and a cell
+    that lost its metrics is run again alone. The first four runs are the grid's bundle commands
+    run inside this process (:func:`_run_in_process`); the resumed one is a real
+    ``python -m monai.bundle`` subprocess, as ``reproduction._run`` starts it."""
     # One thread: on small CPUs torch's thread hand-offs cost far more than these tiny models.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    subprocess_run = reproduction._run
+    monkeypatch.setattr(reproduction, "_run", _run_in_process)
     data, runs, seeds = tmp_path / "BMAD", tmp_path / "runs", tmp_path / "seeds"
     assert load_script("prepare_bmad").main(["--source", str(download), "--output", str(data)]) == 0
     write_seed_files(seeds, data, "Brain", 2, range(1))
@@ -280,13 +303,20 @@ def test_prepare_then_reproduce_the_grid_resumably(download, tmp_path, capsys, m
     again = capsys.readouterr().out
     assert again.count(": skip (finished") == 2 and ": training" not in again and ": evaluating" not in again
 
-    # A cell interrupted after training (no metrics yet) is resumed alone, without training again.
+    # A cell interrupted after training (no metrics yet) is resumed alone, without training again,
+    # by a real bundle process.
     (runs / "k2" / "Brain" / "seed_index_0" / "eval" / "metrics.json").unlink()
+    monkeypatch.setattr(reproduction, "_run", subprocess_run)
     assert reproduce.main(argv) == 0
     resumed = capsys.readouterr().out
     assert resumed.count(": skip (finished") == 1 and ": training" not in resumed
     assert resumed.count(": evaluating -> ") == 1 and "k=2 Brain seed_index=0: evaluating" in resumed
     assert "(2 of 2 cells finished)" in resumed
+    assert (runs / "k2" / "Brain" / "seed_index_0" / "eval" / "metrics.json").is_file()
+    # every run wrote its command line and then its output to the cell's log
+    for cell, run_id in ((Cell("Brain"), "training"), (Cell("Brain"), "evaluating"), (Cell("Brain", 2, "seed_index", 0), "evaluating")):
+        text = (runs / cell.relpath / "logs" / f"{run_id}.log").read_text()
+        assert text.startswith("\n$ ") and f" run {run_id} " in text.splitlines()[1] and len(text.splitlines()) > 2, (cell, run_id)
 
     # Finished cells run with other settings are neither reused nor mixed into a report.
     for extra in (["--epochs", "2"], ["--epochs", "2", "--report-only"]):

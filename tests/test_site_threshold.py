@@ -21,7 +21,7 @@ import medad
 from medad.io.data import fewshot_selection, fitted_records, leave_out_fitted, shares_pool, target_datalist
 from medad.model.decision import conformal_p_values, conformal_threshold, decision_rates, sensitivity_threshold
 
-from helpers import IMAGE_SIZE, common, run_bundle
+from helpers import IMAGE_SIZE, common, run_bundle_here
 from synthetic import write_dataset
 
 
@@ -137,10 +137,10 @@ def test_own_data_train_threshold_evaluate_infer_one_decision_everywhere(bundle_
     Image.new("L", (IMAGE_SIZE, IMAGE_SIZE)).save(flat / "normal" / "blank.png")  # background only: the blank rule
     root = tmp_path / "bundle"
     settings = common(flat, bundle_backbone)
-    run_bundle("training", ("train", "fewshot"), root, shot=2, epochs=1, **settings)
+    run_bundle_here("training", ("train", "fewshot"), root, shot=2, epochs=1, **settings)
     weights = {"clip_weights": bundle_backbone["clip_weights"], "num_workers": 0}
     # calibration_seed 1 leaves the blank image to evaluation (seed 0 draws it for calibration)
-    log = run_bundle("thresholding", ("inference", "threshold"), root, dataset_dir=flat, target_fpr=0.25, calibration_seed=1, **weights)
+    log = run_bundle_here("thresholding", ("inference", "threshold"), root, dataset_dir=flat, target_fpr=0.25, calibration_seed=1, **weights)
     assert "site threshold" in log
 
     detector = medad.load_detector(root / "models" / "model.pt", bundle_backbone["clip_weights"])
@@ -151,7 +151,7 @@ def test_own_data_train_threshold_evaluate_infer_one_decision_everywhere(bundle_
     assert roles.count("support") == 4 and roles.count("calibration") == 8 + 3
     assert len(medad.model.checkpoint.model_versions(root / "models" / "model.pt")) == 1  # the few-shot model is kept
 
-    run_bundle("evaluating", ("train", "fewshot", "evaluate"), root, dataset_dir=flat, target="Alpha", shot=2, **weights)
+    run_bundle_here("evaluating", ("train", "fewshot", "evaluate"), root, dataset_dir=flat, target="Alpha", shot=2, **weights)
     evaluated = _rows(root / "eval" / "scores.csv")
     fitted = {record["name"] for record in detector.fitted}
     assert len(evaluated) == 25 - len(fitted) and not fitted & set(evaluated)
@@ -170,7 +170,7 @@ def test_own_data_train_threshold_evaluate_infer_one_decision_everywhere(bundle_
     names.append("normal/blank.png")  # scored 0 by evaluation and inference alike
     for name in names:
         shutil.copy(flat / name, images / name.replace("/", "_"))
-    run_bundle("inferring", ("inference",), root, dataset_dir=images, **weights)
+    run_bundle_here("inferring", ("inference",), root, dataset_dir=images, **weights)
     inferred = {Path(row["image"]).name: row for row in _rows(root / "outputs" / "scores.csv").values()}
     for name in names:
         prediction = medad.predict_input(detector, images / name.replace("/", "_"))
