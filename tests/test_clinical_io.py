@@ -114,6 +114,10 @@ def volume_run(tmp_path_factory, bundle_root, bundle_backbone) -> dict:
     single = tmp_path_factory.mktemp("frame")
     write_dicom_series(single, pixels[:, :, 6:7], ORIGIN, ROW_DIRECTION, COLUMN_DIRECTION, PIXEL_SPACING, SLICE_SPACING)
     shutil.move(single / "slice_000.dcm", inputs / "frame.dcm")
+    for plane in ("sagittal", "coronal"):  # the same frame stored as a sagittal and a coronal slice
+        geometry = (ORIGIN, *PLANE_DIRECTIONS[plane], PIXEL_SPACING, SLICE_SPACING)
+        write_dicom_series(single / plane, pixels[:, :, 6:7], *geometry)
+        shutil.move(single / plane / "slice_000.dcm", inputs / f"{plane}.dcm")
 
     output = tmp_path_factory.mktemp("outputs") / "run"
     inference(bundle_root, bundle_backbone, inputs, output)
@@ -167,14 +171,34 @@ def test_dicom_series_map_is_aligned_with_the_series(volume_run):
     # A single DICOM frame is a one-slice volume: its map is 2D with the frame's position.
     frame = load_map(volume_run, "frame")
     assert frame.shape == (pixels.shape[1], pixels.shape[0])
-    in_plane = [0, 1, 3]  # MONAI gives a single frame a unit third axis, not the slice normal
-    np.testing.assert_allclose(frame.affine[:3, in_plane], expected_dicom_affine()[:3, in_plane], atol=1e-4)
+    # its slice axis is the frame's normal times its thickness (MONAI's reader leaves a unit z axis)
+    np.testing.assert_allclose(frame.affine, expected_dicom_affine(), atol=1e-4)
+
+    # The same frame stored as a sagittal and a coronal slice: the map has the file's (columns,
+    # rows) grid, its affine places each pixel where the file's tags do, and the values are those
+    # of the same pixels scored as the (tilted) axial frame above (a 2D frame is oriented as its
+    # own plane's slices, which flips both in-plane axes alike for these three storages).
+    rows, columns = pixels.shape[:2]
+    r, c = np.array([0, 0, rows - 1, 30, 7]), np.array([0, columns - 1, 0, 11, 40])
+    scored = {}
+    for plane in ("sagittal", "coronal"):
+        anomaly = load_map(volume_run, plane)
+        assert anomaly.shape == (columns, rows)
+        placed = nib.affines.apply_affine(anomaly.affine, np.stack([c, r, np.zeros_like(r)], axis=1)).T
+        np.testing.assert_allclose(placed, patient_ras(volume_run["inputs"] / f"{plane}.dcm", r, c), atol=1e-3)
+        scored[plane] = anomaly.get_fdata()
+        np.testing.assert_allclose(scored[plane], frame.get_fdata(), rtol=0, atol=1e-5)
+        assert scored[plane].max() > 0
 
 
 def test_scores_table_slice_tables_and_overlays(volume_run):
     output = volume_run["output"]
     rows = {Path(row["image"]).name: row for row in read_csv(output / "scores.csv")}
-    assert set(rows) == {"case.nii.gz", "flipped.nii.gz", "permuted.nii.gz", "series", "frame.dcm"}
+    assert set(rows) == {
+        "case.nii.gz", "flipped.nii.gz", "permuted.nii.gz", "series", "frame.dcm", "sagittal.dcm", "coronal.dcm"
+    }
+    for plane in ("sagittal.dcm", "coronal.dcm"):
+        assert float(rows[plane]["score"]) == pytest.approx(float(rows["frame.dcm"]["score"]), abs=1e-5)
     slices = read_csv(output / "slices" / "case_slice_scores.csv")
     assert [int(row["slice"]) for row in slices] == list(range(PHANTOM[2]))
     assert [int(row["empty"]) for row in slices] == [1, 1] + [0] * (PHANTOM[2] - 4) + [1, 1]
@@ -335,3 +359,88 @@ def test_ct_windows_and_the_empty_slice_rule():
     volume[..., 4] = torch.rand(1, 10, 10)
     batches = list(iter_slice_batches(volume, batch_size=1))
     assert [indices for indices, _ in batches] == [[2], [4]]
+
+
+# A single DICOM slice in the three standard planes (LPS row and column directions as scanners
+# store them: axial rows to the patient's left and columns to posterior, sagittal to posterior
+# and inferior, coronal to left and inferior).
+PLANE_DIRECTIONS = {
+    "axial": ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),
+    "sagittal": ((0.0, 1.0, 0.0), (0.0, 0.0, -1.0)),
+    "coronal": ((1.0, 0.0, 0.0), (0.0, 0.0, -1.0)),
+}
+
+
+def frame_of(folder: Path, pixels: np.ndarray, row_direction, column_direction, origin=ORIGIN) -> Path:
+    """``pixels`` (rows, columns) as a single-frame CT slice file with this geometry."""
+    geometry = (origin, row_direction, column_direction, PIXEL_SPACING, SLICE_SPACING)
+    write_dicom_series(folder, pixels[:, :, None], *geometry)
+    return folder / "slice_000.dcm"
+
+
+def patient_ras(path: Path, r: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """RAS positions (3, n) of the pixels (row r, column c) of a single-frame DICOM file, from its
+    own tags: ImagePositionPatient + c * column spacing * row direction + r * row spacing * column
+    direction (LPS), with x and y negated."""
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    orientation = np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
+    between_rows, between_columns = (float(v) for v in ds.PixelSpacing)
+    lps = (
+        np.asarray(ds.ImagePositionPatient, dtype=np.float64)[:, None]
+        + orientation[:3, None] * between_columns * c[None] + orientation[3:, None] * between_rows * r[None]
+    )
+    return lps * np.array([-1.0, -1.0, 1.0])[:, None]
+
+
+def test_single_dicom_frame_in_any_plane_is_scored_as_that_slice(tiny_detector, tmp_path):
+    """A sagittal or coronal single-frame DICOM (MONAI's PydicomReader gave it a singular affine,
+    which Orientationd refused) is scored as that one slice: the pipeline orients a 2D frame as the
+    slices of the plane it lies in (SLICE_PLANES: axial R, A; sagittal A, S; coronal R, S), which
+    for the three standard storages flips both in-plane axes alike. So the same pixel data gives
+    the same map, pixel for pixel, stored as an axial, a sagittal or a coronal slice, and whatever
+    slice_plane is asked for; the map is on MONAI's grid of the file, (columns, rows), and its
+    affine places each pixel where the file's geometry tags do."""
+    from medad.io import dicom_results as dr
+
+    volume, _ = head_phantom((40, 34, 8), 21)  # rows x columns 40 x 34: not square, so a transposition shows
+    pixels = np.rint(volume[:, :, 4] * 2000).astype(np.uint16)
+    rows, columns = pixels.shape
+    maps = {}
+    for plane, (row_direction, column_direction) in PLANE_DIRECTIONS.items():
+        path = frame_of(tmp_path / plane, pixels, row_direction, column_direction)
+        prediction = medad.predict_input(tiny_detector, path)
+        assert prediction.kind == "volume" and prediction.anomaly_map.shape == (columns, rows)
+        assert prediction.volume["slice_axis"] == 2 and len(prediction.volume["slice_scores"]) == 1
+        assert prediction.anomaly_map.max() > 0
+        maps[plane] = prediction
+
+        # the map's affine: voxel (column c, row r) at the pixel's patient position
+        r, c = np.array([0, 0, rows - 1, 17, 5]), np.array([0, columns - 1, 0, 9, 30])
+        affine = prediction.meta["affine"]
+        placed = affine[:3, :3] @ np.stack([c, r, np.zeros_like(r)]) + affine[:3, 3:]
+        np.testing.assert_allclose(placed, patient_ras(path, r, c), atol=1e-4)
+        normal = np.cross(row_direction, column_direction) * SLICE_SPACING * np.array([-1.0, -1.0, 1.0])
+        np.testing.assert_allclose(affine[:3, 2], normal, atol=1e-6)  # the slice axis: normal x thickness
+
+        # and the DICOM results put the map back on the source's pixels exactly
+        frames, _ = dr.map_to_frames(dr.read_sources(path), prediction.anomaly_map, affine)
+        np.testing.assert_array_equal(frames, prediction.anomaly_map.T[None])
+
+        for slice_plane in ("coronal", "sagittal"):  # a 2D frame is one slice in any plane
+            other = medad.predict_input(tiny_detector, path, slice_plane=slice_plane)
+            np.testing.assert_array_equal(other.anomaly_map, prediction.anomaly_map)
+            assert other.score == prediction.score
+    for plane in ("sagittal", "coronal"):
+        np.testing.assert_allclose(maps[plane].anomaly_map, maps["axial"].anomaly_map, rtol=0, atol=1e-6)
+        assert maps[plane].score == pytest.approx(maps["axial"].score, abs=1e-6)
+
+    # The same sagittal picture stored with its columns reversed (rows now run to anterior, the
+    # first pixel at the other edge) is the same physical image: its map is the same map, reversed.
+    row_direction, column_direction = PLANE_DIRECTIONS["sagittal"]
+    reversed_row = tuple(-v for v in row_direction)
+    origin = tuple(np.add(ORIGIN, np.multiply(row_direction, (columns - 1) * PIXEL_SPACING[1])))
+    path = frame_of(tmp_path / "sagittal_reversed", pixels[:, ::-1].copy(), reversed_row, column_direction, origin)
+    reversed_map = medad.predict_input(tiny_detector, path).anomaly_map
+    np.testing.assert_allclose(reversed_map[::-1], maps["sagittal"].anomaly_map, rtol=0, atol=1e-6)

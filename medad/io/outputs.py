@@ -31,6 +31,7 @@ from medad.io.transforms import image_source, input_slice_indices, to_rgb
 __all__ = [
     "COLOUR_BAR_WIDTH",
     "MAP_FORMATS",
+    "MapNibabelWriter",
     "PNG_MAP_RANGE_KEYS",
     "MapToInputGridd",
     "SaveMapd",
@@ -149,6 +150,25 @@ PNG_MAP_RANGE_KEYS = ("anomaly_map_low", "anomaly_map_high")
 _PNG_LEVELS = 65535
 
 
+class MapNibabelWriter(NibabelWriter):
+    """MONAI's ``NibabelWriter`` that, asked not to resample (``SaveImage(resample=False)``), writes
+    the data with its affine as they are.
+
+    MONAI's writer passes even such data through ``SpatialResample`` (to its own affine), which
+    sizes the output from the affine cut down to the data's rank; a one-slice volume's map written
+    2D (``squeeze_end_dims``) keeps its 3D affine, and for a sagittal or coronal slice the cut
+    (x, y) part of it is singular ("Affine ... is not invertible")."""
+
+    def set_metadata(self, meta_dict: Mapping | None, resample: bool = True, **options: object) -> None:
+        if resample:
+            super().set_metadata(meta_dict, resample=resample, **options)
+            return
+        _, affine, _ = self.get_meta_info(meta_dict)
+        if self.output_dtype is None and hasattr(self.data_obj, "dtype"):
+            self.output_dtype = self.data_obj.dtype
+        self.affine = None if affine is None else np.asarray(torch.as_tensor(affine).cpu(), dtype=np.float64)
+
+
 class SaveMapd(MapTransform):
     """Write anomaly maps from :class:`MapToInputGridd` as ``<output_dir>/<case>_anomaly_map.<ext>``
     in each of ``formats`` (:data:`MAP_FORMATS`), with MONAI's ``SaveImage`` and writers, each file
@@ -186,7 +206,7 @@ class SaveMapd(MapTransform):
         self.formats = formats
         common = {"output_dir": output_dir, "output_postfix": output_postfix, "resample": False,
                   "separate_folder": False, "print_log": False}
-        self.nifti = SaveImage(output_ext=nifti_ext, writer=atomic_image_writer(NibabelWriter),
+        self.nifti = SaveImage(output_ext=nifti_ext, writer=atomic_image_writer(MapNibabelWriter),
                                output_dtype=np.float32, squeeze_end_dims=True, **common)
         pil = atomic_image_writer(PILWriter)
         self.png = SaveImage(output_ext=".png", writer=pil, output_dtype=np.uint16, scale=None, **common)

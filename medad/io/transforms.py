@@ -34,6 +34,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.config import KeysCollection
@@ -42,14 +43,15 @@ from monai.data.utils import to_affine_nd
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
+    InvertibleTransform,
     LoadImaged,
     MapTransform,
-    Orientationd,
+    Orientation,
     Resized,
     ScaleIntensityRanged,
     Transposed,
 )
-from monai.utils import TraceKeys, convert_to_dst_type, ensure_tuple
+from monai.utils import MetaKeys, SpaceKeys, TraceKeys, convert_to_dst_type, ensure_tuple
 from PIL import Image
 
 __all__ = [
@@ -64,6 +66,7 @@ __all__ = [
     "FillMissingMaskd",
     "LoadInputd",
     "ShrinkResized",
+    "SliceOrientationd",
     "ToRGBd",
     "UnsupportedInputError",
     "UnitIntensityd",
@@ -355,6 +358,54 @@ class DicomVolumeReader(PydicomReader):
             data = monochrome1_to_monochrome2(data, img, rescaled=hasattr(img, "RescaleSlope") or hasattr(img, "RescaleIntercept"))
         return data
 
+    def get_data(self, data: Any) -> tuple[np.ndarray, dict]:
+        """MONAI's ``get_data``, with the slice axis of a single slice's affine completed
+        (:func:`_single_slice_affine`)."""
+        array, meta = super().get_data(data)
+        first = data
+        while isinstance(first, (list, tuple)) and first:  # a series (folder): its slices
+            first = first[0]
+        if len(meta.get(MetaKeys.SPATIAL_SHAPE, ())) == 2 and not isinstance(first, (list, tuple)):
+            affine = np.asarray(meta[MetaKeys.AFFINE], dtype=np.float64)
+            affine = _single_slice_affine(first, affine, meta.get(MetaKeys.SPACE))
+            if affine is not None:
+                meta[MetaKeys.AFFINE], meta[MetaKeys.ORIGINAL_AFFINE] = affine, affine.copy()
+        return array, meta
+
+
+def _single_slice_affine(ds: Any, affine: np.ndarray, space: Any = None) -> np.ndarray | None:
+    """The affine MONAI's ``PydicomReader`` gives a single slice (a one-file series, a single-frame
+    file), with its third (slice) column set to the slice normal (row x column direction of
+    ``ImageOrientationPatient``, as a series' slices are stacked) times ``SliceThickness`` (else
+    ``SpacingBetweenSlices``, else 1 mm), read from the slice's data set ``ds``; ``affine`` in
+    ``space`` (MONAI's RAS unless ``"LPS"``); ``None`` without ``ImageOrientationPatient``.
+
+    MONAI builds that column only from the first and last ``ImagePositionPatient`` of a stacked
+    series; a single slice keeps its placeholder, a unit vector along the patient's z axis
+    whatever the orientation. For an axial slice that is the normal (at 1 mm); for a sagittal or
+    coronal one it lies in the image plane, parallel to the column direction, so the affine is
+    singular and ``Orientationd`` cannot place the slice axis ("Unable to find out axis ... in
+    start_ornt"); for an oblique one it is tilted out of the normal."""
+    orientation = ds.get("ImageOrientationPatient")
+    if orientation is None or len(orientation) != 6:
+        return None
+    row, column = np.asarray(orientation[:3], dtype=np.float64), np.asarray(orientation[3:], dtype=np.float64)
+    normal = np.cross(row, column)
+    if not np.isfinite(normal).all() or np.linalg.norm(normal) < 1e-6:
+        return None  # MONAI's own checks report broken orientations
+    spacing = 1.0
+    for keyword in ("SliceThickness", "SpacingBetweenSlices"):
+        value = ds.get(keyword)
+        if value not in (None, "") and np.isfinite(float(value)) and abs(float(value)) > 0:
+            spacing = abs(float(value))
+            break
+    column_vector = normal / np.linalg.norm(normal) * spacing  # LPS, as ImageOrientationPatient
+    if str(space or SpaceKeys.RAS) == str(SpaceKeys.RAS):
+        column_vector = column_vector * np.array([-1.0, -1.0, 1.0])
+    completed = affine.copy()
+    completed[:3, 2] = column_vector  # swap_ij swaps the in-plane columns only
+    return completed
+
 
 def shrink_for_resize(image: torch.Tensor, size: Sequence[int]) -> tuple[torch.Tensor, list[float] | None]:
     """``image`` ``(C, H, W)`` shrunk for an anti-aliased resize to ``size``, and the Gaussian
@@ -579,6 +630,58 @@ class EnsureSliceAxisd(MapTransform):
         return d
 
 
+class SliceOrientationd(MapTransform, InvertibleTransform):
+    """MONAI's ``Orientation`` to the axis codes of a slice plane (:data:`SLICE_PLANES`): that
+    plane's slices along the last axis, each axis pointing to R, A or S; exact and undone by
+    ``Invertd``, as ``Orientationd``.
+
+    A volume one voxel thick along one axis (a 2D DICOM frame or NIfTI, run as a one-slice volume,
+    :class:`EnsureSliceAxisd`) is that one slice in any ``slice_plane``: it is brought to the
+    codes of the plane it lies in (the anatomical direction nearest its thin axis; e.g. ``"ASR"``
+    for a sagittal frame), so that it is scored as one slice and its in-plane axes point as the
+    slices of that plane do. ``Orientationd`` takes one fixed set of codes, which would put an
+    in-plane axis of a sagittal or coronal frame last (scored as slices one pixel wide)."""
+
+    def __init__(self, keys: KeysCollection, slice_plane: str = "axial", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if slice_plane not in SLICE_PLANES:
+            raise ValueError(f"unknown slice_plane {slice_plane!r}; expected one of {sorted(SLICE_PLANES)}")
+        self.slice_plane = slice_plane
+        # one instance per plane: the applied operation a MetaTensor records names the instance,
+        # which inverts it (MONAI's check of a transform's id)
+        self.orientations = {plane: Orientation(axcodes=codes, labels=None) for plane, codes in SLICE_PLANES.items()}
+
+    def plane_of(self, image: torch.Tensor) -> str:
+        """The plane ``image`` (channel first, 3 spatial axes) is cut in: ``slice_plane``, or for a
+        volume one voxel thick along exactly one axis, the plane that axis is normal to."""
+        spatial = tuple(int(n) for n in image.shape[1:])
+        thin = [axis for axis, n in enumerate(spatial) if n == 1]
+        if len(spatial) != 3 or len(thin) != 1 or not isinstance(image, MetaTensor):
+            return self.slice_plane
+        affine = to_affine_nd(3, np.asarray(image.affine, dtype=np.float64))
+        code = nib.orientations.ornt2axcodes(nib.orientations.io_orientation(affine))[thin[0]]
+        if code is None:  # a degenerate affine: Orientation reports it
+            return self.slice_plane
+        return next(plane for plane, codes in SLICE_PLANES.items() if code in (codes[-1], _OPPOSITE[codes[-1]]))
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.orientations[self.plane_of(d[key])](d[key])
+        return d
+
+    def inverse(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            recorded = self.get_most_recent_transform(d[key], check=False)
+            by_id = {id(orientation): orientation for orientation in self.orientations.values()}
+            d[key] = by_id.get(recorded.get(TraceKeys.ID), self.orientations[self.slice_plane]).inverse(d[key])
+        return d
+
+
+_OPPOSITE = {"R": "L", "A": "P", "S": "I"}
+
+
 def input_slice_indices(image: MetaTensor) -> tuple[int, list[int]]:
     """For a volume preprocessed with ``mvfa_preprocessing(volume=True)``: the voxel axis of the
     input file that its slices (its last axis) run along, and each slice's index on that axis,
@@ -643,11 +746,14 @@ def mvfa_preprocessing(
 
     ``volume=True``: NIfTI files through MONAI's default reader selection, DICOM files and DICOM
     series folders through :class:`DicomVolumeReader` (MONOCHROME1 inverted), as ``image`` (C, H, W, D) in [0, 1] at the volume's own voxel grid,
-    reoriented (MONAI ``Orientationd``, exact and undone by ``Invertd``) so that the slices of
+    reoriented (MONAI's ``Orientation``, exact and undone by ``Invertd``) so that the slices of
     ``slice_plane`` (``"axial"``, ``"coronal"``, ``"sagittal"``) lie along the last axis: the
     voxel axis nearest to that anatomical direction in the file's affine, so oblique and
     flipped acquisitions slice the same way. The inferer resizes the slices to ``image_size``
-    batch by batch (:mod:`medad.engine.volumes`). 2D files become one-slice volumes.
+    batch by batch (:mod:`medad.engine.volumes`). 2D files become one-slice volumes, scored as
+    that one slice in any ``slice_plane``, oriented as the slices of the plane they lie in
+    (:class:`SliceOrientationd`; a single DICOM slice's affine completed along its normal,
+    :class:`DicomVolumeReader`).
 
     ``window``: intensity policy, see :class:`UnitIntensityd`.
     """
@@ -660,7 +766,7 @@ def mvfa_preprocessing(
             LoadInputd(keys=image_key, dtype=None, image_only=True, dicom_reader=DicomVolumeReader()),
             EnsureChannelFirstd(keys=image_key),
             EnsureSliceAxisd(keys=image_key),
-            Orientationd(keys=image_key, axcodes=SLICE_PLANES[slice_plane], labels=None),
+            SliceOrientationd(keys=image_key, slice_plane=slice_plane),
             UnitIntensityd(keys=image_key, window=window),
         ])
     # MONAI's (columns, rows), as LoadImage reads the file; the recorded transposition to the
