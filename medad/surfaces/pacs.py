@@ -362,13 +362,13 @@ class _Client:
         web = _dicomweb_client()
         self.url = url
         self.secrets = credentials.secrets() if credentials is not None else []
-        session = requests.Session()
+        #: the HTTP session of every call (its authentication), also for the forced WADO reads
+        self.session = requests.Session()
         if credentials is not None:
-            session.auth = credentials.auth()
-        self.client = web.DICOMwebClient(url=url, session=session)
+            self.session.auth = credentials.auth()
+        self.client = web.DICOMwebClient(url=url, session=self.session, timeout=timeout)
         self.client.set_http_retry_params(retry=False)
         self.timeout = timeout
-        self.client._timeout = timeout  # dicomweb-client has no public setter; None waits for ever
 
     def clean(self, text: str) -> str:
         for secret in self.secrets:
@@ -503,8 +503,7 @@ def _retrieve_forced(client: _Client, url: str) -> list[Any]:
 
     import pydicom
 
-    session = client.client._session  # the client's own session: its authentication
-    response = session.get(url, headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},
+    response = client.session.get(url, headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},
                            timeout=client.timeout)
     response.raise_for_status()
     content_type = response.headers.get("Content-Type", "")
