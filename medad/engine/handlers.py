@@ -22,7 +22,7 @@ from monai.handlers import CheckpointSaver, StatsHandler, TensorBoardStatsHandle
 from monai.utils.enums import CommonKeys as Keys
 
 from medad.model.checkpoint import read_checkpoint, save_model
-from medad.model.decision import GIVEN_RULE, conformal_p_values, decision_rates
+from medad.model.decision import GIVEN_RULE, checked_threshold_setting, conformal_p_values, decision_rates
 from medad.model.detector import MVFADetector, unwrap
 from medad.io.files import atomic_write, strict_json
 from medad.engine.metrics import AnomalyEvaluation
@@ -142,10 +142,8 @@ class ScoresWriter:
         evaluation: AnomalyEvaluation | None = None,
         save_rank: int = 0,
     ) -> None:
-        if isinstance(threshold, str) and threshold != "model":
-            raise ValueError(f"threshold must be a number, 'model' or None, got {threshold!r}")
         self.path = Path(output_dir) / filename
-        self.threshold, self.columns, self.evaluation = threshold, tuple(columns), evaluation
+        self.threshold, self.columns, self.evaluation = checked_threshold_setting(threshold), tuple(columns), evaluation
         self.save_rank = save_rank
         self._decision: tuple[float, str] | None = None
         self._reference: tuple[float, ...] = ()

@@ -48,6 +48,7 @@ import numpy as np
 from monai.transforms import MapTransform
 
 from medad.io.files import atomic_write
+from medad.model.decision import checked_threshold_setting
 
 logger = logging.getLogger(__name__)
 
@@ -915,11 +916,9 @@ class SaveDicomResultsd(MapTransform):
         super().__init__(keys)
         if output_format not in OUTPUT_FORMATS:
             raise ValueError(f"output_format must be one of {list(OUTPUT_FORMATS)}, got {output_format!r}")
-        if isinstance(threshold, str) and threshold != "model":
-            raise ValueError(f"threshold must be a number or 'model', got {threshold!r}")
         self.output_dir, self.detector, self.model_path = Path(output_dir), detector, model_path
         self.enabled = output_format in ("dicom", "both")
-        self.threshold, self.image_key, self.score_key = threshold, image_key, score_key
+        self.threshold, self.image_key, self.score_key = checked_threshold_setting(threshold), image_key, score_key
         self._model: dict[str, Any] | None = None
 
     def _decisions(self) -> dict[str, Any]:
@@ -930,7 +929,7 @@ class SaveDicomResultsd(MapTransform):
 
             detector = unwrap(self.detector)
             effective = detector.effective_thresholds()
-            given = self.threshold != "model"
+            given = self.threshold not in ("model", None)  # None (no decision elsewhere): the model's here
             self._model = {
                 "model": detector.description,
                 "model_key": file_sha256(self.model_path),

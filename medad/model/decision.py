@@ -180,6 +180,19 @@ def pixel_f1_threshold(maps: torch.Tensor, masks: torch.Tensor) -> float | None:
     return binned.f1_best_threshold()
 
 
+def checked_threshold_setting(threshold: float | str | None) -> float | str | None:
+    """A run's ``threshold`` setting as given, once checked: a number, ``"model"`` (the model's
+    own, :func:`effective_thresholds`) or ``None`` (no decision).
+
+    Example:
+        >>> checked_threshold_setting("model"), checked_threshold_setting(0.4)
+        ('model', 0.4)
+    """
+    if isinstance(threshold, str) and threshold != "model":
+        raise ValueError(f"threshold must be a number, 'model' or None, got {threshold!r}")
+    return threshold
+
+
 def map_scale(levels: int, has_memory: bool) -> tuple[float, float]:
     """The range ``(low, high)`` of a model's final maps by construction, one colour scale for
     every image it scores: a model with a memory bank fuses min-max normalised scores with its
