@@ -14,7 +14,6 @@ masks) count for image-level metrics and train the detection adapters only.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import random
@@ -23,6 +22,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
+
+from medad.io.files import content_sha256
 
 __all__ = [
     "BMAD",
@@ -446,22 +447,6 @@ def fewshot_selection(
     return chosen
 
 
-def _digest(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes, or of a folder's (a DICOM series): its files' relative names
-    and bytes in sorted order. The content, not the name, identifies an image: a copy of a
-    support image under another name is still the support image."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode("utf-8") + b"\0")
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 def fitted_records(items: Sequence[dict], role: str, root: str | os.PathLike | None = None) -> list[dict]:
     """What a model stores of the images it is fitted on (:attr:`medad.model.checkpoint.ModelDescription.fitted`):
     per item its ``name`` (the path relative to ``root`` where it lies under it, else the file
@@ -474,7 +459,7 @@ def fitted_records(items: Sequence[dict], role: str, root: str | os.PathLike | N
             name = str(path.resolve().relative_to(Path(root).resolve())) if root is not None else path.name
         except ValueError:
             name = path.name
-        records.append({"name": name, "sha256": _digest(path), "label": int(item.get("label", -1)), "role": role})
+        records.append({"name": name, "sha256": content_sha256(path), "label": int(item.get("label", -1)), "role": role})
     return records
 
 
@@ -490,7 +475,7 @@ def leave_out_fitted(items: Sequence[dict], fitted: Sequence[dict], what: str = 
         return list(items), []
     kept, left = [], []
     for item in items:
-        role = roles.get(_digest(item["image"]))
+        role = roles.get(content_sha256(item["image"]))
         (kept if role is None else left).append(item if role is None else {**item, "role": role})
     if left:
         counts = {role: sum(item["role"] == role for item in left) for role in dict.fromkeys(item["role"] for item in left)}

@@ -47,7 +47,8 @@ from typing import Any
 import numpy as np
 from monai.transforms import MapTransform
 
-from medad.io.files import atomic_write
+from medad.io.files import atomic_write, content_sha256
+from medad.io.transforms import import_pydicom, is_dicom_file, number_of_frames
 from medad.model.decision import checked_threshold_setting
 
 logger = logging.getLogger(__name__)
@@ -62,8 +63,6 @@ __all__ = [
     "RESEARCH_ONLY",
     "RESULT_FILES",
     "SaveDicomResultsd",
-    "file_sha256",
-    "is_dicom_input",
     "map_to_frames",
     "parametric_map",
     "places_a_map",
@@ -111,14 +110,6 @@ def _hd() -> Any:
     return highdicom
 
 
-def _pydicom() -> Any:
-    try:
-        import pydicom
-    except ImportError as error:
-        raise ImportError("DICOM result objects need pydicom and highdicom: pip install medad[dicom]") from error
-    return pydicom
-
-
 # --------------------------------------------------------------------------------------------
 # sources
 
@@ -134,9 +125,7 @@ def _name(ds: Any) -> str:
 def read_sources(path: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Any]:
     """The source data sets of a DICOM input as medad takes it: a DICOM file, a series folder (every
     DICOM file in it) or a list of files; with pixel data, each remembering its ``filename``."""
-    from medad.io.transforms import is_dicom_file
-
-    pydicom = _pydicom()
+    pydicom = import_pydicom()
     if isinstance(path, (str, os.PathLike)):
         path = Path(path)
         files = sorted(p for p in path.iterdir() if p.is_file() and is_dicom_file(p)) if path.is_dir() else [path]
@@ -153,10 +142,6 @@ def read_sources(path: str | os.PathLike | Sequence[str | os.PathLike]) -> list[
     return sources
 
 
-def _frames(ds: Any) -> int:
-    return int(ds.get("NumberOfFrames", 1) or 1)
-
-
 def _has_plane_geometry(ds: Any) -> bool:
     """Whether ``ds`` has top-level ``ImagePositionPatient`` and ``ImageOrientationPatient``: what
     MONAI's ``PydicomReader`` builds a patient-space affine from."""
@@ -167,7 +152,7 @@ def _checked_sources(sources: Sequence[Any]) -> list[Any]:
     """``sources`` in DICOM frame order, after the checks that the objects need: one study and
     series, one size, a single multi-frame image alone, a series with plane geometry (sorted along
     its slice normal, then by ``InstanceNumber``)."""
-    pydicom = _pydicom()
+    pydicom = import_pydicom()
     if isinstance(sources, pydicom.Dataset):
         sources = [sources]
     sources = list(sources)
@@ -191,10 +176,10 @@ def _checked_sources(sources: Sequence[Any]) -> list[Any]:
     if len(set(uids)) != len(uids):
         duplicate = next(ds for ds in sources if uids.count(str(ds.SOPInstanceUID)) > 1)
         raise DicomResultError(f"{_name(duplicate)}: SOP instance {duplicate.SOPInstanceUID} given twice")
-    multi = [ds for ds in sources if _frames(ds) > 1]
+    multi = [ds for ds in sources if number_of_frames(ds) > 1]
     if multi and len(sources) > 1:
         raise DicomResultError(
-            f"{_name(multi[0])}: a multi-frame image ({_frames(multi[0])} frames) among {len(sources)} sources: "
+            f"{_name(multi[0])}: a multi-frame image ({number_of_frames(multi[0])} frames) among {len(sources)} sources: "
             "give a multi-frame image on its own or a series of single-frame images"
         )
     if multi:
@@ -229,13 +214,13 @@ def _world_of_pixels(ds: Any, frame: int, space: str) -> tuple[np.ndarray, np.nd
     map's affine: ``origin + r * down + c * right``, as MONAI's ``PydicomReader`` places it (patient
     coordinates in ``space`` from the plane geometry; pixel indices (frame, row, column) for files
     without top-level plane geometry, where that reader's affine is over indices)."""
-    if _has_plane_geometry(ds) and _frames(ds) > 1:  # MONAI stacks such a file as if all frames lay there
+    if _has_plane_geometry(ds) and number_of_frames(ds) > 1:  # MONAI stacks such a file as if all frames lay there
         raise DicomResultError(
             f"{_name(ds)}: a multi-frame image with top-level ImagePositionPatient: MONAI's reader places all its "
             "frames in one plane, so its map cannot be placed; give the map in frame order with affine=None"
         )
     if not _has_plane_geometry(ds):
-        if _frames(ds) > 1:
+        if number_of_frames(ds) > 1:
             return np.array([frame, 0.0, 0.0]), np.array([0.0, 1.0, 0.0]), np.array([0.0, 0.0, 1.0])
         return np.zeros(3), np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
     orientation = np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
@@ -285,7 +270,7 @@ def map_to_frames(
     ordered = _checked_sources(sources)
     array, affine, space = _array_and_affine(anomaly_map, affine, space)
     rows, columns = int(ordered[0].Rows), int(ordered[0].Columns)
-    frames = sum(_frames(ds) for ds in ordered)
+    frames = sum(number_of_frames(ds) for ds in ordered)
     name = _name(ordered[0]) if len(ordered) == 1 else f"the series {ordered[0].SeriesInstanceUID} ({_name(ordered[0])}, ...)"
     if array.ndim == 3 and array.shape[0] == 1 and affine is None:
         array = array[0]  # one channel first
@@ -310,13 +295,13 @@ def map_to_frames(
     to_index = np.linalg.inv(affine)
     r, c = np.arange(rows, dtype=np.float64)[:, None], np.arange(columns, dtype=np.float64)[None, :]
     out = np.empty((frames, rows, columns), dtype=array.dtype)
-    for k, (ds, frame) in enumerate((ds, f) for ds in ordered for f in range(_frames(ds))):
+    for k, (ds, frame) in enumerate((ds, f) for ds in ordered for f in range(number_of_frames(ds))):
         origin, down, right = _world_of_pixels(ds, frame, space)
         start = to_index[:3, :3] @ origin + to_index[:3, 3]
         step_down, step_right = to_index[:3, :3] @ down, to_index[:3, :3] @ right
         index = start[:, None, None] + step_down[:, None, None] * r + step_right[:, None, None] * c  # (3, rows, columns)
         rounded = np.rint(index)
-        where = f"{_name(ds)}{f' frame {frame + 1}' if _frames(ds) > 1 else ''}"
+        where = f"{_name(ds)}{f' frame {frame + 1}' if number_of_frames(ds) > 1 else ''}"
         if np.abs(index - rounded).max() > _INDEX_TOLERANCE:
             raise DicomResultError(
                 f"{where}: its pixels do not fall on the map's voxel centres (off by up to "
@@ -432,7 +417,7 @@ def _finish(
     asks it of Parametric Maps and Secondary Captures) copied from the sources, empty where they
     have none; for ``image`` objects without a frame of reference the sources' ``PatientOrientation``
     (type 2C there), empty where they have none."""
-    pydicom = _pydicom()
+    pydicom = import_pydicom()
     dataset.SeriesDescription = common["series_description"]
     if scheme:
         item = pydicom.Dataset()
@@ -677,8 +662,8 @@ def structured_report(
     decision = hd.sr.QualitativeEvaluation(
         name=_code(ANOMALY_DECISION), value=codes.SCT.Abnormal if anomalous else codes.SCT.Normal
     )
-    if _frames(ordered[0]) > 1:
-        images = [hd.sr.SourceImageForMeasurementGroup.from_source_image(ordered[0], list(range(1, _frames(ordered[0]) + 1)))]
+    if number_of_frames(ordered[0]) > 1:
+        images = [hd.sr.SourceImageForMeasurementGroup.from_source_image(ordered[0], list(range(1, number_of_frames(ordered[0]) + 1)))]
     else:
         images = [hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in ordered]
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -742,7 +727,7 @@ def secondary_capture(
     ``kwargs`` as :func:`parametric_map` (default series number 904).
     """
     hd = _hd()
-    pydicom = _pydicom()
+    pydicom = import_pydicom()
     ordered = _checked_sources(sources)
     picture = np.asarray(overlay_rgb)
     if picture.ndim != 3 or picture.shape[-1] != 3:
@@ -785,7 +770,7 @@ def write_dataset(dataset: Any, path: str | os.PathLike) -> Path:
     path = Path(path)
     try:
         with atomic_write(path, "wb") as handle:
-            if int(_pydicom().__version__.split(".")[0]) >= 3:
+            if int(import_pydicom().__version__.split(".")[0]) >= 3:
                 dataset.save_as(handle, enforce_file_format=True)
             else:
                 dataset.save_as(handle, write_like_original=False)
@@ -800,32 +785,12 @@ def write_dataset(dataset: Any, path: str | os.PathLike) -> Path:
 # one case's results: what the bundle and Python write
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """The SHA-256 of a file's bytes (hex): the ``model_key`` of :func:`result_uids` for a model file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def is_dicom_input(path: str | os.PathLike) -> bool:
-    """Whether an input (as :func:`medad.io.discovery.list_inputs` gives them) is DICOM: a DICOM
-    file (:func:`medad.io.transforms.is_dicom_file`) or a folder of DICOM files (a series)."""
-    from medad.io.transforms import is_dicom_file
-
-    path = Path(path)
-    if path.is_dir():
-        return any(p.is_file() and not p.name.startswith(".") and is_dicom_file(p) for p in path.iterdir())
-    return is_dicom_file(path)
-
-
 def places_a_map(sources: Sequence[Any]) -> bool:
     """Whether a Parametric Map of ``sources`` can be built: each has a frame of reference and
     plane geometry (top-level ``ImagePositionPatient``, or a multi-frame image's functional
     groups). highdicom (0.28) builds none for images without (secondary captures, radiographs)."""
     return all(
-        "FrameOfReferenceUID" in ds and (int(ds.get("NumberOfFrames", 1) or 1) > 1 or "ImagePositionPatient" in ds)
+        "FrameOfReferenceUID" in ds and (number_of_frames(ds) > 1 or "ImagePositionPatient" in ds)
         for ds in sources
     )
 
@@ -932,7 +897,7 @@ class SaveDicomResultsd(MapTransform):
             given = self.threshold not in ("model", None)  # None (no decision elsewhere): the model's here
             self._model = {
                 "model": detector.description,
-                "model_key": file_sha256(self.model_path),
+                "model_key": content_sha256(self.model_path),
                 "threshold": float(self.threshold) if given else float(effective.image),
                 "rule": GIVEN_RULE if given else effective.image_rule,
                 "pixel_threshold": float(effective.pixel),

@@ -20,9 +20,9 @@ from typing import NamedTuple
 
 from medad.io.data import IMAGE_SUFFIXES
 from medad.io.files import output_stem
-from medad.io.transforms import is_colour_dicom_image, is_dicom_file
+from medad.io.transforms import import_pydicom, is_colour_dicom_image, is_dicom_file
 
-__all__ = ["INPUT_KINDS", "NIFTI_SUFFIXES", "ClinicalInputs", "input_kind", "list_inputs"]
+__all__ = ["INPUT_KINDS", "NIFTI_SUFFIXES", "ClinicalInputs", "input_kind", "is_dicom_input", "list_inputs"]
 
 #: ``input_kind`` values: decide from the files, or keep only 2D images or only volumes.
 INPUT_KINDS = ("auto", "image", "volume")
@@ -31,6 +31,15 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 def _visible(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def is_dicom_input(path: str | os.PathLike) -> bool:
+    """Whether an input is DICOM: a DICOM file (:func:`medad.io.transforms.is_dicom_file`) or a
+    folder holding DICOM files (a series)."""
+    path = Path(path)
+    if path.is_dir():
+        return any(p.is_file() and is_dicom_file(p) for p in _visible(path))
+    return is_dicom_file(path)
 
 
 def input_kind(path: str | os.PathLike) -> str | None:
@@ -43,7 +52,7 @@ def input_kind(path: str | os.PathLike) -> str | None:
     files are volumes, which the checks refuse with the reason."""
     path = Path(path)
     if path.is_dir():
-        return "volume" if any(p.is_file() and is_dicom_file(p) for p in _visible(path)) else None
+        return "volume" if is_dicom_input(path) else None
     name = path.name.lower()
     if name.endswith(IMAGE_SUFFIXES):
         return "image"
@@ -56,10 +65,7 @@ def input_kind(path: str | os.PathLike) -> str | None:
 
 def _series_groups(files: Sequence[Path]) -> dict[str, list[Path]]:
     """DICOM files grouped by ``SeriesInstanceUID`` (headers only)."""
-    try:
-        import pydicom
-    except ImportError as error:
-        raise ImportError("reading DICOM needs pydicom: pip install pydicom") from error
+    pydicom = import_pydicom()
     groups: dict[str, list[Path]] = defaultdict(list)
     for path in files:
         try:

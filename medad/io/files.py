@@ -11,6 +11,7 @@ import atexit
 import datetime
 import errno
 import fnmatch
+import hashlib
 import logging
 import os
 import shutil
@@ -33,6 +34,7 @@ __all__ = [
     "atomic_image_writer",
     "atomic_write",
     "check_output_folder",
+    "content_sha256",
     "discard_unfinished",
     "disk_full",
     "exception_chain",
@@ -49,6 +51,24 @@ def output_stem(path: str | os.PathLike) -> str:
     two ending in ``.gz``, removed): ``scan`` for ``scan.nii.gz``, the folder name of a DICOM series."""
     stem, extension = os.path.splitext(Path(path).name)
     return os.path.splitext(stem)[0] if extension == ".gz" else stem
+
+
+def content_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, or of a folder's (a DICOM series): its files' relative names
+    and bytes in sorted order. The content, not the name, identifies an image: a copy of a
+    support image under another name is still the support image (the fitted-image records of
+    :func:`medad.io.data.fitted_records`), and a model file's content keys its DICOM results'
+    UIDs (:func:`medad.io.dicom_results.result_uids`)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode("utf-8") + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def strict_json(value: Any) -> Any:

@@ -181,7 +181,8 @@ def is_dicom_file(path: str | os.PathLike) -> bool:
         return False
 
 
-def _pydicom() -> Any:
+def import_pydicom() -> Any:
+    """pydicom, imported where DICOM is read (medad reads DICOM only when given DICOM)."""
     try:
         import pydicom
     except ImportError as error:
@@ -193,7 +194,8 @@ def _photometric(ds: Any) -> str:
     return str(ds.get("PhotometricInterpretation", "")).strip().upper()
 
 
-def _frames(ds: Any) -> int:
+def number_of_frames(ds: Any) -> int:
+    """A DICOM data set's frames (``NumberOfFrames``, 1 where absent or empty)."""
     return int(ds.get("NumberOfFrames", 1) or 1)
 
 
@@ -207,13 +209,13 @@ def is_colour_dicom_image(path: str | os.PathLike) -> bool:
     if not is_dicom_file(path):
         return False
     try:
-        header = _pydicom().dcmread(
+        header = import_pydicom().dcmread(
             path, stop_before_pixels=True,
             specific_tags=["SamplesPerPixel", "PhotometricInterpretation", "NumberOfFrames"],
         )
     except Exception:  # pydicom raises several types for broken files
         return False
-    return _is_colour(header) and _frames(header) == 1
+    return _is_colour(header) and number_of_frames(header) == 1
 
 
 def _rescale(ds: Any) -> tuple[float, float]:
@@ -249,7 +251,7 @@ def monochrome1_to_monochrome2(data: np.ndarray, ds: Any, rescaled: bool) -> np.
 
 def _rgb8(ds: Any, pixels: np.ndarray) -> np.ndarray:
     """Colour pixel data ``(rows, columns, 3)`` (or palette indices) as 8-bit RGB."""
-    pydicom = _pydicom()
+    pydicom = import_pydicom()
     photometric = _photometric(ds)
     if photometric == "PALETTE COLOR":
         try:
@@ -282,12 +284,12 @@ def read_dicom_image(path: str | os.PathLike) -> np.ndarray:
 
     Raises ``ValueError`` for multi-frame files and sizes over the limits (:func:`size_problem`,
     checked before the pixel data is decoded), and for files pydicom cannot read or decode."""
-    pydicom = _pydicom()
+    pydicom = import_pydicom()
     try:
         ds = pydicom.dcmread(path)
     except Exception as error:  # pydicom raises several types for broken files
         raise ValueError(f"unreadable DICOM ({type(error).__name__}: {error})") from error
-    frames, colour = _frames(ds), _is_colour(ds)
+    frames, colour = number_of_frames(ds), _is_colour(ds)
     if frames > 1:
         kind = f"colour ({_photometric(ds)})" if colour else "gray"
         raise UnsupportedInputError(
@@ -342,11 +344,11 @@ class DicomVolumeReader(PydicomReader):
     def _get_array_data(self, img: Any, filename: Any) -> np.ndarray:
         if _is_colour(img):
             raise UnsupportedInputError(
-                f"colour DICOM ({_photometric(img)}, {_frames(img)} frame(s)) in a volume: medad reads a colour "
+                f"colour DICOM ({_photometric(img)}, {number_of_frames(img)} frame(s)) in a volume: medad reads a colour "
                 "DICOM as a 2D colour image only when it is a single-frame file on its own; export each frame to "
                 "score as a single-frame DICOM or PNG"
             )
-        shape = (int(img.get("Rows", 0) or 0), int(img.get("Columns", 0) or 0), _frames(img))
+        shape = (int(img.get("Rows", 0) or 0), int(img.get("Columns", 0) or 0), number_of_frames(img))
         problem = size_problem(shape, image=False)
         if problem is not None:
             raise UnsupportedInputError(problem)

@@ -39,12 +39,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from medad.io.files import content_sha256
+
 __all__ = [
     "Credentials",
     "PacsError",
     "PacsSummary",
     "RESULT_KINDS",
-    "model_key",
     "pacs_round_trip",
     "read_credentials",
     "resolve_credentials",
@@ -311,14 +312,6 @@ class PacsSummary:
         return text
 
 
-def model_key(model: str | os.PathLike) -> str:
-    """The SHA-256 of a model file: the model's part of the result objects' UIDs, as the bundle's
-    (:func:`medad.io.dicom_results.file_sha256`)."""
-    from medad.io.dicom_results import file_sha256
-
-    return file_sha256(model)
-
-
 # --------------------------------------------------------------------------------------------
 # the round trip
 
@@ -581,7 +574,7 @@ def pacs_round_trip(
         credentials = resolve_credentials(credentials_file, urlsplit(url).hostname)
     client = _Client(url, credentials, timeout)
     studies = _studies(client, study, query)
-    key = model_key(model)
+    key = content_sha256(model)  # the model's part of the results' UIDs, as the bundle's
     if detector is None:
         from medad.model.factory import load_detector
 

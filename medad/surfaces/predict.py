@@ -193,10 +193,11 @@ def dicom_results(
 
     >>> # prediction = predict_input(detector, "series/"); dicom_results(prediction, "series/", detector, "out/")
     """
-    from medad.io.dicom_results import file_sha256, read_sources, write_results
+    from medad.io.dicom_results import read_sources, write_results
+    from medad.io.files import content_sha256
 
     if model_file is not None:
-        model_key = file_sha256(model_file)
+        model_key = content_sha256(model_file)
     else:
         import hashlib
 

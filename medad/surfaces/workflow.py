@@ -34,7 +34,7 @@ from medad.io.checks import check_items
 from medad.model.decision import Thresholds, effective_thresholds
 from medad.model.detector import MVFADetector, unwrap
 from medad.model.factory import load_detector
-from medad.io.discovery import list_inputs
+from medad.io.discovery import is_dicom_input, list_inputs
 from medad.model.methods import get_method
 from medad.model.network import default_levels
 from medad.engine.resume import check_resumable
@@ -489,9 +489,9 @@ def checked_output_format(output_format: str, inputs: Any) -> str:
     """Inference's ``output_format`` (:data:`medad.io.dicom_results.OUTPUT_FORMATS`: ``nifti``,
     ``dicom`` or ``both``) once it is one of them and, for ``dicom`` and ``both``, every input
     (``inputs``: :func:`inputs`' cases, or their paths) is DICOM (a DICOM file or series folder,
-    :func:`medad.io.dicom_results.is_dicom_input`); otherwise the run ends before anything is
+    :func:`medad.io.discovery.is_dicom_input`); otherwise the run ends before anything is
     scored, naming the key and its choices, or the first input that is not DICOM."""
-    from medad.io.dicom_results import OUTPUT_FORMATS, is_dicom_input
+    from medad.io.dicom_results import OUTPUT_FORMATS
 
     check_choice("output_format", output_format, OUTPUT_FORMATS)
     if output_format != "nifti":
