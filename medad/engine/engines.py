@@ -247,9 +247,10 @@ class MVFAEvaluator(SupervisedEvaluator):
             if key in batchdata:
                 engine.state.output[key] = plain_tensor(batchdata[key], device, engine.non_blocking)
         with engine.mode(engine.network):
-            raw = engine.inferer(plain_tensor(images, device, engine.non_blocking), engine.network)
+            inputs = plain_tensor(images, device, engine.non_blocking)
+            raw = engine.inferer(inputs, engine.network)
             engine.state.output.update({k: v for k, v in raw._asdict().items() if v is not None})
-            final, blank = final_scores(detector, raw, plain_tensor(images, device), engine.skip_blank)
+            final, blank = final_scores(detector, raw, inputs, engine.skip_blank)
             if blank is not None:
                 engine.state.output["blank"] = blank
             if final is not None:

@@ -82,8 +82,9 @@ class MVFADetector(nn.Module):
         self.register_buffer("text_features", torch.zeros(0, encoder.tower.output_dim, 2))
         self._set_text_features(text_features)
         #: The names of the method's memory buffers (``memory_<name>``).
-        self.memory_names = tuple(self.method.empty_memory(encoder))
-        for name, empty in self.method.empty_memory(encoder).items():
+        memory = self.method.empty_memory(encoder)
+        self.memory_names = tuple(memory)
+        for name, empty in memory.items():
             self.register_buffer(f"memory_{name}", empty)
         self.register_buffer("calibration", torch.full((len(_CALIBRATION_ROWS), 2), float("nan")))
         #: Decision thresholds chosen on the support set by :meth:`calibrate` (see :mod:`medad.model.decision`).
