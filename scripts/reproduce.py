@@ -2,12 +2,16 @@
 
     python scripts/reproduce.py --dataset-dir data/BMAD --output runs/mvfa \
         --clip-weights ~/weights/ViT-L-14-336px.pt --seed-dir MVFA-AD/dataset/fewshot_seed \
-        [--datasets Brain Liver] [--shots 0 2 4 8 16] [--seeds 0 1 2] [--epochs 50] \
-        [--model-selection last|paper] [--methods mvfa,clip,memory,winclip] [--extra KEY=VALUE ...] [--dry-run | --report-only]
+        [--datasets Brain Liver] [--shots 0 2 4 8 16] [--seeds 0 1 2 | --draws 10] [--seed-files F ...] [--epochs 50] \
+        [--model-selection last|paper|both] [--methods mvfa,clip,memory,winclip] [--extra KEY=VALUE ...] [--dry-run | --report-only]
 
 Zero-shot (shot 0): leave one data set out, train on all the others, evaluate on it. Few-shot:
-for each k and support pick (seed-file indices with --seed-dir, else seeded random picks), train
-on the target's k + k support images and evaluate on its test split. ``--methods`` adds the
+for each k and support draw (the seeds of the seed files with --seed-dir: MVFA's <k>-shot.txt, or
+SGGP's ten draws 4-shot.txt and shot4_sample1..9.txt; the seeds of --seed-files; else seeded random
+picks), train on the target's k + k support images and evaluate on its test split. Each draw is a
+cell of its own; the results give per data set the draws' mean, sample SD, min and max beside the
+published numbers, and draws_report.html shows each draw's metrics and galleries.
+--model-selection both runs each cell leak-free and with the paper's selection, side by side. ``--methods`` adds the
 paper's baselines on the same backbone and data (no adapters, nothing trained): ``clip`` (CLIP's
 projected tokens against the same prompts, one zero-shot cell per target) and ``memory`` (the
 few-shot memory bank of the backbone's own tokens, at each k and pick) and ``winclip`` (WinCLIP's
@@ -22,11 +26,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from medad.io.files import atomic_write
+from medad.io.report import write_draws_report
 from medad.model.methods import METHODS
 from reproduction import (  # scripts/reproduction.py, beside this script
+    SELECTIONS,
     CellFailed,
     GridOptions,
     collect_results,
+    draw_groups,
     estimate_runtime,
     format_report,
     parse_assignments,
@@ -45,10 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int,
                         help="with --seed-dir: seed-file indices (default: all the files hold, up to 5); "
                              "without: seeds of random support picks (default: 0 1 2 3 4)")
-    parser.add_argument("--seed-dir", type=Path, help="MVFA's seed files, <dir>/<Name>/<k>-shot.txt")
+    parser.add_argument("--draws", type=int,
+                        help="support draws per few-shot cell: the first N seeds of the seed files, or random picks with seeds 0..N-1")
+    parser.add_argument("--seed-dir", type=Path,
+                        help="seed files, <dir>/<Name>/<k>-shot.txt (MVFA) and shot<k>_sample<i>.txt beside it (SGGP: every seed a draw)")
+    parser.add_argument("--seed-files", nargs="+", type=Path, metavar="FILE",
+                        help="seed files to draw from, every seed of each a draw (one --datasets target, one k > 0)")
     parser.add_argument("--epochs", type=int, help="training epochs (default: the bundle's, 50)")
-    parser.add_argument("--model-selection", choices=("last", "paper"), default="last",
-                        help="last: leak-free final epoch (default); paper: best epoch on the target's test set, as the authors did")
+    parser.add_argument("--model-selection", choices=SELECTIONS, default="last",
+                        help="last: leak-free final epoch (default); paper: best epoch on the target's test set, as the authors did; "
+                             "both: each cell both ways, side by side")
     parser.add_argument("--methods", default="mvfa", help=f"comma-separated, of {', '.join(METHODS)} (default: mvfa; the others are baselines)")
     parser.add_argument("--clip-model", help="open_clip model name, hf-hub:<repo> or local-dir:<folder> (default: the bundle's, ViT-L-14-336)")
     parser.add_argument("--clip-weights", help="CLIP weights: a path to ViT-L-14-336px.pt or an open_clip tag")
@@ -70,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             **({"bundle": args.bundle} if args.bundle else {}),
         )
         methods = [method.strip() for method in args.methods.split(",") if method.strip()]
-        cells = plan_grid(args.dataset_dir, args.datasets, args.shots, args.seeds, args.seed_dir, methods)
+        cells = plan_grid(args.dataset_dir, args.datasets, args.shots, args.seeds, args.seed_dir, methods,
+                          draws=args.draws, seed_file_list=args.seed_files, selection=args.model_selection)
     except (FileNotFoundError, ValueError) as err:
         print(f"reproduce: error: {err}", file=sys.stderr)
         return 2
@@ -93,9 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     args.output.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = write_results(rows, cells, options)
     report = format_report(rows, cells, options.protocol(), options)
-    (args.output / "report.md").write_text(report, encoding="utf-8")
+    with atomic_write(args.output / "report.md", encoding="utf-8") as handle:
+        handle.write(report)
+    written = [csv_path, json_path, args.output / "report.md"]
+    groups = draw_groups(cells, options)
+    if groups:
+        written.append(write_draws_report(groups, args.output / "draws_report.html"))
     print(report)
-    print(f"wrote {csv_path}, {json_path} and {args.output / 'report.md'} ({len(rows)} of {len(cells)} cells finished)")
+    print(f"wrote {', '.join(map(str, written))} ({len(rows)} of {len(cells)} cells finished)")
     if failure is not None:
         print(f"reproduce: error: {failure}", file=sys.stderr)
         return 1

@@ -12,7 +12,10 @@ Three parts, used by ``scripts/prepare_bmad.py`` and ``scripts/reproduce.py``:
   for each k and support pick) through the bundle's own workflows, one folder per cell,
   resumable.
 - :func:`collect_results` and :func:`format_report` gather the metrics into ``results.csv``,
-  ``results.json`` and a paper-style table beside the published numbers.
+  ``results.json`` and a paper-style table beside the published numbers; with several support
+  draws per data set, their spread (:func:`draw_summary`, beside :data:`PUBLISHED_DRAWS`), and
+  with both model selections, the leak-free and the paper's numbers side by side
+  (:func:`selection_gap`).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from medad.io.data import (
     list_datasets,
     read_fewshot_seed,
     seed_file_indices,
+    seed_files,
 )
 from medad.io.files import atomic_write, strict_json
 from medad.surfaces.workflow import bundle_command
@@ -57,7 +61,12 @@ __all__ = [
     "DatasetPlan",
     "GridOptions",
     "PrepareResult",
+    "PUBLISHED_DRAWS",
+    "PUBLISHED_DRAWS_SOURCE",
+    "SELECTIONS",
     "collect_results",
+    "draw_groups",
+    "draw_summary",
     "estimate_runtime",
     "find_bmad_folders",
     "format_report",
@@ -66,6 +75,7 @@ __all__ = [
     "prepare_bmad",
     "run_grid",
     "scan_bmad_dataset",
+    "selection_gap",
     "write_results",
 ]
 
@@ -480,7 +490,10 @@ def prepare_bmad(
 #: Support picks per few-shot cell when neither ``seeds`` nor the seed files say otherwise.
 DEFAULT_PICKS = 5
 #: Overrides the grid sets itself; ``--extra`` may not change them.
-GRID_KEYS = frozenset({"bundle_root", "dataset_dir", "target", "shot", "seed", "seed_dir", "seed_index"})
+GRID_KEYS = frozenset({"bundle_root", "dataset_dir", "target", "shot", "seed", "seed_dir", "seed_file", "seed_index"})
+#: The model selections of a grid: ``last`` (leak-free), ``paper`` (the authors' checkpoint chosen
+#: on the target's test set) or ``both``, each cell run once per selection, side by side.
+SELECTIONS = ("last", "paper", "both")
 #: Overrides that do not change the numbers: a cell run with other values still counts as done.
 VOLATILE_KEYS = frozenset({"num_workers", "eval_batch_size", "device"})
 
@@ -492,32 +505,52 @@ class CellFailed(RuntimeError):
 @dataclass(frozen=True)
 class Cell:
     """One experiment: zero-shot (``shot`` 0) or few-shot on ``target``, with its support pick
-    (``pick`` ``seed_index`` for a line of MVFA's seed file, ``random_seed`` for a seeded random
-    draw, None for zero-shot), by ``method`` (MVFA, or a baseline: :data:`medad.METHODS`)."""
+    (``pick`` ``seed_index`` for a seed of a seed file, ``random_seed`` for a seeded random
+    draw, None for zero-shot), by ``method`` (MVFA, or a baseline: :data:`medad.METHODS`).
+
+    ``file`` is the seed file of a ``seed_index`` pick where the grid lists seed files (SGGP's
+    ``shot<k>_sample<i>.txt``, ``--seed-files``); None where the bundle finds MVFA's
+    ``<seed_dir>/<target>/<k>-shot.txt`` itself. ``selection`` is the cell's model selection in a
+    grid that runs both side by side (``last`` or ``paper``; the paper's cells lie under
+    ``paper_selection/``), None where the grid has one (:attr:`GridOptions.model_selection`).
+    """
 
     target: str
     shot: int = 0
     pick: str | None = None
     value: int | None = None
     method: str = "mvfa"
+    file: str | None = None
+    selection: str | None = None
 
     @property
     def setting(self) -> str:
         return "zero-shot" if self.shot == 0 else f"k={self.shot}"
 
     @property
+    def draw(self) -> str:
+        """The support draw, as folders and tables name it: ``seed_index=1``, ``random_seed=3``,
+        ``shot4_sample2:0`` (a seed file's stem and seed index); empty for zero-shot."""
+        if not self.pick:
+            return ""
+        return f"{Path(self.file).stem}:{self.value}" if self.file else f"{self.pick}={self.value}"
+
+    @property
     def relpath(self) -> Path:
         if self.shot == 0:
             path = Path("zero_shot") / self.target
         else:
-            path = Path(f"k{self.shot}") / self.target / f"{self.pick}_{self.value}"
-        return path if self.method == "mvfa" else Path(self.method) / path
+            pick = f"{Path(self.file).stem}_{self.value}" if self.file else f"{self.pick}_{self.value}"
+            path = Path(f"k{self.shot}") / self.target / pick
+        path = path if self.method == "mvfa" else Path(self.method) / path
+        return Path("paper_selection") / path if self.selection == "paper" else path
 
     @property
     def label(self) -> str:
-        pick = f" {self.pick}={self.value}" if self.pick else ""
+        pick = f" {self.draw}" if self.pick else ""
         method = "" if self.method == "mvfa" else f" [{self.method}]"
-        return f"{self.setting} {self.target}{pick}{method}"
+        selection = f" ({self.selection} selection)" if self.selection else ""
+        return f"{self.setting} {self.target}{pick}{method}{selection}"
 
     def configs(self, run_id: str) -> list[str]:
         """Bundle config files (names without ``.json``) of a workflow of this cell."""
@@ -531,6 +564,8 @@ class Cell:
             values["method"] = self.method
         if self.shot:
             values["shot"] = self.shot
+        if self.file is not None:
+            values["seed_file"] = self.file
         if self.pick == "seed_index":
             values["seed_index"] = self.value
         elif self.pick == "random_seed":
@@ -545,17 +580,30 @@ def plan_grid(
     seeds: Sequence[int] | None = None,
     seed_dir: str | os.PathLike | None = None,
     methods: Sequence[str] = ("mvfa",),
+    draws: int | None = None,
+    seed_file_list: Sequence[str | os.PathLike] | None = None,
+    selection: str = "last",
 ) -> list[Cell]:
-    """The cells of the grid, zero-shot first, then by k, method, target and pick.
+    """The cells of the grid, zero-shot first, then by k, method, target and pick (each pick a
+    support draw, run as a cell of its own).
 
     Args:
         dataset_dir: the prepared data (``<Name>_AD`` folders).
         targets: target data sets (default: all). Zero-shot always trains on all the *other*
             data sets in ``dataset_dir``, as the paper does.
         shots: 0 for zero-shot, k for k-shot.
-        seeds: with ``seed_dir``, the seed-file indices to run (default: those the file holds,
-            at most five); without, the seeds of random support picks (default 0-4).
-        seed_dir: MVFA's seed files, ``<seed_dir>/<target>/<k>-shot.txt``.
+        seeds: with ``seed_dir`` holding MVFA's files alone, the seed-file indices to run (default:
+            those the file holds, at most five); without seed files, the seeds of random support
+            picks (default 0-4).
+        seed_dir: seed files, ``<seed_dir>/<target>/<k>-shot.txt`` (MVFA's) and, where they
+            exist, SGGP's ``shot<k>_sample<i>.txt`` beside it (:func:`medad.io.data.seed_files`);
+            with SGGP's files every seed of every file is a draw.
+        draws: how many support draws per few-shot cell: the first ``draws`` seeds of the seed
+            files, or random picks with seeds ``0 .. draws-1`` (instead of ``seeds``).
+        seed_file_list: seed files to draw from (every seed of each, in order), for one target
+            and one k; instead of ``seed_dir``.
+        selection: ``last``, ``paper`` (one model selection: :class:`GridOptions` applies it) or
+            ``both`` (each cell twice, leak-free and the paper's, side by side).
         methods: registered methods (:data:`medad.METHODS`): ``mvfa`` and the baselines, which
             run the cells :func:`_method_cells` gives them (``clip`` scores with text alone, the
             same with or without support images, so it runs once per target, as a zero-shot
@@ -564,7 +612,8 @@ def plan_grid(
     Raises:
         FileNotFoundError: no data sets, or a seed file is missing.
         ValueError: an unknown target or method, zero-shot with a single data set, a seed index
-            the file lacks, or a method that needs support images (``memory``) without shots.
+            the file lacks, more draws than the seed files hold, a malformed seed file (naming it
+            and the line), or a method that needs support images (``memory``) without shots.
     """
     available = list_datasets(dataset_dir) if Path(dataset_dir).is_dir() else []
     if not available:
@@ -583,25 +632,63 @@ def plan_grid(
     needing_support = [m for m in methods if METHODS[m].needs_support]
     if needing_support and not any(shots):
         raise ValueError(f"the {needing_support[0]} baseline is a few-shot memory bank: give shots k > 0")
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {list(SELECTIONS)}, got {selection!r}")
+    if draws is not None and (draws < 1 or seeds):
+        raise ValueError(f"draws must be a positive count and not given with seeds, got draws={draws}, seeds={seeds}")
+    if seed_file_list and (seed_dir is not None or len(targets) != 1 or len([k for k in shots if k]) != 1):
+        raise ValueError("a list of seed files draws for one target at one k (and without a seed folder)")
     cells = []
     for shot in sorted(set(shots)):
         for target in targets:
             if shot == 0:
                 cells.append(Cell(target))
-                continue
-            if seed_dir is None:
-                cells += [Cell(target, shot, "random_seed", s) for s in (seeds if seeds else range(DEFAULT_PICKS))]
-                continue
-            seed_file = Path(seed_dir) / target / f"{shot}-shot.txt"
-            if not seed_file.is_file():
-                raise FileNotFoundError(f"no seed file {seed_file}; leave out --seed-dir for random support picks")
-            indices = seed_file_indices(seed_file)
-            absent = [s for s in (seeds or []) if s not in indices]
-            if absent:
-                raise ValueError(f"{seed_file} has no seed indices {absent} (it has {indices})")
-            cells += [Cell(target, shot, "seed_index", i) for i in (seeds if seeds else indices[:DEFAULT_PICKS])]
-    chosen = (cell for name in dict.fromkeys(methods) for cell in _method_cells(METHODS[name], cells, targets, shots))
+            elif seed_file_list:
+                cells += _file_draws(target, shot, [Path(f) for f in seed_file_list], seeds, draws)
+            elif seed_dir is None:
+                cells += [Cell(target, shot, "random_seed", s) for s in (seeds if seeds else range(draws or DEFAULT_PICKS))]
+            else:
+                files = seed_files(Path(seed_dir) / target, shot)
+                if not files:
+                    raise FileNotFoundError(
+                        f"no seed file {Path(seed_dir) / target / f'{shot}-shot.txt'} (nor shot{shot}_sample<i>.txt beside it); "
+                        "leave out --seed-dir for random support picks"
+                    )
+                if len(files) == 1:  # MVFA's file alone: the bundle reads it from seed_dir, picks are its indices
+                    cells += [dataclasses.replace(cell, file=None) for cell in _file_draws(target, shot, files, seeds, draws, DEFAULT_PICKS)]
+                else:
+                    cells += _file_draws(target, shot, files, seeds, draws)
+    chosen = [cell for name in dict.fromkeys(methods) for cell in _method_cells(METHODS[name], cells, targets, shots)]
+    if selection == "both":
+        chosen = [dataclasses.replace(cell, selection=side) for cell in chosen for side in ("last", "paper")]
     return sorted(chosen, key=lambda cell: cell.shot)
+
+
+def _file_draws(target: str, shot: int, files: Sequence[Path], seeds: Sequence[int] | None, draws: int | None,
+                default: int | None = None) -> list[Cell]:
+    """The draws of seed ``files`` (each seed of each file, in order) as cells: the seed indices
+    ``seeds`` (of a single file), else the first ``draws``, else the first ``default`` (None: all)."""
+    for path in files:
+        if not path.is_file():
+            raise FileNotFoundError(f"no seed file {path}")
+    found = [(str(path.resolve()), index) for path in files for index in seed_file_indices(path)]
+    if seeds:
+        if len(files) > 1:
+            raise ValueError(f"seed indices {list(seeds)} pick within one seed file, but {target} at k={shot} has "
+                             f"{len(files)} ({', '.join(p.name for p in files)}): give a count of draws instead")
+        indices = [index for _, index in found]
+        absent = [s for s in seeds if s not in indices]
+        if absent:
+            raise ValueError(f"{files[0]} has no seed indices {absent} (it has {indices})")
+        found = [(found[0][0], s) for s in seeds]
+    elif draws is not None:
+        if draws > len(found):
+            raise ValueError(f"{draws} draws asked, but the seed files of {target} at k={shot} hold {len(found)}: "
+                             f"{', '.join(str(p) for p in files)}")
+        found = found[:draws]
+    elif default is not None:
+        found = found[:default]
+    return [Cell(target, shot, "seed_index", index, file=file) for file, index in found]
 
 
 def _method_cells(method: Method, cells: Sequence[Cell], targets: Sequence[str], shots: Sequence[int]) -> list[Cell]:
@@ -626,7 +713,8 @@ class GridOptions:
         bundle: the bundle folder (with ``configs/``); default: this repository.
         seed_dir: MVFA's seed files (few-shot picks), or None for random picks.
         epochs: training epochs (None: the bundle's default).
-        model_selection: ``last`` (leak-free) or ``paper`` (best epoch on the target's test set).
+        model_selection: ``last`` (leak-free), ``paper`` (best epoch on the target's test set), or
+            ``both`` (the cells of :func:`plan_grid` with ``selection="both"`` say which).
         clip_model, clip_weights: backbone overrides (None: the bundle's defaults).
         tiny: add ``configs/tiny.json`` (the tiny, randomly initialised CLIP: smoke tests only).
         extra: further bundle overrides (``--extra KEY=VALUE``).
@@ -644,8 +732,8 @@ class GridOptions:
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.model_selection not in ("last", "paper"):
-            raise ValueError(f"model_selection must be 'last' or 'paper', got {self.model_selection!r}")
+        if self.model_selection not in SELECTIONS:
+            raise ValueError(f"model_selection must be one of {list(SELECTIONS)}, got {self.model_selection!r}")
         clash = sorted(GRID_KEYS & set(self.extra))
         if clash:
             raise ValueError(f"--extra may not set {clash}: the grid sets them per cell")
@@ -665,12 +753,19 @@ class GridOptions:
             values["seed_dir"] = str(self.seed_dir)
         return {**values, **self.extra, **cell.overrides()}
 
+    def selection(self, cell: Cell) -> str:
+        """The model selection of a cell: its own in a ``both`` grid, else the grid's."""
+        selection = cell.selection or self.model_selection
+        if selection not in ("last", "paper"):
+            raise ValueError(f"{cell.label}: a grid with model_selection={self.model_selection!r} needs cells planned with it")
+        return selection
+
     def config_files(self, cell: Cell, run_id: str) -> list[str]:
         """The config files of one workflow of a cell, in merge order: the cell's, then
-        ``paper_selection`` for training with ``model_selection='paper'`` (evaluating a trained
+        ``paper_selection`` for training with the paper's selection (evaluating a trained
         model does not depend on how it was selected), then ``tiny``."""
         names = cell.configs(run_id)
-        if self.model_selection == "paper" and run_id == "training":
+        if self.selection(cell) == "paper" and run_id == "training":
             names.append("paper_selection")
         names += ["tiny"] if self.tiny else []
         return [str(Path(self.bundle) / "configs" / f"{name}.json") for name in names]
@@ -825,7 +920,26 @@ PAPER_RESULTS: dict[int, dict[str, tuple[float, float | None]]] = {
         "Retina_RESC": (96.18, 98.97),
     },
 }
-_FIRST_COLUMNS = ("setting", "method", "shot", "target", "pick", "has_masks", "folder")
+#: MVFA's image AUROC at k=4 over ten support draws, in percent: ``{shot: {data set: (mean, SD)}}``,
+#: as published (the source does not say whether its SD is the sample or the population one).
+#: Source: :data:`PUBLISHED_DRAWS_SOURCE`.
+PUBLISHED_DRAWS: dict[int, dict[str, tuple[float, float]]] = {
+    4: {
+        "Histopathology": (75.94, 5.93),
+        "Chest": (77.66, 7.23),
+        "Retina_OCT2017": (98.27, 1.96),
+        "Brain": (91.39, 3.04),
+        "Liver": (84.57, 2.92),
+        "Retina_RESC": (94.96, 2.06),
+    },
+}
+PUBLISHED_DRAWS_SOURCE = (
+    "SGGP's supplementary material, Table S.IV: MVFA's 4-shot image AUROC over the ten support sets "
+    "SGGP publishes as seed files (4-shot.txt, shot4_sample1..9.txt), mean ± SD"
+)
+#: The metrics whose spread over the support draws the results give.
+SPREAD_METRICS = ("image_auroc", "pixel_auroc")
+_FIRST_COLUMNS = ("setting", "method", "selection", "shot", "target", "pick", "has_masks", "folder")
 
 
 def method_row(method: str) -> str:
@@ -856,7 +970,8 @@ def collect_results(cells: Sequence[Cell], options: GridOptions) -> list[dict]:
             "method": cell.method,
             "shot": cell.shot,
             "target": cell.target,
-            "pick": f"{cell.pick}={cell.value}" if cell.pick else "",
+            "selection": options.selection(cell),
+            "pick": cell.draw,
             "has_masks": dataset_has_masks(options.dataset_dir, cell.target),
             "folder": str(cell.relpath),
         }
@@ -879,10 +994,117 @@ def write_results(rows: Sequence[dict], cells: Sequence[Cell], options: GridOpti
         "protocol": options.protocol(),
         "results": list(rows),
         "unfinished": [str(cell.relpath) for cell in cells if str(cell.relpath) not in done],
+        "draws": draw_summary(rows, cells),
+        "clean_versus_paper": selection_gap(rows),
     }
     with atomic_write(json_path) as handle:
         json.dump(strict_json(document), handle, indent=2, allow_nan=False)  # a metric without masks is null
     return csv_path, json_path
+
+
+def _key(row: Mapping) -> tuple:
+    """What the draws of one data set share: setting, method, model selection and target."""
+    return row["shot"], row.get("method", "mvfa"), row.get("selection"), row["target"]
+
+
+def draw_summary(rows: Sequence[Mapping], cells: Sequence[Cell]) -> list[dict]:
+    """The spread over the support draws: per few-shot setting, method, model selection, data set
+    and metric (:data:`SPREAD_METRICS`, where finished draws have it), the number of draws
+    finished (``draws``) and planned, their ``mean``, sample standard deviation (``sd``,
+    ``ddof=1``; None for one draw), ``min`` and ``max``, each draw's value (``values``, by
+    draw), next to the paper's single number (``paper``) and the published 10-draw mean and
+    SD (``published_mean``, ``published_sd``: :data:`PUBLISHED_DRAWS`, image AUROC of MVFA
+    only). AUROC as ``metrics.json`` holds it (0 to 1), the published numbers too."""
+    summary = []
+    for key in dict.fromkeys(_key(row) for row in rows if row["shot"]):
+        shot, method, selection, target = key
+        group = [row for row in rows if _key(row) == key]
+        planned = sum((c.shot, c.method, c.target) == (shot, method, target) and c.selection in (None, selection) for c in cells)
+        for metric in SPREAD_METRICS:
+            values = {row["pick"]: row[metric] for row in group if row.get(metric) is not None}
+            if not values:
+                continue
+            paper = PAPER_RESULTS.get(shot, {}).get(target) if method == "mvfa" else None
+            paper_number = None if paper is None else paper[SPREAD_METRICS.index(metric)]
+            published = PUBLISHED_DRAWS.get(shot, {}).get(target) if method == "mvfa" and metric == "image_auroc" else None
+            numbers = list(values.values())
+            summary.append({
+                "setting": f"k={shot}", "method": method, "selection": selection, "target": target, "metric": metric,
+                "draws": len(numbers), "planned": planned, "mean": statistics.fmean(numbers),
+                "sd": statistics.stdev(numbers) if len(numbers) > 1 else None, "min": min(numbers), "max": max(numbers),
+                "values": values,
+                "paper": None if paper_number is None else paper_number / 100,
+                "published_mean": None if published is None else published[0] / 100,
+                "published_sd": None if published is None else published[1] / 100,
+            })
+    return summary
+
+
+def draw_groups(cells: Sequence[Cell], options: GridOptions) -> dict[str, list[tuple[str, Path]]]:
+    """The few-shot cells of several support draws, by setting, target, method and model
+    selection (a heading each), as ``(draw, evaluation folder)``: what
+    :func:`medad.io.report.write_draws_report` shows."""
+    groups: dict[str, list[tuple[str, Path]]] = {}
+    for cell in cells:
+        if cell.shot:
+            method = "" if cell.method == "mvfa" else f" [{method_row(cell.method)}]"
+            heading = f"{cell.setting} {cell.target}{method} ({options.selection(cell)} selection)"
+            groups.setdefault(heading, []).append((cell.draw, options.output / cell.relpath / "eval"))
+    return {heading: draws for heading, draws in groups.items() if len(draws) > 1}
+
+
+def selection_gap(rows: Sequence[Mapping]) -> list[dict]:
+    """Each cell run with both model selections, side by side: per cell and metric
+    (:data:`SPREAD_METRICS`) the leak-free value (``last``), the paper protocol's (``paper``)
+    and ``difference`` = paper - last (AUROC 0 to 1). Empty unless the grid ran ``both``."""
+    clean = {row["folder"]: row for row in rows if row.get("selection") == "last"}
+    gap = []
+    for row in rows:
+        if row.get("selection") != "paper" or not row["folder"].startswith("paper_selection/"):
+            continue
+        twin = clean.get(row["folder"].removeprefix("paper_selection/"))
+        for metric in SPREAD_METRICS if twin else ():
+            if row.get(metric) is not None and twin.get(metric) is not None:
+                gap.append({"setting": row["setting"], "method": row.get("method", "mvfa"), "target": row["target"],
+                            "pick": row["pick"], "metric": metric, "last": twin[metric], "paper": row[metric],
+                            "difference": row[metric] - twin[metric]})
+    return gap
+
+
+def _percent(value: float | None, signed: bool = False) -> str:
+    return "" if value is None else f"{100 * value:{'+' if signed else ''}.2f}"
+
+
+def _spread_lines(summary: Sequence[Mapping]) -> list[str]:
+    """The markdown table of :func:`draw_summary`, in percent."""
+    lines = [
+        "| Setting | Method | Selection | Data set | Metric | draws | mean | SD (ddof=1) | min | max | paper (one draw) | published 10-draw mean ± SD |",
+        "|" + "---|" * 12,
+    ]
+    for item in summary:
+        name = BMAD[item["target"]].paper_name if item["target"] in BMAD else item["target"]
+        count = f"{item['draws']}" + (f"/{item['planned']}" if item["draws"] < item["planned"] else "")
+        published = "" if item["published_mean"] is None else f"{_percent(item['published_mean'])} ± {_percent(item['published_sd'])}"
+        lines.append("| " + " | ".join([
+            item["setting"], method_row(item["method"]), item["selection"] or "", name,
+            "AUC" if item["metric"] == "image_auroc" else "pAUC", count, _percent(item["mean"]), _percent(item["sd"]) or "—",
+            _percent(item["min"]), _percent(item["max"]), _percent(item["paper"]), published,
+        ]) + " |")
+    return lines
+
+
+def _gap_lines(gap: Sequence[Mapping]) -> list[str]:
+    """The markdown table of :func:`selection_gap`, in percent."""
+    lines = ["| Setting | Method | Data set | Draw | Metric | leak-free (last) | paper selection | Δ (paper − leak-free) |",
+             "|" + "---|" * 8]
+    for item in gap:
+        name = BMAD[item["target"]].paper_name if item["target"] in BMAD else item["target"]
+        lines.append("| " + " | ".join([
+            item["setting"], method_row(item["method"]), name, item["pick"] or "—",
+            "AUC" if item["metric"] == "image_auroc" else "pAUC",
+            _percent(item["last"]), _percent(item["paper"]), _percent(item["difference"], signed=True),
+        ]) + " |")
+    return lines
 
 
 def _columns(rows: Sequence[dict], cells: Sequence[Cell], options: GridOptions | None) -> list[tuple[str, str]]:
@@ -920,40 +1142,40 @@ def format_report(rows: Sequence[dict], cells: Sequence[Cell], protocol: Mapping
     for shot in shots:
         group = [cell for cell in cells if cell.shot == shot]
         setting = "zero-shot" if shot == 0 else f"k={shot}"
-        for method in dict.fromkeys(cell.method for cell in group):
+        for method, selection in dict.fromkeys((cell.method, cell.selection) for cell in group):
             ours, paper, delta = [], [], []
             for name, metric in columns:
-                planned = sum(cell.target == name and cell.method == method for cell in group)
+                planned = sum(cell.target == name and cell.method == method and cell.selection == selection for cell in group)
                 values = [
                     row[metric]
                     for row in rows
                     if row["shot"] == shot and row["target"] == name and row.get("method", "mvfa") == method
-                    and row.get(metric) is not None
+                    and (selection is None or row.get("selection") == selection) and row.get(metric) is not None
                 ]
                 ours.append(_summary(values, planned))
                 published = PAPER_RESULTS.get(shot, {}).get(name) if method == "mvfa" else None
                 number = None if published is None else published[0 if metric == "image_auroc" else 1]
                 paper.append("" if number is None else f"{number:.2f}")
                 delta.append("" if number is None or not values else f"{100 * statistics.fmean(values) - number:+.2f}")
-            lines.append("| " + " | ".join([setting, method_row(method), *ours]) + " |")
+            side = {"last": " (leak-free)", "paper": " (paper selection)"}.get(selection or "", "")
+            lines.append("| " + " | ".join([setting, method_row(method) + side, *ours]) + " |")
             if any(paper):
                 lines.append("| " + " | ".join(["", "paper", *paper]) + " |")
                 lines.append("| " + " | ".join(["", "Δ", *delta]) + " |")
         if shot:
-            kinds = sorted({(cell.pick, cell.value) for cell in group})
             kind_names = {"seed_index": "seed-file indices", "random_seed": "random picks with seeds"}
-            by_kind: dict[str, list[int]] = {}
-            for kind, value in kinds:
-                by_kind.setdefault(kind_names[kind], []).append(value)
+            by_kind: dict[str, list[object]] = {}
+            for cell in group:
+                kind, value = ("seed files (file:index)", cell.draw) if cell.file else (kind_names[cell.pick], cell.value)
+                if value not in by_kind.setdefault(kind, []):
+                    by_kind[kind].append(value)
             picks_text.append(f"{setting}: " + "; ".join(f"{k} {', '.join(map(str, v))}" for k, v in by_kind.items()))
 
     selection = protocol.get("model_selection")
-    selection_text = (
-        "`paper`, the checkpoint with the best validation score on the target's **test** set, as the "
-        "authors did (uses test labels for model selection, so optimistic)"
-        if selection == "paper"
-        else "`last`, the adapters after the last epoch (leak-free: no look at the target's test labels)"
-    )
+    paper_text = ("`paper`, the checkpoint with the best validation score on the target's **test** set, as the "
+                  "authors did (uses test labels for model selection, so optimistic)")
+    clean_text = "`last`, the adapters after the last epoch (leak-free: no look at the target's test labels)"
+    selection_text = {"paper": paper_text, "both": f"both, side by side: {clean_text}; and {paper_text}"}.get(str(selection), clean_text)
     out = [
         "# MVFA reproduction",
         "",
@@ -984,6 +1206,25 @@ def format_report(rows: Sequence[dict], cells: Sequence[Cell], protocol: Mapping
             "Paper: Huang et al., CVPR 2024, Tables 1 and 2, as transcribed in `scripts/reproduction.py` "
             "(check against the paper); Δ = ours − paper."
         )
+    summary = [item for item in draw_summary(rows, cells) if item["planned"] > 1]
+    if summary:
+        out += [
+            "", "## Spread over the support draws", "",
+            "Each few-shot support draw is a run of its own; per data set: draws finished (n/N where fewer than "
+            "planned), their mean, sample standard deviation (ddof=1; — for one draw), minimum and maximum, "
+            "the paper's single-draw number and the published 10-draw mean ± SD. AUROC in percent.", "",
+            *_spread_lines(summary),
+        ]
+        if any(item["published_mean"] is not None for item in summary):
+            out += ["", f"10-draw means: {PUBLISHED_DRAWS_SOURCE}."]
+    gap = selection_gap(rows)
+    if gap:
+        out += [
+            "", "## Leak-free versus the paper's model selection", "",
+            "Each cell run twice: `last` (leak-free) and the paper's checkpoint chosen on the target's test set "
+            "(`configs/paper_selection.json`); Δ = paper − leak-free, AUROC in percent.", "",
+            *_gap_lines(gap),
+        ]
     return "\n".join(out) + "\n"
 
 
@@ -1002,7 +1243,7 @@ def estimate_runtime(cells: Sequence[Cell], options: GridOptions, seconds_per_im
     for cell in cells:
         per_epoch = sum(n for name, n in sizes.items() if name != cell.target) if cell.shot == 0 else 2 * cell.shot * FEWSHOT_AUGMENTATIONS
         train_images += per_epoch * epochs if METHODS[cell.method].trained else 0  # baselines train nothing
-        validations = 1 + (epochs * (5 if cell.shot == 0 else 1) if options.model_selection == "paper" else 0)
+        validations = 1 + (epochs * (5 if cell.shot == 0 else 1) if options.selection(cell) == "paper" else 0)
         eval_images += validations * sizes[cell.target]
     train_s = train_images * seconds_per_image
     eval_s = eval_images * seconds_per_image / 3

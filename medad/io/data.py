@@ -43,6 +43,7 @@ __all__ = [
     "list_datasets",
     "read_fewshot_seed",
     "seed_file_indices",
+    "seed_files",
     "shares_pool",
     "source_datalist",
     "source_sets",
@@ -377,8 +378,31 @@ def _seed_file(path: str | os.PathLike) -> dict[int, dict[str, list[str]]]:
 
 
 def seed_file_indices(path: str | os.PathLike) -> list[int]:
-    """The seed indices an MVFA seed file defines with both an ``a-<i>:`` and an ``n-<i>:`` line, sorted."""
-    return sorted(index for index, picks in _seed_file(path).items() if set(picks) == {"a", "n"})
+    """The seed indices an MVFA seed file defines with both an ``a-<i>:`` and an ``n-<i>:`` line, sorted.
+
+    Raises:
+        ValueError: a line is neither (naming the file and the line), or no index has both lines.
+    """
+    indices = sorted(index for index, picks in _seed_file(path).items() if set(picks) == {"a", "n"})
+    if not indices:
+        raise ValueError(f"{path}: no seed in the file: a seed needs both an 'a-<i>:' and an 'n-<i>:' line")
+    return indices
+
+
+#: SGGP's further support draws of one data set at k shots, beside MVFA's ``<k>-shot.txt``.
+_SAMPLE_FILE = re.compile(r"shot\d+_sample(\d+)\.txt")
+
+
+def seed_files(folder: str | os.PathLike, shot: int) -> list[Path]:
+    """The seed files of one data set at ``shot`` shots in ``folder``, one support draw per seed
+    they hold: MVFA's ``<shot>-shot.txt`` first, then SGGP's ``shot<shot>_sample<i>.txt`` by
+    ``i`` (SGGP publishes ten draws per data set as ``4-shot.txt`` and ``shot4_sample1..9.txt``).
+    Empty where the folder holds none.
+    """
+    folder = Path(folder)
+    mvfa = [folder / f"{shot}-shot.txt"] if (folder / f"{shot}-shot.txt").is_file() else []
+    samples = {int(match.group(1)): path for path in folder.glob(f"shot{shot}_sample*.txt") if (match := _SAMPLE_FILE.fullmatch(path.name))}
+    return mvfa + [samples[i] for i in sorted(samples)]
 
 
 def read_fewshot_seed(path: str | os.PathLike, index: int) -> tuple[list[str], list[str]]:

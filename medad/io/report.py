@@ -14,6 +14,11 @@ Memory stays bounded: image curves come from the per-image scores, pixel and PRO
 :class:`medad.engine.metrics.AnomalyEvaluation`'s streamed histograms, and the galleries are picked from
 the scores before only their images are read again and scored.
 
+A run of several support draws (``scripts/reproduce.py``: one evaluation per draw) gets one more
+page, :func:`write_draws_report`: per data set, every draw's metrics as one point each
+(:func:`draws_figure`) with their table, and the galleries of every draw's own report, each image
+captioned with the draw it comes from.
+
 The figure and page functions are pure (numpy in, matplotlib ``Figure`` or text out); matplotlib
 draws through its Agg canvas, without pyplot or a display.
 """
@@ -26,6 +31,7 @@ import io
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -51,6 +57,7 @@ from medad.io.outputs import annotate_overlay, heat_overlay, input_size
 from medad.io.transforms import plain_tensor
 
 __all__ = [
+    "DRAW_METRICS",
     "GALLERIES",
     "SECTION_IDS",
     "EvaluationReport",
@@ -58,6 +65,7 @@ __all__ = [
     "confusion_figure",
     "confusion_matrix",
     "curve_figure",
+    "draws_figure",
     "figure_png",
     "gallery_picks",
     "histogram_figure",
@@ -65,6 +73,7 @@ __all__ = [
     "png_tag",
     "render_page",
     "thin_curve",
+    "write_draws_report",
 ]
 
 logger = logging.getLogger(__name__)
@@ -80,6 +89,8 @@ SECTION_IDS = (
     "summary", "image-curves", "pixel-curves", "histograms", "confusion",
     *(f"gallery-{name.replace('_', '-')}" for name in GALLERIES), "settings",
 )
+#: The metrics a multi-draw page shows, one point per draw (``metrics.json`` names without ``val_``).
+DRAW_METRICS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "aupro")
 #: Most points a plotted curve keeps (:func:`thin_curve`).
 _CURVE_POINTS = 4096
 _PANEL_HEIGHT = 180
@@ -545,3 +556,97 @@ class EvaluationReport:
                     writer.add_image(f"report/{name}/{rank}_{Path(row['image']).name}", picture, step, dataformats="HWC")
         finally:
             writer.close()
+
+
+# ----------------------------------------------------------------- several support draws
+
+
+def draws_figure(values: Mapping[str, Mapping[str, float]], title: str) -> Figure:
+    """The spread over support draws: for each metric of ``values`` (``{metric: {draw: value}}``)
+    one point per draw, the draws side by side in the same order in every column, and the mean
+    as a short bar."""
+    figure = Figure(figsize=(1.4 + 1.1 * max(1, len(values)), 3.8))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    draws = list(dict.fromkeys(draw for per_draw in values.values() for draw in per_draw))
+    offsets = np.linspace(-0.25, 0.25, len(draws)) if len(draws) > 1 else np.zeros(1)
+    labelled: set[str] = set()
+    for column, per_draw in enumerate(values.values()):
+        for number, (offset, draw) in enumerate(zip(offsets, draws)):
+            if draw in per_draw:
+                axes.plot(column + offset, per_draw[draw], "o", color=f"C{number % 10}", label=None if draw in labelled else draw)
+                labelled.add(draw)
+        if per_draw:
+            axes.hlines(float(np.mean(list(per_draw.values()))), column - 0.35, column + 0.35, color="0.2", linewidth=1.5)
+    axes.set_xticks(range(len(values)), list(values), rotation=30, ha="right", fontsize=8)
+    axes.set(title=title, ylabel="value (bar: mean over the draws)", xlim=(-0.6, len(values) - 0.4))
+    axes.grid(axis="y", alpha=0.3)
+    if draws:
+        axes.legend(fontsize=7, title="draw", title_fontsize=7, loc="best")
+    figure.tight_layout()
+    return figure
+
+
+_GALLERY_SECTION = re.compile(r'<section id="(gallery-[a-z-]+)"><h2>(.*?)</h2>(.*?)</section>', re.S)
+_CARD = re.compile(r"<figure (data-image=.*?)>(.*?<figcaption>)(.*?</figure>)", re.S)
+
+
+def _draw_galleries(report_page: str, draw: str) -> dict[tuple[str, str], list[str]]:
+    """The gallery cards of one draw's ``report.html`` (as :class:`EvaluationReport` writes them),
+    by ``(section id, title)``, each marked with ``draw`` (``data-draw`` and its caption)."""
+    label = html.escape(draw)
+    return {
+        (section_id, title): [f'<figure data-draw="{label}" {attrs}>{head}draw <b>{label}</b>: {rest}'
+                              for attrs, head, rest in _CARD.findall(body)]
+        for section_id, title, body in _GALLERY_SECTION.findall(report_page)
+    }
+
+
+def write_draws_report(groups: Mapping[str, Sequence[tuple[str, str | os.PathLike]]], path: str | os.PathLike) -> Path:
+    """Write the page of a run of several support draws to ``path`` (atomically) and return it.
+
+    Args:
+        groups: per data set and setting (the key is its heading), its draws as
+            ``(draw name, evaluation folder)``; the folder holds the draw's ``metrics.json`` and
+            ``report.html``. A draw not evaluated yet (no ``metrics.json``) is listed as missing.
+        path: the page to write.
+
+    Per group: :func:`draws_figure` of :data:`DRAW_METRICS`, a table of every draw's values
+    with their mean, sample standard deviation (ddof=1) and range, and the galleries of all
+    draws, each image captioned with its draw.
+    """
+    sections = []
+    for number, (heading, draws) in enumerate(groups.items()):
+        values: dict[str, dict[str, float]] = {}
+        missing, cards = [], {}
+        for draw, folder in draws:
+            metrics_path, page_path = Path(folder) / "metrics.json", Path(folder) / "report.html"
+            if not metrics_path.is_file():
+                missing.append(draw)
+                continue
+            metrics = {key.removeprefix("val_"): value for key, value in json.loads(metrics_path.read_text()).items()}
+            for name in DRAW_METRICS:
+                if isinstance(metrics.get(name), (int, float)) and np.isfinite(metrics[name]):
+                    values.setdefault(name, {})[draw] = float(metrics[name])
+            if page_path.is_file():
+                for key, found in _draw_galleries(page_path.read_text(encoding="utf-8"), draw).items():
+                    cards.setdefault(key, []).extend(found)
+        body = ""
+        if values:
+            body += '<div class="figures">' + png_tag(figure_png(draws_figure(values, heading)), f"{heading}: one point per draw") + "</div>"
+            names = list(dict.fromkeys(draw for per_draw in values.values() for draw in per_draw))
+            rows = [[name, *(f"{values[name][d]:.4f}" if d in values[name] else "" for d in names),
+                     f"{np.mean(list(values[name].values())):.4f}",
+                     f"{np.std(list(values[name].values()), ddof=1):.4f}" if len(values[name]) > 1 else "",
+                     f"{min(values[name].values()):.4f} to {max(values[name].values()):.4f}"] for name in values]
+            body += _table(rows, ["metric", *names, "mean", "SD (ddof=1)", "range"])
+        if missing:
+            body += f'<p class="note">not evaluated yet: {html.escape(", ".join(missing))}</p>'
+        for (_, title), found in cards.items():  # the title as the draw's page escaped it
+            body += f"<h3>{title}</h3><div class=\"gallery\">{''.join(found)}</div>"
+        sections.append(Section(f"draws-{number}", heading, body))
+    page = render_page("medad support draws", f"{len(groups)} data sets and settings, written {time.strftime('%Y-%m-%d %H:%M:%S')}", sections)
+    path = Path(path)
+    with atomic_write(path, encoding="utf-8") as handle:
+        handle.write(page)
+    return path
