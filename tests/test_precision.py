@@ -161,3 +161,70 @@ def test_the_monailabel_app_refuses_amp(tmp_path):
         sys.path.remove(str(app))
     with pytest.raises(ValueError, match="--conf amp: amp is a training option"):
         AppSettings.from_conf({"bundle_path": str(tmp_path), "amp": "true"})
+
+
+# ----------------------------------------------------------------------------- frozen weights in the compute dtype
+
+
+class _Casts(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the shapes of float32 tensors cast to another floating dtype (``aten._to_copy``,
+    what autocast and ``.to`` run)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and args[0].dtype == torch.float32 and kwargs.get("dtype") not in (None, torch.float32):
+            self.shapes.append(tuple(args[0].shape))
+        return func(*args, **kwargs)
+
+
+def test_bf16_stores_the_block_products_weights_once_and_casts_none_per_forward(tiny_config, tiny_weights, golden):
+    """``precision: bf16`` keeps the frozen blocks' linear and attention weights in bf16 (norms
+    and everything outside the blocks in float32), so a forward casts activations only; the same
+    tower in float32 under autocast casts every one of those weights on every forward (the
+    control that shows the recorder sees weight casts)."""
+    images = golden["images"][:2]
+    low, plain = (_detector(tiny_config, tiny_weights, "cpu", precision) for precision in ("bf16", "fp32"))
+    products = {name for name, module in low.encoder.tower.blocks.named_modules()
+                if isinstance(module, (torch.nn.Linear, torch.nn.MultiheadAttention))}
+    weights = dict(low.encoder.tower.blocks.named_parameters())
+    for name, parameter in weights.items():
+        expected = torch.bfloat16 if name.rpartition(".")[0] in products else torch.float32
+        assert parameter.dtype == expected, name
+    assert {p.dtype for name, p in low.encoder.named_parameters() if not name.startswith("visual.transformer")} == {torch.float32}
+    lowered = {tuple(p.shape) for p in weights.values() if p.dtype == torch.bfloat16}
+    with torch.no_grad():
+        with _Casts() as casts:
+            low.encoder(images)
+        with _Casts() as control, torch.autocast("cpu", dtype=torch.bfloat16):
+            plain.encoder(images)
+    assert not lowered.intersection(casts.shapes), casts.shapes
+    assert lowered <= set(control.shapes)
+
+
+def test_precision_auto_takes_bf16_only_with_native_cpu_support(monkeypatch, caplog):
+    from medad.model import backbone
+
+    monkeypatch.setattr(backbone, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    with caplog.at_level("INFO", logger="medad.model.backbone"):
+        assert backbone.resolve_precision("auto", "cpu") == "bf16"
+    assert "precision auto: bf16 on cpu: CPU flags avx512_bf16" in caplog.text
+    monkeypatch.setattr(backbone, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="medad.model.backbone"):
+        assert backbone.resolve_precision("auto", "cpu") == "fp32"
+    assert "precision auto: fp32 on cpu: no CPU flag of avx512_bf16, amx_bf16, bf16" in caplog.text
+    assert backbone.resolve_precision("fp16", "cpu") == "fp16"  # a given precision stays as given
+    with pytest.raises(ValueError, match="precision must be one of .* or 'auto', got 'int8'"):
+        backbone.resolve_precision("int8")
+
+
+def test_build_detector_resolves_precision_auto(monkeypatch, tiny_config, tiny_weights):
+    from medad.model import backbone
+
+    for flags, dtype in ((frozenset({"amx_bf16"}), torch.bfloat16), (frozenset(), torch.float32)):
+        monkeypatch.setattr(backbone, "cpu_flags", lambda flags=flags: flags)
+        assert _detector(tiny_config, tiny_weights, "cpu", "auto").encoder.matmul_dtype == dtype

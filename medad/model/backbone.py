@@ -26,15 +26,19 @@ import torch
 from open_clip.model import resize_pos_embed
 
 __all__ = [
+    "AUTO_PRECISION",
+    "BF16_CPU_FLAGS",
     "MVFA_IMAGE_SIZE",
     "MVFA_MODEL_NAME",
     "PRECISIONS",
     "TINY_MODEL_NAME",
     "BackboneSpec",
     "MissingWeightsError",
+    "cpu_flags",
     "create_clip",
     "default_image_size",
     "is_torchscript_archive",
+    "resolve_precision",
     "weights_come_with_name",
 ]
 
@@ -56,6 +60,57 @@ open_clip.add_model_config(Path(__file__).parents[1] / "model_configs")  # medad
 #: maps by 10-20 % of their range and AUROCs by 0.03-0.17 (measured on the golden fixture and on
 #: an H200).
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: ``precision: auto``: bf16 where the device multiplies bf16 natively, float32 elsewhere
+#: (:func:`resolve_precision`).
+AUTO_PRECISION = "auto"
+#: The CPU flags of native bf16 matrix products (x86: AVX512-BF16, AMX; Arm: BF16 instructions).
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (``flags`` on x86, ``Features`` on Arm);
+    empty where there is no such file (not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str:
+    """``precision`` itself, or for ``"auto"`` the one to run on ``device``, logged with the reason:
+    ``"bf16"`` where the device has native bf16 matrix products (a CUDA device of compute
+    capability 8.0 or above; a CPU with one of :data:`BF16_CPU_FLAGS`), else ``"fp32"`` (bf16
+    emulated by float32 kernels is slower than float32 itself and still changes the maps).
+
+    Raises:
+        ValueError: an unknown precision.
+    """
+    if precision != AUTO_PRECISION:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)} or {AUTO_PRECISION!r}, got {precision!r}")
+        return precision
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        name, capability = torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index)
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        reason = f"{name}, compute capability {capability[0]}.{capability[1]}"
+    elif device.type == "cpu":
+        found = sorted(cpu_flags().intersection(BF16_CPU_FLAGS))
+        native = bool(found)
+        reason = (f"CPU flags {', '.join(found)}" if found else f"no CPU flag of {', '.join(BF16_CPU_FLAGS)}") + (
+            f" (torch's kernels: {torch.backends.cpu.get_cpu_capability()})"
+        )
+    else:
+        native, reason = False, f"no native bf16 check for {device.type} devices"
+    chosen = "bf16" if native else "fp32"
+    logger.info("precision auto: %s on %s: %s", chosen, device, reason)
+    return chosen
 
 
 class MissingWeightsError(RuntimeError):

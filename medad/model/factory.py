@@ -16,7 +16,16 @@ from typing import Any
 import open_clip
 import torch
 
-from medad.model.backbone import MVFA_IMAGE_SIZE, MVFA_MODEL_NAME, PRECISIONS, BackboneSpec, MissingWeightsError, create_clip, default_image_size
+from medad.model.backbone import (
+    MVFA_IMAGE_SIZE,
+    MVFA_MODEL_NAME,
+    PRECISIONS,
+    BackboneSpec,
+    MissingWeightsError,
+    create_clip,
+    default_image_size,
+    resolve_precision,
+)
 from medad.model.checkpoint import WITH_MODEL_NAME, CheckpointError, ModelDescription, describe, read_checkpoint, weights_record
 from medad.model.detector import MVFADetector
 from medad.model.methods import Method, get_method
@@ -41,6 +50,7 @@ def build_detector(
     checkpoint: str | os.PathLike | None = None,
     precision: str = "fp32",
     method: str | Method = "mvfa",
+    device: str | torch.device = "cpu",
 ) -> MVFADetector:
     """Build an :class:`MVFADetector`: load CLIP, encode the prompts of ``datasets`` and ``target``
     once (unless ``checkpoint`` already holds them), keep the visual tower with new adapters
@@ -55,15 +65,15 @@ def build_detector(
     ``target`` is the data set scored afterwards, also when the checkpoint was made for another
     (``None``: the checkpoint's own target, or the target of a ``state_dict`` loaded later).
     ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"``) is that of the frozen blocks' matrix
-    products (:data:`medad.model.backbone.PRECISIONS`); weights, stream, adapters, tokens and scores
-    stay in float32.
+    products (:data:`medad.model.backbone.PRECISIONS`); stream, adapters, tokens and scores stay in
+    float32; ``"auto"``: bf16 where ``device`` has native bf16 products, else fp32
+    (:func:`medad.model.backbone.resolve_precision`, which logs its choice).
 
-    The detector comes back in eval mode, as :func:`load_detector`'s does (``monai.bundle.load``
+    The detector comes back on ``device`` in eval mode, as :func:`load_detector`'s does (``monai.bundle.load``
     returns it as built); trainers switch it to train mode.
     """
     method = get_method(method)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    precision = resolve_precision(precision, device)
     backbone = BackboneSpec(model_name, int(image_size or default_image_size(model_name)), bool(quick_gelu))
     clip = create_clip(model_name, backbone.image_size, pretrained, quick_gelu, random_init)
     tower = vision_tower(clip.visual, model_name)
@@ -89,7 +99,7 @@ def build_detector(
         detector.target = target
         # the backbone is the one built here, whatever weights the checkpoint recorded
         detector.clip_weights = weights
-    return detector.eval()
+    return detector.to(device).eval()
 
 
 def _names_a_path(recorded: str) -> bool:
@@ -155,7 +165,8 @@ def load_detector(
             the weights the model records (an open_clip tag, or the seeded random backbone of a
             test or demo model).
         target: the data set to score (default: the model's own).
-        precision: the frozen backbone's precision (``"fp32"``, ``"bf16"``, ``"fp16"``).
+        precision: the frozen backbone's precision (``"fp32"``, ``"bf16"``, ``"fp16"``; ``"auto"``:
+            bf16 where ``device`` has native bf16 products, else fp32).
         expect: architecture values a user gave (``model_name``, ``image_size``, ``levels``,
             ``quick_gelu``, ``method``; ``None`` values are ignored): any that contradicts the file
             is an error.
@@ -198,7 +209,8 @@ def load_detector(
         random_init=random_init,
         checkpoint=model,
         precision=precision,
+        device=device,
         image_score_from_map=True if description is None else description.image_score_from_map,
         **architecture,
     )
-    return detector.to(device).eval()
+    return detector
