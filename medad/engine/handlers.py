@@ -37,6 +37,8 @@ __all__ = [
     "for_this_rank",
     "gather_rows",
     "is_saving_rank",
+    "output_items",
+    "write_rows",
 ]
 
 
@@ -166,20 +168,34 @@ class ScoresWriter:
             self._decision = (float(self.threshold), GIVEN_RULE)
 
     def collect(self, engine: Engine) -> None:
-        output = engine.state.output
-        items = output if isinstance(output, list) else decollate_batch(output, detach=True)
-        for item in items:
-            if "score" not in item and self.evaluation is None:
-                continue  # a few-shot detector before calibration has raw scores only
-            meta = getattr(item.get(Keys.IMAGE), "meta", {})
-            row = {"image": str(meta.get("filename_or_obj", len(self.rows)))}
-            row["score"] = float(item["score"]) if "score" in item else float("nan")
-            if Keys.LABEL in item:
-                row["label"] = int(item[Keys.LABEL])
-            for name in (name for name in self.columns if name in item):
-                value = torch.as_tensor(item[name])
-                row[name] = int(value) if value.dtype == torch.bool else float(value)
-            self.rows.append(row)
+        for item in output_items(engine):
+            row = self.row(item, len(self.rows))
+            if row is not None:
+                self.rows.append(row)
+
+    def row(self, item: Mapping[str, Any], number: int) -> dict | None:
+        """The row of one output item (``number``: its name where its image has no file name),
+        without the decision; ``None`` for a few-shot detector before calibration (raw scores only)."""
+        if "score" not in item and self.evaluation is None:
+            return None
+        meta = getattr(item.get(Keys.IMAGE), "meta", {})
+        row = {"image": str(meta.get("filename_or_obj", number))}
+        row["score"] = float(item["score"]) if "score" in item else float("nan")
+        if Keys.LABEL in item:
+            row["label"] = int(item[Keys.LABEL])
+        for name in (name for name in self.columns if name in item):
+            value = torch.as_tensor(item[name])
+            row[name] = int(value) if value.dtype == torch.bool else float(value)
+        return row
+
+    def decide(self, row: dict, decision: tuple[float, str] | None) -> dict:
+        """``row`` with the decision at ``decision`` (threshold, rule) where there is one, and its
+        conformal ``p_value`` where the model holds reference scores."""
+        if decision is not None:
+            row.update(anomalous=int(row["score"] >= decision[0]), threshold=decision[0], threshold_rule=decision[1])
+        if self._reference:
+            row["p_value"] = float(conformal_p_values([row["score"]], self._reference)[0])
+        return row
 
     def write(self, engine: Engine) -> None:
         rows, decision = self.rows, self._decision
@@ -196,19 +212,25 @@ class ScoresWriter:
                     row["score"] = float(evaluated[n])
             if calibrated is None:
                 decision = None  # an uncalibrated few-shot model: no score on its thresholds' scale
-        for row in rows:
-            if decision is not None:
-                row.update(anomalous=int(row["score"] >= decision[0]), threshold=decision[0], threshold_rule=decision[1])
-            if self._reference:
-                row["p_value"] = float(conformal_p_values([row["score"]], self._reference)[0])
-        rows = gather_rows(rows, self.save_rank)
-        if rows is None:
-            return
-        fields = list(dict.fromkeys(key for row in rows for key in row))
-        with atomic_write(self.path, newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
+        rows = gather_rows([self.decide(row, decision) for row in rows], self.save_rank)
+        if rows is not None:
+            write_rows(self.path, rows)
+
+
+def output_items(engine: Engine) -> list[dict]:
+    """The items of the engine's last output (postprocessing decollates them; else decollated here)."""
+    output = engine.state.output
+    return output if isinstance(output, list) else decollate_batch(output, detach=True)
+
+
+def write_rows(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> None:
+    """``rows`` as a CSV table at ``path`` (atomically), with the columns of all rows in their
+    first appearance's order."""
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    with atomic_write(path, newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def gather_rows(rows: list[dict], save_rank: int = 0) -> list[dict] | None:

@@ -18,6 +18,7 @@ import shutil
 import socket
 import sys
 import math
+import re
 import uuid
 import weakref
 from collections.abc import Iterator, Mapping
@@ -39,6 +40,8 @@ __all__ = [
     "disk_full",
     "exception_chain",
     "output_stem",
+    "register_unfinished",
+    "remove_temporaries",
     "strict_json",
     "temporary_name",
 ]
@@ -100,6 +103,29 @@ def temporary_name(path: str | os.PathLike) -> Path:
     return path.with_name(f".{uuid.uuid4().hex[:12]}.{path.name}")
 
 
+_TEMPORARY = re.compile(r"^\.[0-9a-f]{12}\.")
+
+
+def remove_temporaries(folder: str | os.PathLike) -> int:
+    """Remove the temporary files (:func:`temporary_name`) that writers killed mid-write (SIGKILL)
+    left anywhere under ``folder``; returns how many. What a resumed run calls before it writes."""
+    removed = 0
+    for path in Path(folder).rglob(".*"):
+        if path.is_file() and _TEMPORARY.match(path.name):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _fsync_file(path: Path) -> None:
+    """Force ``path``'s bytes to disk (before it is renamed into place and recorded as finished)."""
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 @contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iterator[IO]:
     """Open a temporary file beside ``path`` and move it onto ``path`` only when the block
@@ -152,6 +178,7 @@ def atomic_image_writer(writer_class: type[ImageWriter]) -> type[ImageWriter]:
         temporary = temporary_name(path)
         try:
             writer_class.write(self, temporary, verbose=verbose, **kwargs)
+            _fsync_file(temporary)  # on disk before a resumable run's ledger records the item
             os.replace(temporary, path)
         except BaseException as error:
             temporary.unlink(missing_ok=True)
@@ -166,14 +193,25 @@ def atomic_image_writer(writer_class: type[ImageWriter]) -> type[ImageWriter]:
 OUTPUT_MARKER = ".medad-output"
 
 #: Staged outputs prepared and neither published nor discarded yet (see :func:`discard_unfinished`).
-_UNFINISHED: dict[int, StagedOutput] = {}
+_UNFINISHED: dict[int, Any] = {}
 
 
 def discard_unfinished() -> None:
     """Remove the staging folder of every :class:`StagedOutput` of this process that was prepared
-    but not published: what a failed or interrupted run calls on its way out (also at exit)."""
+    but not published (and :meth:`discard` every other output registered with
+    :func:`register_unfinished`): what a failed or interrupted run calls on its way out (also at exit)."""
     for staged in list(_UNFINISHED.values()):
         staged.discard()
+
+
+def register_unfinished(output: Any, unfinished: bool = True) -> None:
+    """Have :func:`discard_unfinished` call ``output.discard()`` if the run fails (``unfinished``
+    false: no longer, the output is complete); for outputs other than :class:`StagedOutput`,
+    such as :class:`medad.engine.archive.ArchiveRun`."""
+    if unfinished:
+        _UNFINISHED[id(output)] = output
+    else:
+        _UNFINISHED.pop(id(output), None)
 
 
 atexit.register(discard_unfinished)

@@ -67,6 +67,7 @@ __all__ = [
     "report_settings",
     "resumable",
     "run_engine",
+    "run_step",
     "summarise_failure",
     "tracking_store",
     "unknown_keys",
@@ -161,6 +162,14 @@ def model_detector(
     if not os.path.exists(model):
         return MissingModel(model, expect)
     return _load_model(model, clip_weights, target, precision, expect=expect, trust_model_paths=trust_model_paths)
+
+
+@_ending_on_input_errors
+def run_step(step: Callable[[], Any]) -> Any:
+    """Call ``step`` (a bound method of a config component, such as inference's
+    :meth:`medad.engine.archive.ArchiveRun.start`), ending the run with its whole message, in the
+    bundle's one-line ending, on a user-input problem (the data checks' report lists every file)."""
+    return step()
 
 
 #: :func:`medad.io.checks.check_items`, ending the run with the report of every bad item.
@@ -630,9 +639,12 @@ def placed_network(detector: MVFADetector, device: Any, compile: bool = False) -
     return detector.to(device).compile_paths(bool(compile))
 
 
-def run_engine(engine: Any, lock: RunLock | None = None) -> None:
+def run_engine(engine: Any, lock: RunLock | None = None, then: Callable[[], Any] | None = None) -> None:
     """Run a MONAI engine (or anything with ``run()``) holding ``lock``, the run's
-    :class:`medad.io.files.RunLock`, which is given back when the run ends. However it fails (an
+    :class:`medad.io.files.RunLock`, which is given back when the run ends; ``then`` is called
+    after the engine, still holding the lock (inference's :meth:`medad.engine.archive.ArchiveRun.finish`,
+    which must also run where this process had nothing left to score and MONAI skipped the
+    engine's run). However it fails (an
     exception in any handler, whatever their order; SIGINT; SIGTERM under the bundle), the staging
     folders of its outputs are removed (:func:`medad.io.files.discard_unfinished`) before the error
     goes on to the caller; under the bundle the run then ends with the one line of
@@ -643,6 +655,8 @@ def run_engine(engine: Any, lock: RunLock | None = None) -> None:
         if isinstance(network, MissingModel):
             raise network.error()
         engine.run()
+        if then is not None:
+            then()
     except BaseException:
         discard_unfinished()
         raise
