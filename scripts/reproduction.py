@@ -392,14 +392,14 @@ def _seed_file_notes(output: Path, seed_dir: Path, names: Iterable[str]) -> list
     for name in names:
         valid = {(item["label"], Path(item["image"]).name) for item in bmad_datalist(output, name, "valid")}
         absent: dict[str, None] = {}
-        for seed_file in sorted((seed_dir / name).glob("*-shot.txt")):
+        for seed_file in sorted([*(seed_dir / name).glob("*-shot.txt"), *(seed_dir / name).glob("shot*_sample*.txt")]):
             for index in seed_file_indices(seed_file):
                 for label, picked in zip((1, 0), read_fewshot_seed(seed_file, index)):
                     absent.update(dict.fromkeys(f for f in picked if (label, f) not in valid))
         if absent:
             examples = list(absent)
             notes.append(
-                f"{name}: {len(examples)} file{'s' if len(examples) > 1 else ''} named in {seed_dir / name}/*-shot.txt are not in {name}_AD/valid "
+                f"{name}: {len(examples)} file{'s' if len(examples) > 1 else ''} named in the seed files of {seed_dir / name} are not in {name}_AD/valid "
                 f"(e.g. {', '.join(examples[:5])}); few-shot runs with --seed-dir will fail for {name} "
                 "(leave --seed-dir out for random picks)"
             )

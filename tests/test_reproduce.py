@@ -160,6 +160,10 @@ def test_prepare_checks_the_seed_files_against_the_valid_split(download, tmp_pat
     (seed_dir / "Chest" / "2-shot.txt").write_text("a-0: val_Ungood_000.png lost.png\nn-0: val_good_000.png val_good_001.png\n")
     result = prepare_bmad(download, tmp_path / "BMAD", datasets=["Chest"], seed_dir=seed_dir)
     assert len(result.notes) == 1 and "Chest: 1 file named in" in result.notes[0] and "(e.g. lost.png)" in result.notes[0]
+    # SGGP's further draws beside MVFA's file are checked too
+    (seed_dir / "Chest" / "shot2_sample1.txt").write_text("a-0: val_Ungood_000.png gone.png\nn-0: val_good_000.png val_good_001.png\n")
+    result = prepare_bmad(download, tmp_path / "BMAD2", datasets=["Chest"], seed_dir=seed_dir)
+    assert len(result.notes) == 1 and "Chest: 2 files named in" in result.notes[0] and "(e.g. lost.png, gone.png)" in result.notes[0]
 
 
 # ---------------------------------------------------------------------------------------------
