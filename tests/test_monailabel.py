@@ -6,6 +6,9 @@ MONAI Label pins numpy<2 and pydicom<3, so it runs from its own environment, ``.
 studies folder; the test talks to it over HTTP, as a viewer does, and only reads the bundle's
 ``models/`` after the adaptations and the restore to check what the server saved.
 
+A second server runs on a DICOMweb datastore, the Orthanc of tests/orthanc.py (skipped without
+it): ``/infer`` on a CT series from the PACS, and a saved label stored there as a DICOM SEG.
+
 The app's model store (``lib/store.py``: versions, restore, reloading) needs monai and medad but
 not monailabel, so its unit test runs in this environment, without a server.
 """
@@ -39,12 +42,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pydicom.uid import generate_uid
 
 import medad
 from medad.model.checkpoint import describe, read_checkpoint, restore_model_version, save_model
 from medad.model.decision import Thresholds
+from monai.data.utils import to_affine_nd
 
 from helpers import IMAGE_SIZE, ROOT, run_bundle
+from orthanc import COLUMNS, PASSWORD, ROWS, SLICES, USER, client, ct_series, orthanc  # noqa: F401 (orthanc: the fixture)
+from test_dicom_results import validate
 from synthetic import head_phantom, write_dataset
 
 APP = ROOT / "bundle" / "monailabel"
@@ -138,8 +145,11 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @contextmanager
-def monailabel_server(app: Path, studies: Path, conf: dict[str, str], workdir: Path) -> Iterator[str]:
-    """Run ``monailabel start_server`` on a free port of 127.0.0.1 and yield its URL once ``/info/``
+def monailabel_server(
+    app: Path, studies: Path | str, conf: dict[str, str], workdir: Path, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """Run ``monailabel start_server`` on a free port of 127.0.0.1 (studies: a folder or a DICOMweb
+    URL; ``env``: more settings, e.g. the DICOMweb credentials) and yield its URL once ``/info/``
     answers; the server is stopped on leaving, whatever happened."""
     port = _free_port()
     command = [str(PYTHON), "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies)]
@@ -151,6 +161,7 @@ def monailabel_server(app: Path, studies: Path, conf: dict[str, str], workdir: P
         "OMP_NUM_THREADS": "1",  # tiny model on a shared CPU: extra threads only wait
         "PYTHONUNBUFFERED": "1",
         "MONAI_LABEL_SESSION_PATH": str(workdir / "sessions"),
+        **(env or {}),
     }
     log = workdir / "server.log"
     with open(log, "wb") as output:
@@ -219,6 +230,13 @@ def _write_studies(folder: Path, scratch: Path) -> Path:
     return folder
 
 
+def _copy_app(folder: Path) -> Path:
+    """A copy of the app: MONAI Label writes logs/, model/ and bin/ into the app folder."""
+    app = folder / "app"
+    shutil.copytree(APP, app, ignore=shutil.ignore_patterns("logs", "model", "bin", "__pycache__"))
+    return app
+
+
 # ----------------------------------------------------------------------------- test
 
 
@@ -244,9 +262,7 @@ def _same_state(a: dict, b: dict) -> bool:
 def test_server_infers_2d_and_volumes_and_adapts_to_normal_studies(tiny_weights, tmp_path):
     bundle = _write_bundle(tmp_path / "bundle", tiny_weights)
     studies = _write_studies(tmp_path / "studies", tmp_path / "scratch")
-    # MONAI Label writes logs/, model/ and bin/ into the app folder: run a copy of it.
-    app = tmp_path / "app"
-    shutil.copytree(APP, app, ignore=shutil.ignore_patterns("logs", "model", "bin", "__pycache__"))
+    app = _copy_app(tmp_path)
     conf = {"bundle_path": str(bundle), "clip_weights": str(tiny_weights["clip"]), "device": "cpu"}
 
     with monailabel_server(app, studies, conf, tmp_path) as url:
@@ -390,6 +406,114 @@ def test_server_infers_2d_and_volumes_and_adapts_to_normal_studies(tiny_weights,
         (row,) = list(csv.DictReader(handle))
     assert float(row["score"]) == pytest.approx(server_case["score"], abs=1e-5)
     assert int(row["anomalous"]) == int(server_case["abnormal"])
+
+
+# ----------------------------------------------------------------------------- a DICOMweb datastore
+
+
+def _same_points(shape: tuple[int, ...], affine: np.ndarray, other_affine: np.ndarray) -> tuple[np.ndarray, ...]:
+    """For every voxel of the grid ``(shape, affine)`` (C order), the index of the same point on the
+    grid ``other_affine``; fails unless each is a whole index (the same grid up to axis order and flips)."""
+    ijk = np.indices(shape).reshape(len(shape), -1)
+    ijk = np.vstack([ijk, np.zeros((3 - len(shape), ijk.shape[1]))]) if len(shape) < 3 else ijk
+    points = affine @ np.vstack([ijk, np.ones(ijk.shape[1])])
+    other = (np.linalg.inv(other_affine) @ points)[:3]
+    index = np.rint(other)
+    assert np.abs(other - index).max() < 1e-3, "the two grids do not share their voxel centres"
+    return tuple(index.astype(int))
+
+
+def _instance_affine(ds) -> np.ndarray:
+    """The RAS affine of a single-frame DICOM image's pixel grid, indexed (column, row, 0)."""
+    row_cosines, column_cosines = np.array(ds.ImageOrientationPatient[:3], float), np.array(ds.ImageOrientationPatient[3:], float)
+    row_spacing, column_spacing = (float(v) for v in ds.PixelSpacing)  # between rows, between columns
+    affine = np.eye(4)
+    affine[:3, 0], affine[:3, 1] = row_cosines * column_spacing, column_cosines * row_spacing
+    affine[:3, 2] = np.cross(row_cosines, column_cosines)
+    affine[:3, 3] = np.array(ds.ImagePositionPatient, float)
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # DICOM's LPS to NIfTI's RAS
+
+
+@pytest.mark.slow
+@needs_monailabel
+def test_server_on_dicomweb_infers_a_series_and_stores_a_label_as_seg(orthanc, tiny_weights, tmp_path):
+    """``--studies <Orthanc>/dicom-web``: ``/infer`` on a CT series fetched by DICOMweb gives the
+    map and score medad gives for the same series in this process; a saved label is stored in
+    Orthanc as a DICOM SEG under the same study, whose pixels are the label's."""
+    import highdicom as hd
+    import requests
+
+    study = generate_uid()
+    series = ct_series(study, "P-LABEL", "ALABEL")
+    client(orthanc).store_instances(series, study_instance_uid=study)
+    uid = str(series[0].SeriesInstanceUID)
+    bundle = _write_bundle(tmp_path / "bundle", tiny_weights)
+    conf = {"bundle_path": str(bundle), "clip_weights": str(tiny_weights["clip"]), "device": "cpu"}
+    env = {  # MONAI Label's own settings: credentials, the series to list (QIDO filter), a private cache
+        "MONAI_LABEL_DICOMWEB_USERNAME": USER,
+        "MONAI_LABEL_DICOMWEB_PASSWORD": PASSWORD,
+        "MONAI_LABEL_DICOMWEB_SEARCH_FILTER": json.dumps({"Modality": "CT", "PatientID": "P-LABEL"}),
+        "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "cache"),
+    }
+    with monailabel_server(_copy_app(tmp_path), orthanc, conf, tmp_path, env=env) as url:
+        assert _get_json(f"{url}/datastore/?output=stats")["total"] == 1
+        assert json.loads(_call("POST", f"{url}/activelearning/random", data=b"{}", content_type="application/json")[0])["id"] == uid  # "next sample"
+        result, anomaly_map = infer(url, uid, result="map")
+        _check_common(result, "volume", "zero-shot")
+        anomaly_map = _nifti(anomaly_map)
+        values, affine = anomaly_map.get_fdata(dtype=np.float32), anomaly_map.affine
+        assert values.shape == (COLUMNS, ROWS, SLICES)
+
+        # medad in this process, on the series as stored: the same map on the same points, and
+        # the same score. Both read the same stored values (SimpleITK's NIfTI of the series on the
+        # server, MONAI's DICOM reader here, its slices in the other order) and run the same model
+        # on the same slices: equal here, up to float32 rounding elsewhere (map values of order 1).
+        folder = tmp_path / "series"
+        folder.mkdir()
+        for k, ds in enumerate(series):
+            ds.save_as(folder / f"{k}.dcm", enforce_file_format=True)
+        local = medad.predict_input(medad.load_detector(bundle / "models" / "model.pt", tiny_weights["clip"]), folder)
+        local_affine = to_affine_nd(3, local.meta["affine"])
+        on_server_grid = local.anomaly_map[_same_points(values.shape, affine, local_affine)].reshape(values.shape)
+        np.testing.assert_allclose(values, on_server_grid, rtol=0, atol=1e-5)
+        assert result["score"] == pytest.approx(local.score, abs=1e-5)
+        assert sorted(result["slice_scores"]) == pytest.approx(sorted(local.volume["slice_scores"]), abs=1e-5)
+
+        # A label on the map's grid (as a viewer sends it after editing), saved as the final label.
+        label = (values >= np.quantile(values[values > 0], 0.8)).astype(np.uint8)
+        assert 0 < label.sum() < label.size
+        upload = tmp_path / "label.nii.gz"
+        nib.save(nib.Nifti1Image(label, affine), upload)
+        params = {"label_info": [{"name": "anomaly", "idx": 1}]}  # what OHIF's MONAI Label panel sends
+        with open(upload, "rb") as handle:
+            answer = requests.put(f"{url}/datastore/label", params={"image": uid, "tag": "final"},
+                                  data={"params": json.dumps(params)}, files={"label": ("label.nii.gz", handle)}, timeout=300)
+        assert answer.status_code == 200, answer.text[-3000:]
+    for log in (tmp_path / "server.log", *(tmp_path / "app" / "logs").iterdir()):
+        assert PASSWORD not in log.read_text(errors="replace"), log
+
+    # The SEG, found by QIDO under the study, references the series; its pixels are the label's.
+    web = client(orthanc)
+    found = web.search_for_series(study, search_filters={"Modality": "SEG"})
+    assert len(found) == 1
+    (seg,) = web.retrieve_series(study, found[0]["0020000E"]["Value"][0])  # read by pydicom
+    assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4" and seg.StudyInstanceUID == study
+    assert seg.PatientID == series[0].PatientID
+    assert {str(item.SeriesInstanceUID) for item in seg.ReferencedSeriesSequence} == {uid}
+    # dcmqi does not state that spatial locations are preserved: check each frame's position against
+    # its source image's, then let highdicom index the frames by source image
+    seg.save_as(tmp_path / "seg.dcm")
+    validate(tmp_path / "seg.dcm")  # dciodvfy: no errors (dcmqi's SEG)
+    positions = {str(ds.SOPInstanceUID): [float(v) for v in ds.ImagePositionPatient] for ds in series}
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        source = str(frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+        assert [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient] == pytest.approx(positions[source])
+    pixels = hd.seg.Segmentation.from_dataset(seg).get_pixels_by_source_instance(
+        list(positions), combine_segments=True, assert_missing_frames_are_empty=True, ignore_spatial_locations=True,
+    )
+    for ds, frame in zip(series, pixels):
+        expected = label[_same_points((COLUMNS, ROWS), _instance_affine(ds), affine)].reshape(COLUMNS, ROWS).T
+        np.testing.assert_array_equal(frame, expected)
 
 
 # ----------------------------------------------------------------------------- the store, without a server

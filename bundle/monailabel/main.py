@@ -10,12 +10,20 @@ task (:class:`lib.adapt.NormalAdaptation`, few-shot adaptation to the studies ma
 A second train task, ``mvfa_restore`` (:class:`lib.restore.RestoreVersion`), puts an earlier
 ``model.pt`` back from ``models/versions/``; it is not listed among the trainers, so that
 MONAI Label's "train all" never runs it.
+
+With ``--studies http://.../dicom-web`` the datastore is MONAI Label's own DICOMweb datastore
+(credentials from ``MONAI_LABEL_DICOMWEB_USERNAME`` and ``MONAI_LABEL_DICOMWEB_PASSWORD``): a
+series is fetched and converted to NIfTI before the infer task sees it, and a saved final label is
+converted to DICOM SEG by dcmqi's ``itkimage2segimage`` and stored in the PACS (STOW-RS).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import sys
 
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.infer_v2 import InferTask
@@ -34,6 +42,8 @@ logger = logging.getLogger(__name__)
 MODEL_NAME = "mvfa"
 #: The restore task: ``POST /train/mvfa_restore`` (not listed in ``/info/``).
 RESTORE_NAME = f"{MODEL_NAME}_restore"
+#: dcmqi's converter MONAI Label's DICOMweb datastore writes a saved label's DICOM SEG with.
+SEG_TOOL = "itkimage2segimage"
 
 
 class MVFAApp(MONAILabelApp):
@@ -54,6 +64,22 @@ class MVFAApp(MONAILabelApp):
             labels=LABEL_NAMES,
         )
         logger.info("medad %s serving %s", medad.__version__, self.store.settings.model_path)
+
+    def _download_dcmqi_tools(self) -> None:
+        """Find ``itkimage2segimage`` for a DICOMweb datastore, without downloading it.
+
+        MONAI Label downloads dcmqi from GitHub where the tool is not on ``PATH``, which fails
+        offline. dcmqi from PyPI (``scripts/monailabel_env.sh``) installs it next to this
+        interpreter, which ``python -m monailabel.main`` does not put on ``PATH``.
+        """
+        environment_bin = os.path.dirname(sys.executable)
+        if shutil.which(SEG_TOOL) is None and shutil.which(SEG_TOOL, path=environment_bin):
+            os.environ["PATH"] = environment_bin + os.pathsep + os.environ.get("PATH", "")
+        if shutil.which(SEG_TOOL) is None:
+            raise RuntimeError(
+                f"a DICOMweb datastore stores labels as DICOM SEG with dcmqi's {SEG_TOOL}, which is not on PATH "
+                f"nor in {environment_bin}: pip install dcmqi (scripts/monailabel_env.sh does)"
+            )
 
     def init_infers(self) -> dict[str, InferTask]:
         return {MODEL_NAME: AnomalyInfer(self.store)}
