@@ -230,3 +230,26 @@ def test_the_draws_page_lists_a_draw_not_evaluated_yet(tmp_path):
     path = write_draws_report({"k=2 Alpha (last selection)": [("a", evaluated), ("b", tmp_path / "b" / "eval")]}, tmp_path / "d.html")
     text = path.read_text()
     assert "not evaluated yet: b" in text and "0.7500" in text
+
+
+def test_both_selections_run_side_by_side_and_their_gap_matches_the_runs(prepared, tmp_path, capsys, monkeypatch):
+    """--model-selection both with one random draw of Chest at k=2: the leak-free cell and the
+    paper protocol's (trained with configs/paper_selection.json) each run; the gap table equals
+    the difference recomputed from their metrics.json."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(reproduction, "_run", _run_in_process)
+    runs = tmp_path / "runs"
+    argv = ["--dataset-dir", str(prepared), "--output", str(runs), "--datasets", "Chest", "--shots", "2", "--draws", "1",
+            "--model-selection", "both", "--tiny", "--epochs", "1", "--extra", "image_size=56", "--extra", "num_workers=0"]
+    assert load_script("reproduce").main(argv) == 0
+    clean, paper = runs / "k2" / "Chest" / "random_seed_0", runs / "paper_selection" / "k2" / "Chest" / "random_seed_0"
+    assert json.loads((paper / "settings.json").read_text())["configs"] == ["train.json", "fewshot.json", "paper_selection.json", "tiny.json"]
+    assert "paper_selection.json" not in json.loads((clean / "settings.json").read_text())["configs"]
+    assert "--model_selection" not in (paper / "logs" / "training.log").read_text()  # the overlay, not an override
+    assert "saved the selected model" in (paper / "logs" / "training.log").read_text()  # chosen on the test set
+    assert "saved the selected model" not in (clean / "logs" / "training.log").read_text()
+    values = {side: json.loads((folder / "eval" / "metrics.json").read_text())["val_image_auroc"] for side, folder in (("last", clean), ("paper", paper))}
+    (gap,) = json.loads((runs / "results.json").read_text())["clean_versus_paper"]
+    assert (gap["last"], gap["paper"]) == (values["last"], values["paper"]) and gap["difference"] == pytest.approx(values["paper"] - values["last"])
+    line = f"| k=2 | ours | ChestXray | random_seed=0 | AUC | {100 * values['last']:.2f} | {100 * values['paper']:.2f} | {100 * (values['paper'] - values['last']):+.2f} |"
+    assert line in (runs / "report.md").read_text().splitlines()
