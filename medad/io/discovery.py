@@ -22,7 +22,10 @@ from medad.io.data import IMAGE_SUFFIXES
 from medad.io.files import output_stem
 from medad.io.transforms import import_pydicom, is_colour_dicom_image, is_dicom_file
 
-__all__ = ["INPUT_KINDS", "NIFTI_SUFFIXES", "ClinicalInputs", "input_kind", "is_dicom_input", "list_inputs"]
+__all__ = [
+    "DATALIST_KEYS", "INPUT_KINDS", "LIST_SUFFIXES", "NIFTI_SUFFIXES", "ClinicalInputs", "input_kind", "is_dicom_input",
+    "list_inputs", "read_input_list",
+]
 
 #: ``input_kind`` values: decide from the files, or keep only 2D images or only volumes.
 INPUT_KINDS = ("auto", "image", "volume")
@@ -31,6 +34,70 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 def _visible(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _found_under(folder: Path) -> dict[Path, str | None]:
+    """The inputs under ``folder`` and their kinds (:func:`input_kind`), depth first in sorted
+    order: a subfolder holding DICOM files is one series (one input), any other is searched."""
+    found: dict[Path, str | None] = {}
+    for path in _visible(folder):
+        kind = input_kind(path)
+        if path.is_dir() and kind is None:
+            found.update(_found_under(path))
+        else:
+            found[path] = kind
+    return found
+
+
+#: Input lists (:func:`read_input_list`): a CSV table with an ``image`` column, or JSON.
+LIST_SUFFIXES = (".csv", ".json")
+#: The lists of a MONAI datalist JSON read for inference, in order of preference.
+DATALIST_KEYS = ("test", "testing", "validation", "training")
+
+
+def _listed_kind(path: str) -> str | None:
+    """:func:`input_kind` of a listed case; one that does not exist by its name alone."""
+    if os.path.exists(path):
+        return input_kind(path)
+    name = path.lower()
+    return "image" if name.endswith(IMAGE_SUFFIXES) else "volume" if name.endswith(NIFTI_SUFFIXES) else None
+
+
+def read_input_list(path: str | os.PathLike) -> list[str]:
+    """The cases a list file names, in its order, relative paths taken from the list's folder:
+    a CSV table with an ``image`` column (MONAI's ``CSVDataset``), a JSON list of paths (or of
+    items with ``image``), or a MONAI datalist (``load_decathlon_datalist``: its only list, else
+    the first of :data:`DATALIST_KEYS` it holds)."""
+    import json
+
+    from monai.data import CSVDataset, load_decathlon_datalist
+
+    path = Path(path)
+    base = path.parent
+    if path.suffix.lower() == ".csv":
+        try:
+            rows = list(CSVDataset(src=str(path), col_names=["image"]))
+        except (KeyError, ValueError) as error:
+            raise ValueError(f"{path}: not a CSV table with an 'image' column of input paths ({error})") from error
+        return [os.path.normpath(os.path.join(base, str(row["image"]))) for row in rows]
+    try:
+        content = json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path}: not a JSON list of inputs ({error})") from error
+    if isinstance(content, dict):
+        lists = [key for key, value in content.items() if isinstance(value, list)]
+        key = lists[0] if len(lists) == 1 else next((k for k in DATALIST_KEYS if k in lists), None)
+        if key is None:
+            raise ValueError(f"{path}: a datalist with the lists {lists}: keep one, or name it one of {list(DATALIST_KEYS)}")
+        items = load_decathlon_datalist(path, is_segmentation=False, data_list_key=key, base_dir=base)
+        return [str(item["image"]) for item in items]
+    if isinstance(content, list) and all(isinstance(item, (str, dict)) for item in content):
+        try:
+            images = [item if isinstance(item, str) else item["image"] for item in content]
+        except KeyError:
+            raise ValueError(f"{path}: an item of the list has no 'image'") from None
+        return [os.path.normpath(os.path.join(base, str(image))) for image in images]
+    raise ValueError(f"{path}: a JSON input list is a list of paths, of items with 'image', or a MONAI datalist")
 
 
 def is_dicom_input(path: str | os.PathLike) -> bool:
@@ -103,14 +170,16 @@ class ClinicalInputs(NamedTuple):
 
 
 def list_inputs(path: str | os.PathLike, kind: str = "auto") -> ClinicalInputs:
-    """The cases to run inference on, sorted.
+    """The cases to run inference on: a folder's sorted (depth first), a list's in its order.
 
-    ``path`` is one file (one case) or a folder holding cases: 2D images (``.png``, ``.jpg``,
-    ``.jpeg``, ``.bmp``, ``.tif``, ``.tiff``), NIfTI files (``.nii``, ``.nii.gz``), DICOM files
-    (``.dcm`` or any name with the DICOM prefix; single- or multi-frame) and DICOM series
-    (subfolders of DICOM files of one series each). A folder whose files are all DICOM files of
-    one series is itself one series. A single-frame colour DICOM file is a 2D image
-    (:func:`input_kind`). Other files are ignored.
+    ``path`` is one file (one case), a folder holding cases, searched through its subfolders:
+    2D images (``.png``, ``.jpg``, ``.jpeg``, ``.bmp``, ``.tif``, ``.tiff``), NIfTI files
+    (``.nii``, ``.nii.gz``), DICOM files (``.dcm`` or any name with the DICOM prefix; single- or
+    multi-frame) and DICOM series (folders of DICOM files of one series each). A folder whose
+    files are all DICOM files of one series is itself one series. A single-frame colour DICOM
+    file is a 2D image (:func:`input_kind`). Other files are ignored. Or ``path`` is a list of
+    cases (:data:`LIST_SUFFIXES`, :func:`read_input_list`): every listed case is kept, a missing
+    or unreadable one for the input checks to report.
 
     ``kind``: ``"auto"`` takes the kind of all the cases found and refuses a mix of 2D images and
     volumes (they run through different pipelines); ``"image"`` or ``"volume"`` keeps that kind.
@@ -120,15 +189,19 @@ def list_inputs(path: str | os.PathLike, kind: str = "auto") -> ClinicalInputs:
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"input not found: {root}")
-    if root.is_file():
+    listed = root.is_file() and root.name.lower().endswith(LIST_SUFFIXES)
+    if listed:
+        # every listed case stays: one that is missing or unreadable is reported by the input checks
+        found = {Path(p): _listed_kind(p) for p in read_input_list(root)}
+    elif root.is_file():
         found = {root: input_kind(root)}
         if found[root] is None:
             raise ValueError(f"{root}: not a supported input (2D image, NIfTI or DICOM)")
     else:
-        found = {p: input_kind(p) for p in _visible(root)}
-        found = {p: k for p, k in found.items() if k is not None}
-        for folder in [p for p in found if p.is_dir()]:
-            _check_one_series(folder)
+        found = {p: k for p, k in _found_under(root).items() if k is not None}
+    for folder in [p for p in found if p.is_dir()]:
+        _check_one_series(folder)
+    if not root.is_file():
         # DICOM files that may be slices of a series (single-frame colour DICOM files are 2D images)
         loose = [p for p, k in found.items() if k == "volume" and p.is_file() and is_dicom_file(p)]
         if loose:
@@ -141,7 +214,7 @@ def list_inputs(path: str | os.PathLike, kind: str = "auto") -> ClinicalInputs:
                     f"{root}: holds the DICOM series {sorted(series)} as loose files beside other inputs: "
                     "move each series into its own folder"
                 )
-    kinds = set(found.values())
+    kinds = set(found.values()) - {None}
     if kind == "auto" and len(kinds) > 1:
         counts = {k: sum(v == k for v in found.values()) for k in sorted(kinds)}
         raise ValueError(
@@ -149,7 +222,9 @@ def list_inputs(path: str | os.PathLike, kind: str = "auto") -> ClinicalInputs:
             "set input_kind to 'image' or 'volume' to run one kind"
         )
     chosen = kinds.pop() if kind == "auto" and kinds else kind
-    paths = [str(p) for p, k in found.items() if k == chosen]
+    if chosen == "auto":  # a list of nothing but unknown files: the checks report each
+        chosen = "image"
+    paths = [str(p) for p, k in found.items() if k == chosen or (listed and k is None)]
     _check_unique_outputs(paths)
     if not paths:
         raise FileNotFoundError(
