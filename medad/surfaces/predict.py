@@ -28,6 +28,7 @@ from medad.io.outputs import MapToInputGridd
 from medad.io.transforms import input_slice_indices, mvfa_preprocessing, plain_tensor
 from medad.engine.inferers import AnomalyInferer, final_scores
 from medad.engine.volumes import DEFAULT_SLICE_BATCH
+from medad.surfaces.deploy import runtime_network, state_sha256
 
 __all__ = ["Prediction", "dicom_results", "predict_input"]
 
@@ -103,16 +104,24 @@ def predict_input(
     batch_size: int = DEFAULT_SLICE_BATCH,
     image_threshold: float | None = None,
     pixel_threshold: float | None = None,
+    runtime: str = "torch",
+    export_dir: str | os.PathLike | None = None,
 ) -> Prediction:
     """Score one input with ``detector`` (on its own device) and return the fused map at the
     input's size, the score and the decision (:class:`Prediction`).
 
     Thresholds: the model's (:meth:`medad.MVFADetector.effective_thresholds`) unless given.
     ``window`` and ``slice_plane`` as in :func:`medad.io.transforms.mvfa_preprocessing`.
+    ``runtime``: ``"torch"``, or ``"onnxruntime"`` / ``"openvino"`` to score with the detector's
+    exported graph (:func:`medad.surfaces.deploy.runtime_network`; kept in ``export_dir`` and
+    reused while it records the same model, else exported on every call): for many inputs, pass
+    the detector ``runtime_network`` returns, once, with ``runtime="torch"``.
 
     >>> # prediction = predict_input(medad.load_detector("models/model.pt"), "scan.png")
     """
     device = detector.text_features.device
+    if runtime != "torch":
+        detector = runtime_network(detector, device, runtime, export_dir=export_dir)
     with tempfile.TemporaryDirectory(prefix="medad-input-") as folder:
         path = _as_file(source, folder)
         kind = input_kind(path)
@@ -196,17 +205,7 @@ def dicom_results(
     from medad.io.dicom_results import read_sources, write_results
     from medad.io.files import content_sha256
 
-    if model_file is not None:
-        model_key = content_sha256(model_file)
-    else:
-        import hashlib
-
-        digest = hashlib.sha256()
-        for name, value in sorted(detector.state_dict().items()):
-            digest.update(name.encode())
-            if isinstance(value, torch.Tensor):
-                digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        model_key = digest.hexdigest()
+    model_key = content_sha256(model_file) if model_file is not None else state_sha256(detector)
     thresholds = prediction.thresholds
     affine = None if prediction.kind == "image" else prediction.meta["affine"]
     written = write_results(
