@@ -23,6 +23,8 @@ import pydicom  # noqa: E402
 
 import medad  # noqa: E402
 from medad.io import dicom_results as dr  # noqa: E402
+from medad.io.files import OUTPUT_MARKER  # noqa: E402
+from medad.io.ledger import LEDGER_DIR  # noqa: E402
 from medad.surfaces.predict import dicom_results, predict_input  # noqa: E402
 
 from helpers import copy_bundle, run_bundle_here, run_bundle_in_process  # noqa: E402
@@ -80,7 +82,8 @@ def test_both_writes_three_valid_objects_per_case(both_run):
             path = outputs / "dicom" / case / dr.RESULT_FILES[name]
             assert path.is_file(), path
             validate(path)
-    assert [p.name for p in outputs.rglob(".*")] == [".medad-output"]  # the run's marker; no temporary file left
+    # the run's marker and its ledger (medad.io.ledger); no temporary file left
+    assert sorted(p.name for p in outputs.rglob(".*")) == sorted([OUTPUT_MARKER, LEDGER_DIR])
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -420,6 +420,52 @@ def test_secondary_capture(series, tmp_path):
     assert ds.ImageType[0] == "DERIVED"
 
 
+@pytest.mark.parametrize("plane, orientation", [("axial", ["L", "P"]), ("sagittal", ["P", "F"])])
+def test_bundle_stores_its_overlay_as_secondary_capture(tiny_detector, tmp_path, plane, orientation):
+    """SaveDicomResultsd(secondary_capture=True) chained as configs/inference.json chains it, after
+    SaveOverlayd and MapToInputGridd: the overlay PNG's pixels as a Secondary Capture beside the
+    other objects, valid (dciodvfy), with the result UIDs of its kind and the orientation of the
+    strip's panels; refused without the overlay folder or the overlay."""
+    import torch
+    from monai.utils import convert_to_dst_type
+    from PIL import Image
+
+    from medad.io.files import content_sha256
+    from medad.io.outputs import SaveOverlayd
+
+    ct_series(tmp_path / "series")
+    sources = dr.read_sources(tmp_path / "series")
+    preprocessing = mvfa_preprocessing(240, mask_key=None, volume=True, window=list(WINDOW), slice_plane=plane)
+    image = preprocessing({"image": str(tmp_path / "series")})["image"]
+    values = np.random.default_rng(5).random(image.shape[1:]).astype(np.float32)
+    data = {"image": image, "pred": convert_to_dst_type(torch.as_tensor(values)[None], image)[0], "score": torch.tensor([0.7])}
+    data = SaveOverlayd("pred", tmp_path / "overlays", value_range=(0.0, 1.0), threshold=0.5, pixel_threshold=0.6)(data)
+    data = MapToInputGridd(keys="pred", transform=preprocessing, orig_keys="image", nearest_interp=False)(data)
+    model = tmp_path / "model.pt"
+    model.write_bytes(b"a model file")  # only its SHA-256 keys the UIDs
+    save = dr.SaveDicomResultsd("pred", tmp_path / "dicom", tiny_detector, model, output_format="dicom",
+                                secondary_capture=True, overlay_dir=tmp_path / "overlays", slice_plane=plane)
+    save(data)
+
+    folder = tmp_path / "dicom" / "series"
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*dr.RESULT_FILES.values(), dr.OVERLAY_FILE])
+    validate(folder / dr.OVERLAY_FILE)
+    ds = pydicom.dcmread(folder / dr.OVERLAY_FILE)
+    with Image.open(tmp_path / "overlays" / "series_overlay.png") as png:
+        np.testing.assert_array_equal(ds.pixel_array, np.asarray(png.convert("RGB")))
+    assert list(ds.PatientOrientation) == orientation
+    uids = dr.result_uids(sources, content_sha256(model), "secondary_capture")
+    assert (ds.SeriesInstanceUID, ds.SOPInstanceUID) == (uids["series_instance_uid"], uids["sop_instance_uid"])
+    assert ds.StudyInstanceUID == sources[0].StudyInstanceUID and ds.BurnedInAnnotation == "YES"
+    assert {str(i.ReferencedSOPInstanceUID) for i in ds.SourceImageSequence} == {str(s.SOPInstanceUID) for s in sources}
+
+    with pytest.raises(ValueError, match="secondary_capture needs overlay_dir"):
+        dr.SaveDicomResultsd("pred", tmp_path / "dicom", tiny_detector, model, output_format="dicom", secondary_capture=True)
+    (tmp_path / "overlays" / "series_overlay.png").unlink()
+    with pytest.raises(dr.DicomResultError, match=r"series_overlay\.png: no overlay to store as a Secondary Capture"):
+        save(data)
+
+
 @pytest.mark.parametrize("kind", ["gray", "colour", "ct_slice"])
 def test_two_dimensional_objects(tmp_path, kind):
     """2D sources: a grayscale and a colour secondary capture (no frame of reference) and a single

@@ -28,6 +28,8 @@ One case's results (:func:`write_results`: Parametric Map, SEG and SR with :func
 are what the bundle's inference writes with ``output_format`` ``dicom`` or ``both``
 (:class:`SaveDicomResultsd`, into ``outputs/dicom/<case>/``) and what
 :func:`medad.surfaces.predict.dicom_results` writes for a :class:`medad.Prediction`: one code path.
+The bundle also stores its PNG overlay as a Secondary Capture there (``secondary_capture``) for
+viewers that show none of the other objects.
 
 highdicom is an optional dependency (``pip install medad[dicom]``); it is imported only when an
 object is built, so medad imports without it.
@@ -46,9 +48,10 @@ from typing import Any
 
 import numpy as np
 from monai.transforms import MapTransform
+from PIL import Image
 
-from medad.io.files import atomic_write, content_sha256
-from medad.io.transforms import import_pydicom, is_dicom_file, number_of_frames
+from medad.io.files import atomic_write, content_sha256, output_stem
+from medad.io.transforms import SLICE_PLANES, import_pydicom, is_dicom_file, number_of_frames
 from medad.model.decision import checked_threshold_setting
 
 logger = logging.getLogger(__name__)
@@ -60,6 +63,7 @@ __all__ = [
     "CODING_SCHEME",
     "DicomResultError",
     "OUTPUT_FORMATS",
+    "OVERLAY_FILE",
     "RESEARCH_ONLY",
     "RESULT_FILES",
     "SaveDicomResultsd",
@@ -89,6 +93,10 @@ RESEARCH_ONLY = "research use only, not for clinical use"
 OUTPUT_FORMATS = ("nifti", "dicom", "both")
 #: The files :func:`write_results` writes into a case's folder, by object.
 RESULT_FILES = {"parametric_map": "parametric_map.dcm", "segmentation": "segmentation.dcm", "report": "report.dcm"}
+#: The Secondary Capture of the overlay that :class:`SaveDicomResultsd` writes beside them on request.
+OVERLAY_FILE = "overlay.dcm"
+#: The patient direction opposite each axis code (DICOM's letters: H head, F foot).
+_OPPOSITE = {"R": "L", "L": "R", "A": "P", "P": "A", "S": "F", "I": "H"}
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 _INDEX_TOLERANCE = 1e-3  # voxels: how far from a voxel centre a source pixel may land
@@ -858,6 +866,14 @@ class SaveDicomResultsd(MapTransform):
     ``<output_dir>/<case>/`` (``case``: :func:`medad.io.files.output_stem` of the input, the DICOM
     file or series folder in the image's ``filename_or_obj``).
 
+    ``secondary_capture``: also store the case's overlay picture, the PNG
+    :class:`medad.io.outputs.SaveOverlayd` wrote into ``overlay_dir`` earlier in the same
+    postprocessing, as a Secondary Capture (:func:`secondary_capture`, ``overlay.dcm``, with
+    :func:`result_uids` kind ``"secondary_capture"``). A 2D image's overlay is laid out as the
+    image, and takes its orientation; a volume's strip of slices is shown as radiologists do
+    (:class:`~medad.io.outputs.SaveOverlayd`) in ``slice_plane``, which gives its
+    ``PatientOrientation`` (axial: ``L\\P``, coronal: ``L\\F``, sagittal: ``P\\F``).
+
     Decisions as :class:`medad.engine.handlers.ScoresWriter` takes them, read from ``detector``
     when the first case comes (the configs resolve before the model may exist):
     ``threshold="model"`` the model's effective image threshold and rule, a number as given
@@ -877,10 +893,21 @@ class SaveDicomResultsd(MapTransform):
         threshold: float | str = "model",
         image_key: str = "image",
         score_key: str = "score",
+        secondary_capture: bool = False,
+        overlay_dir: str | os.PathLike | None = None,
+        slice_plane: str = "axial",
     ) -> None:
         super().__init__(keys)
         if output_format not in OUTPUT_FORMATS:
             raise ValueError(f"output_format must be one of {list(OUTPUT_FORMATS)}, got {output_format!r}")
+        if secondary_capture and overlay_dir is None:
+            raise ValueError("secondary_capture needs overlay_dir: the folder of the overlays SaveOverlayd writes")
+        if slice_plane not in SLICE_PLANES:
+            raise ValueError(f"unknown slice_plane {slice_plane!r}; expected one of {sorted(SLICE_PLANES)}")
+        self.secondary_capture = bool(secondary_capture)
+        self.overlay_dir = None if overlay_dir is None else Path(overlay_dir)
+        # the volume strip's panels: the plane's first two axis codes flipped (SaveOverlayd._strip)
+        self.strip_orientation = tuple(_OPPOSITE[code] for code in SLICE_PLANES[slice_plane][:2])
         self.output_dir, self.detector, self.model_path = Path(output_dir), detector, model_path
         self.enabled = output_format in ("dicom", "both")
         self.threshold, self.image_key, self.score_key = checked_threshold_setting(threshold), image_key, score_key
@@ -910,7 +937,6 @@ class SaveDicomResultsd(MapTransform):
         d = dict(data)
         if not self.enabled:
             return d
-        from medad.io.files import output_stem
         from medad.io.transforms import image_source
         from medad.model.decision import conformal_p_values
 
@@ -918,18 +944,36 @@ class SaveDicomResultsd(MapTransform):
         source = image_source(d[self.image_key])
         score = float(np.asarray(_plain(d[self.score_key])).reshape(-1)[0])
         p_value = float(conformal_p_values([score], model["reference_scores"])[0]) if model["reference_scores"] else None
+        sources, folder, two_d = read_sources(source), self.output_dir / output_stem(source), False
         for key in self.key_iterator(d):
             anomaly_map = d[key]
             values, affine, space = _array_and_affine(anomaly_map, None, None)
-            if values.ndim == 3 and values.shape[0] == 1 and d[key].dim() == 3:
+            two_d = values.ndim == 3 and values.shape[0] == 1 and d[key].dim() == 3
+            if two_d:
                 values, affine = values[0].T, None  # a 2D image's map (1, columns, rows): (rows, columns)
             write_results(
-                self.output_dir / output_stem(source), read_sources(source), values, affine, space=space,
+                folder, sources, values, affine, space=space,
                 score=score, anomalous=score >= model["threshold"], threshold=model["threshold"], rule=model["rule"],
                 pixel_threshold=model["pixel_threshold"], pixel_rule=model["pixel_rule"], model=model["model"],
                 model_key=model["model_key"], p_value=p_value,
             )
+        if self.secondary_capture:
+            self._write_overlay(folder, sources, source, None if two_d else self.strip_orientation)
         return d
+
+    def _write_overlay(self, folder: Path, sources: Sequence[Any], source: str, orientation: tuple[str, str] | None) -> None:
+        """The case's PNG overlay as ``folder/overlay.dcm`` (``orientation``: ``None``, the sources')."""
+        path = self.overlay_dir / f"{output_stem(source)}_overlay.png"  # SaveOverlayd's file name
+        if not path.is_file():
+            raise DicomResultError(f"{path}: no overlay to store as a Secondary Capture (SaveOverlayd writes it first)")
+        with Image.open(path) as picture:
+            rgb = np.asarray(picture.convert("RGB"))
+        model = self._decisions()
+        sc = secondary_capture(
+            sources, rgb, model=model["model"], patient_orientation=orientation,
+            **result_uids(sources, model["model_key"], "secondary_capture"),
+        )
+        write_dataset(sc, folder / OVERLAY_FILE)
 
 
 def _plain(value: Any) -> Any:
