@@ -484,7 +484,7 @@ def test_server_on_dicomweb_infers_a_series_and_stores_a_label_as_seg(orthanc, t
         assert 0 < label.sum() < label.size
         upload = tmp_path / "label.nii.gz"
         nib.save(nib.Nifti1Image(label, affine), upload)
-        params = {"label_info": [{"name": "anomaly", "idx": 1}]}  # what OHIF's MONAI Label panel sends
+        params = {"label_info": [{"name": "anomaly", "idx": 1}]}  # as MONAI Label's viewer plugins send it
         with open(upload, "rb") as handle:
             answer = requests.put(f"{url}/datastore/label", params={"image": uid, "tag": "final"},
                                   data={"params": json.dumps(params)}, files={"label": ("label.nii.gz", handle)}, timeout=300)
