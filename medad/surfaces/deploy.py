@@ -250,17 +250,19 @@ def runtime_network(
     :class:`RuntimeDetector` on the graph in ``export_dir``, exported there first
     (:func:`export_detector`) unless its ``model.json`` records this very model
     (:func:`state_sha256`); ``export_dir`` ``None``: a temporary folder, removed once compiled.
+    A stand-in that is no detector (the bundle's :class:`medad.surfaces.workflow.MissingModel`)
+    comes back placed as it is: the run ends naming the missing file when it starts.
 
     Raises:
         ValueError: an unknown runtime, or ``compile`` with a runtime that compiles its graph itself.
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
-    device = torch.device(device)
-    if runtime == "torch":
-        return detector.to(device).compile_paths(bool(compile))
-    if compile:
+    if compile and runtime != "torch":
         raise ValueError(f"compile is PyTorch's (torch.compile): the {runtime} runtime compiles its graph itself; leave compile false")
+    device = torch.device(device)
+    if runtime == "torch" or not isinstance(detector, MVFADetector):
+        return detector.to(device).compile_paths(bool(compile))
     detector = detector.to(device)
     temporary = tempfile.mkdtemp(prefix="medad-export-") if export_dir is None else None
     folder = Path(export_dir if export_dir is not None else temporary)
