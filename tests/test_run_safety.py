@@ -164,23 +164,34 @@ def test_a_failed_inference_keeps_the_previous_outputs_and_leaves_no_staging(mod
 
 
 def test_sigterm_during_inference_leaves_nothing_half_written(model_file, tmp_path):
+    # Inference keeps what it finished (issue 29: a rerun continues, tests/test_archive.py): after
+    # SIGTERM every case its ledger records has all its files, and no file is half-written.
+    from medad.io.ledger import MANIFEST_NAME, read_ledger
+
     root = tmp_path / "bundle"
     images = bundle_with_inputs(root, model_file, count=400)
     process = subprocess.Popen(
         bundle_command("inferring", ("inference",), root, dataset_dir=images, num_workers=0, batch_size=1),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
-    staging = root / ".outputs.partial"
+    outputs = root / "outputs"
     deadline = time.monotonic() + 120
-    while not (staging / "overlays").is_dir() or not any((staging / "overlays").iterdir()):
+    while not (outputs / "overlays").is_dir() or not any((outputs / "overlays").iterdir()):
         assert process.poll() is None and time.monotonic() < deadline, "inference ended before it was signalled"
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode != 0
     assert stderr.strip().splitlines()[-1].startswith("medad: interrupted (stopped by signal SIGTERM)"), stderr[-3000:]
-    assert not staging.exists() and not (root / "outputs").exists()
-    assert [path.name for path in root.iterdir() if path.name.startswith(".") and path.name != ".outputs.lock"] == []
+    finished = [Path(entry["image"]).stem for entry in read_ledger(outputs)]
+    assert finished and (outputs / MANIFEST_NAME).is_file() and not (outputs / "scores.csv").exists()
+    maps = sorted(path.name for path in outputs.glob("*_anomaly_map.nii.gz"))
+    overlays = sorted(path.name for path in (outputs / "overlays").iterdir())
+    assert set(maps) >= {f"{stem}_anomaly_map.nii.gz" for stem in finished}
+    assert set(overlays) >= {f"{stem}_overlay.png" for stem in finished}
+    hidden = [path.name for path in root.rglob(".*") if path.name not in (".outputs.lock", ".medad-output", ".medad-ledger")]
+    assert hidden == [], "temporary files left"
+    assert not (root / ".outputs.partial").exists()
 
 
 def _zero_shot_training(root: Path, synthetic_bmad: Path, bundle_backbone: dict, **overrides) -> ConfigWorkflow:

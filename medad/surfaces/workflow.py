@@ -283,7 +283,8 @@ def error_summary(error: BaseException) -> tuple[str, bool]:
     ('/data/x.png: file not found', True)
     """
     if isinstance(error, KeyboardInterrupt):
-        return f"interrupted ({error or 'SIGINT'}): earlier results are unchanged, this run's unfinished outputs removed", True
+        return (f"interrupted ({error or 'SIGINT'}): earlier results are unchanged, this run's unfinished outputs removed "
+                "(inference keeps the cases it finished: rerun the same command to continue)"), True
     chain = exception_chain(error)
     root = disk_full(error) or next((e for e in chain if isinstance(e, RunError)), chain[-1])
     lines = [line.strip() for line in str(root).strip().splitlines() if line.strip()]
