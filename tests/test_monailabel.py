@@ -516,6 +516,34 @@ def test_server_on_dicomweb_infers_a_series_and_stores_a_label_as_seg(orthanc, t
         np.testing.assert_array_equal(frame, expected)
 
 
+@pytest.mark.slow
+@needs_monailabel
+def test_app_finds_dcmqi_in_its_environment_or_names_the_fix(tmp_path):
+    """A DICOMweb datastore needs dcmqi's itkimage2segimage: the app takes the one installed in its
+    environment (not on PATH when started as ``python -m monailabel.main``) instead of MONAI
+    Label's download from GitHub, and stops with the fix where there is none."""
+    script = """
+import os, shutil, sys
+sys.path.insert(0, sys.argv[1])
+import main
+app = main.MVFAApp.__new__(main.MVFAApp)  # the method alone: no bundle, no datastore
+os.environ["PATH"] = "/usr/bin:/bin"
+app._download_dcmqi_tools()
+print(shutil.which(main.SEG_TOOL))
+shutil.which = lambda name, path=None: None
+try:
+    app._download_dcmqi_tools()
+except RuntimeError as error:
+    print(error)
+"""
+    result = subprocess.run([str(PYTHON), "-c", script, str(APP)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found, refusal = result.stdout.strip().splitlines()[-2:]
+    assert found == str(PYTHON.parent / "itkimage2segimage")
+    assert refusal.startswith("a DICOMweb datastore stores labels as DICOM SEG with dcmqi's itkimage2segimage")
+    assert refusal.endswith("pip install dcmqi (scripts/monailabel_env.sh does)")
+
+
 # ----------------------------------------------------------------------------- the store, without a server
 
 
