@@ -130,7 +130,8 @@ def test_tracking_with_mlflow(synthetic_bmad, bundle_backbone, tmp_path):
     Image.fromarray(np.full((40, 50, 3), 90, np.uint8)).save(images / "a.png")
     run_bundle_here("inferring", ("inference",), tmp_path, dataset_dir=images, tracking="mlflow",
                num_workers=0, clip_weights=bundle_backbone["clip_weights"])
-    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == [".medad-output", "a_anomaly_map.nii.gz", "overlays", "scores.csv"]
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == [
+        ".medad-ledger", ".medad-output", "a_anomaly_map.nii.gz", "overlays", "run_manifest.json", "scores.csv"]
     import mlflow
 
     # MONAI points mlflow at eval/mlruns; mlflow 3 keeps the runs in a database beside it.

@@ -179,6 +179,14 @@ class ArchiveRun(Sequence):
             return self
         if not self.model_path.is_file():
             return self  # run_engine ends the run naming the missing model
+        try:
+            self._start()
+        except BaseException:
+            self.discard()  # before the engine: run_engine's clean-up has not begun
+            raise
+        return self
+
+    def _start(self) -> None:
         rank, world = idist.get_rank(), idist.get_world_size()
         if rank == 0:
             self._prepare_folder()
@@ -197,7 +205,6 @@ class ArchiveRun(Sequence):
         self._ledger = Ledger(self.folder, rank)
         self._items = self._checked(share)
         self._started = True
-        return self
 
     def _prepare_folder(self) -> None:
         folder, wanted = self.folder, self.manifest()
