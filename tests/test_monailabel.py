@@ -500,10 +500,11 @@ def test_server_on_dicomweb_infers_a_series_and_stores_a_label_as_seg(orthanc, t
     assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4" and seg.StudyInstanceUID == study
     assert seg.PatientID == series[0].PatientID
     assert {str(item.SeriesInstanceUID) for item in seg.ReferencedSeriesSequence} == {uid}
-    # dcmqi does not state that spatial locations are preserved: check each frame's position against
-    # its source image's, then let highdicom index the frames by source image
+    assert [item.SegmentLabel for item in seg.SegmentSequence] == ["anomaly"]
     seg.save_as(tmp_path / "seg.dcm")
     validate(tmp_path / "seg.dcm")  # dciodvfy: no errors (dcmqi's SEG)
+    # dcmqi does not state that spatial locations are preserved: check each frame's position against
+    # its source image's, then let highdicom index the frames by source image
     positions = {str(ds.SOPInstanceUID): [float(v) for v in ds.ImagePositionPatient] for ds in series}
     for frame in seg.PerFrameFunctionalGroupsSequence:
         source = str(frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
