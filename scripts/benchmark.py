@@ -20,10 +20,19 @@ Measures, on the full ViT-L-14-336 at 240 px with random weights (allowed for be
 - the cost of the streaming pixel metrics over 1,000 maps of 240 x 240 (in a fresh process, so
   that its extra memory is its own);
 - with ``--profile``, the operators (GPU kernels) with the most time in one inference batch;
-- peak memory, the device and the versions.
+- peak memory, the device and the versions;
+- with ``--runtimes`` (or ``--runtimes-only``, that section alone), the deployment runtimes side by
+  side at one batch size: PyTorch float32, bf16 (and compiled with ``--compile``), the ONNX Runtime
+  and OpenVINO exports (:mod:`medad.surfaces.deploy`) and the authors' path; the CPU's flags, the
+  measured float32 and bf16 matrix-product peaks and the share of them each path achieves; and
+  the parity of each against PyTorch float32 on generated images with and without lesions: the
+  largest score and map differences, whether the scores stay within 1e-3, and the decisions
+  (image and pixel) that flip at the model's stored support-F1 thresholds.
 
 ``--quick`` is sized for a 2-core CPU (a few minutes); the full mode is for a GPU.
-Writes one JSON file (``--output``) and prints it.
+``--runtimes-only --quick`` takes about 5 minutes on a quiet 2-core CPU with AVX512-BF16.
+Writes one JSON file (``--output``; with ``--update``, the sections of an existing one that this
+run does not measure are kept) and prints it.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import json
 import multiprocessing
 import platform
 import resource
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,11 +54,18 @@ import torch.nn.functional as F
 
 import medad
 from medad.model.augment import augment_fewshot
-from medad.model.backbone import PRECISIONS
+from medad.model.backbone import PRECISIONS, cpu_flags
+from medad.model.decision import Thresholds
+from medad.model.methods import AnomalyScores
+from medad.surfaces.deploy import export_detector, runtime_network
 from medad.engine.engines import adapter_parameter_groups
 from medad.io.files import atomic_write, strict_json
 
 DEFAULT_MODEL = "ViT-L-14-336"
+#: The CPU flags reported: vector width, fused multiply-add, and int8 / bf16 / fp16 instructions.
+REPORTED_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+#: How far an export's scores may be from PyTorch float32's (issue 30's acceptance).
+EXPORT_SCORE_TOLERANCE = 1e-3
 
 
 def synchronize(device: torch.device) -> None:
@@ -317,6 +334,95 @@ def metric_cost(maps: int, size: int, queue) -> None:
     })
 
 
+# ----------------------------------------------------------------------------- deployment runtimes
+
+
+def scores_of(detector: medad.MVFADetector, images: torch.Tensor, batch_size: int) -> AnomalyScores:
+    """Final maps and scores of ``images`` in batches, on the CPU."""
+    with torch.inference_mode():
+        parts = [detector.predict(batch.to(detector.text_features.device)) for batch in images.split(batch_size)]
+    return AnomalyScores(*(torch.cat([getattr(part, name).float().cpu() for part in parts]) for name in AnomalyScores._fields))
+
+
+def decision_parity(reference: AnomalyScores, other: AnomalyScores, thresholds: Thresholds) -> dict:
+    """``other`` against ``reference`` (PyTorch float32) on the same images: the largest score and
+    map differences (the map's also relative to the reference maps' range), whether every score
+    is within :data:`EXPORT_SCORE_TOLERANCE`, and the image decisions (``score >= image``) and
+    pixel decisions (``map >= pixel``) that differ at ``thresholds``."""
+    score_difference = float((other.score - reference.score).abs().max())
+    map_difference = float((other.anomaly_map - reference.anomaly_map).abs().max())
+    spread = float(reference.anomaly_map.max() - reference.anomaly_map.min())
+    flips = (other.score >= thresholds.image) != (reference.score >= thresholds.image)
+    pixel_flips = (other.anomaly_map >= thresholds.pixel) != (reference.anomaly_map >= thresholds.pixel)
+    return {
+        "images": len(reference.score),
+        "max_abs_score_difference": score_difference,
+        "max_abs_map_difference": map_difference,
+        "max_map_difference_of_range": map_difference / spread if spread > 0 else None,
+        "scores_within_tolerance": score_difference <= EXPORT_SCORE_TOLERANCE,
+        "score_tolerance": EXPORT_SCORE_TOLERANCE,
+        "flipped_decisions": int(flips.sum()),
+        "flipped_share": float(flips.float().mean()),
+        "flipped_pixel_share": float(pixel_flips.float().mean()),
+        "anomalous_share_reference": float((reference.score >= thresholds.image).float().mean()),
+    }
+
+
+def runtime_section(model: str, size: int, batch: int, parity_images: int, repeats: int, compile: bool,
+                    reference: bool) -> dict:
+    """The deployment runtimes on the CPU, side by side (see the module docstring)."""
+    device = torch.device("cpu")
+    flags = cpu_flags()
+    result: dict = {
+        "cpu_flags": sorted(flags.intersection(REPORTED_CPU_FLAGS)),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "batch_size": batch,
+    }
+    fp32 = build(model, size, "fp32", device)
+    support, support_masks = lesion_images(8, seed=3, size=size)
+    labels = (support_masks.flatten(1).amax(1) > 0).long()
+    fp32.build_memory(augment_fewshot(support[:1])[0])
+    fp32.calibrate(support, labels=labels, masks=support_masks)
+    thresholds = fp32.effective_thresholds()
+    result["thresholds"] = {"image": thresholds.image, "image_rule": thresholds.image_rule,
+                            "pixel": thresholds.pixel, "pixel_rule": thresholds.pixel_rule}
+    networks: dict[str, medad.MVFADetector] = {"torch_fp32": fp32}
+    for name, compiled in (("torch_bf16", False), ("torch_bf16_compiled", True)):
+        if compiled and not compile:
+            continue
+        low = build(model, size, "bf16", device)
+        low.load_state_dict(fp32.state_dict())
+        networks[name] = low.compile_paths(compiled)
+    with tempfile.TemporaryDirectory(prefix="medad-benchmark-export-") as folder:
+        start = time.perf_counter()
+        export_detector(fp32, folder)
+        result["export_seconds"] = time.perf_counter() - start
+        for runtime in ("onnxruntime", "openvino"):
+            networks[runtime] = runtime_network(fp32, device, runtime, export_dir=folder)
+    images = torch.rand(batch, 3, size, size)
+    rates = {}
+    for name, network in networks.items():
+        rates[name] = batch / timed(lambda: inference(network, images), device, repeats)
+        print(name, rates[name], flush=True)
+    if reference:
+        rates["authors_fp32_batch_1"] = 1 / timed(lambda: reference_scores(fp32, images[:1]), device, repeats)
+    result["images_per_second"] = rates
+    gflop = inference_gflop_per_image(fp32, size, device)
+    peaks = {name: matmul_peak_gflops(device, PRECISIONS[name], max(repeats, 3)) for name in ("fp32", "bf16")}
+    result["gflop_per_image"] = gflop
+    result["matmul_peak_gflops"] = peaks
+    result["fraction_of_peak"] = {
+        name: gflop * rate / peaks["bf16" if "bf16" in name else "fp32"] for name, rate in rates.items()
+    }
+    generated, _ = lesion_images(parity_images, seed=5, size=size)
+    expected = scores_of(fp32, generated, batch)
+    result["parity_vs_torch_fp32"] = {
+        name: decision_parity(expected, scores_of(network, generated, batch), thresholds)
+        for name, network in networks.items() if name != "torch_fp32"
+    }
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CPU-sized run (a few minutes)")
@@ -333,6 +439,11 @@ def main() -> None:
         "--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"],
         help="backbone precisions to time (CPUs without bf16 instructions run bf16 matrices very slowly)",
     )
+    parser.add_argument("--runtimes", action="store_true", help="add the deployment runtimes' section (CPU)")
+    parser.add_argument("--runtimes-only", action="store_true", help="the deployment runtimes' section alone")
+    parser.add_argument("--parity-images", type=int, default=None,
+                        help="generated images of the runtimes' parity (default 256; 128 with --quick)")
+    parser.add_argument("--update", action="store_true", help="keep the sections of an existing --output not measured now")
     args = parser.parse_args()
     size = args.image_size
     device = torch.device(args.device)
@@ -340,13 +451,28 @@ def main() -> None:
     repeats = 2 if args.quick else 10
     torch.manual_seed(0)
 
-    report: dict = {
+    report: dict = json.loads(args.output.read_text()) if args.update and args.output.exists() else {}
+    report.update({
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "cpu_threads": torch.get_num_threads(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "medad": medad.__version__},
         "model": f"{args.model} at {size} px, random weights",
         "mode": "quick" if args.quick else "full",
-    }
+    })
+    if args.runtimes or args.runtimes_only:
+        import onnxruntime
+        import openvino
+
+        report["versions"].update({"onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__})
+        start = time.perf_counter()
+        report["runtimes"] = runtime_section(
+            args.model, size, max(batch_sizes), args.parity_images or (128 if args.quick else 256), repeats,
+            args.compile, not args.skip_reference,
+        )
+        report["runtimes"]["seconds"] = time.perf_counter() - start
+        if args.runtimes_only:
+            write_report(report, args.output)
+            return
     # float32 is always built: the authors' path and the parity check are measured against it.
     detectors = {name: build(args.model, size, name, device) for name in dict.fromkeys(["fp32", *args.precisions])}
     fp32 = detectors["fp32"]
@@ -464,8 +590,13 @@ def main() -> None:
     report["metric_cost"] = queue.get()
     child.join()
 
+    write_report(report, args.output)
+
+
+def write_report(report: dict, path: Path) -> None:
+    """Write ``report`` as strict JSON (atomically) and print it."""
     text = json.dumps(strict_json(report), indent=2, allow_nan=False)
-    with atomic_write(args.output) as handle:
+    with atomic_write(path) as handle:
         handle.write(text)
     print(text)
 

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import medad
+from medad.model.decision import Thresholds
 from medad.surfaces.deploy import (
     RuntimeDetector,
     WholeAnswer,
@@ -161,6 +162,46 @@ def test_the_baselines_export_with_their_memory(method, tmp_path):
     final = runtime_network(detector, "cpu", "onnxruntime", export_dir=tmp_path).predict(images)
     assert (final.anomaly_map - expected.anomaly_map).abs().max().item() <= TOLERANCE
     assert (final.score - expected.score).abs().max().item() <= TOLERANCE
+
+
+def test_the_benchmarks_flip_share_is_the_share_of_decisions_that_differ(detector, exported):
+    """``scripts/benchmark.py``'s parity of a runtime against PyTorch float32, on a few dozen
+    generated images with the model's stored thresholds, against the decisions counted here
+    with numpy from each runtime's own scores."""
+    import benchmark  # scripts/benchmark.py
+
+    images, _ = benchmark.lesion_images(36, seed=5, size=112)
+    thresholds = detector.effective_thresholds()
+    expected = benchmark.scores_of(detector, images, 8)
+    with torch.no_grad():
+        np.testing.assert_array_equal(expected.score.numpy(), detector.predict(images).score.numpy())
+    # A lowered threshold pair that cuts through the scores, so that bf16 flips some decisions.
+    median = Thresholds(float(expected.score.median()), float(expected.anomaly_map.median()))
+    low = medad.build_detector(
+        ["Brain"], "Brain", model_name=medad.TINY_MODEL_NAME, image_size=112, random_init=True, levels=(1, 2, 3, 4),
+        precision="bf16",
+    )
+    low.load_state_dict(detector.state_dict())
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(exported / "model.onnx"), providers=["CPUExecutionProvider"])
+    for network, own_scores in (
+        (runtime_network(detector, "cpu", "onnxruntime", export_dir=exported), lambda: session.run(["score", "anomaly_map"], {"image": images.numpy()})),
+        (low, lambda: [value.numpy() for value in (low.predict(images).score, low.predict(images).anomaly_map)]),
+    ):
+        with torch.no_grad():
+            score, anomaly_map = own_scores()
+        for given in (thresholds, median):
+            report = benchmark.decision_parity(expected, benchmark.scores_of(network, images, 8), given)
+            flips = (score >= given.image) != (expected.score.numpy() >= given.image)
+            pixel_flips = (anomaly_map >= given.pixel) != (expected.anomaly_map.numpy() >= given.pixel)
+            assert report["images"] == 36
+            assert report["flipped_decisions"] == int(flips.sum())
+            assert report["flipped_share"] == pytest.approx(flips.mean())
+            assert report["flipped_pixel_share"] == pytest.approx(pixel_flips.mean())
+            assert report["max_abs_score_difference"] == pytest.approx(np.abs(score - expected.score.numpy()).max())
+            assert report["scores_within_tolerance"] == bool(np.abs(score - expected.score.numpy()).max() <= 1e-3)
+    assert report["flipped_pixel_share"] > 0  # bf16 at the median pixel threshold: the count is exercised
 
 
 # ----------------------------------------------------------------------------- the bundle's runtime key
