@@ -122,14 +122,16 @@ def run_command_logged_in_process(command: list[str]) -> tuple[int, str, list[st
     earlier = {handler: handler.stream for handler in _console_handlers()
                if handler.stream not in (sys.stderr, sys.__stderr__)}
     try:
+        # plain assignment, not setStream: setStream flushes the old stream, which may be an
+        # earlier test's capture stream, closed by now
         for handler in earlier:
-            handler.setStream(stdout)
+            handler.stream = stdout
         with contextlib.redirect_stdout(stdout):
             status, stderr = run_command_in_process(command)
     finally:
         for handler in _console_handlers():
-            if handler.stream is stdout:
-                handler.setStream(earlier.get(handler, sys.stdout))
+            if handler.stream is stdout:  # handlers made during the run: the process's stderr, which outlives this test
+                handler.stream = earlier.get(handler, sys.__stderr__)
         for handler in root_logger.handlers[:]:
             root_logger.removeHandler(handler)
         for handler in handlers:

@@ -5,9 +5,7 @@ each run's metrics.json, the clean-versus-paper table and the multi-draw HTML pa
 from __future__ import annotations
 
 import json
-import logging
 import statistics
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -23,18 +21,6 @@ from test_reproduce import _run_in_process, load_script, prepare_bmad
 
 ROOT = Path(__file__).resolve().parents[1]
 MVFA_SEEDS = ROOT.parent / "shared" / "data" / "mvfa_fewshot_seed"
-
-
-@pytest.fixture(autouse=True)
-def _no_closed_log_streams():
-    """An in-process bundle run of an earlier test (tests/helpers.run_command_logged_in_process)
-    leaves the console handlers that MONAI's loggers got during it on that test's capture
-    stream, closed once it ended; the next in-process run's ``setStream`` would fail flushing it
-    ("I/O operation on closed file"). Point such handlers at stderr before each test."""
-    for logger in logging.root.manager.loggerDict.values():
-        for handler in getattr(logger, "handlers", []):
-            if type(handler) is logging.StreamHandler and getattr(handler.stream, "closed", False):
-                handler.stream = sys.stderr
 
 
 def write_sggp_files(folder: Path, dataset_dir: Path, target: str, shot: int, draws: int) -> list[Path]:
