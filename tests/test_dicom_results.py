@@ -466,6 +466,29 @@ def test_bundle_stores_its_overlay_as_secondary_capture(tiny_detector, tmp_path,
         save(data)
 
 
+@pytest.mark.parametrize("case", ["no_orientation", "oblique"])
+def test_secondary_capture_of_sources_highdicom_cannot_orient(tmp_path, case):
+    """PatientOrientation values highdicom's single-letter enumeration refuses but DICOM allows:
+    empty (type 2) for a source that has none, and an oblique slice's letter pairs, derived here by
+    hand from a 30 degree rotation in the axial plane (rows towards left and posterior, columns
+    towards posterior and right)."""
+    if case == "no_orientation":
+        source = sc_image(tmp_path / "input.dcm")
+        del source.PatientOrientation
+        expected = ""
+    else:
+        ct_series(tmp_path / "series")
+        source = dr.read_sources(sorted((tmp_path / "series").iterdir())[:1])[0]
+        c, s = np.cos(np.pi / 6), np.sin(np.pi / 6)
+        source.ImageOrientationPatient = [DSfloat(v, auto_format=True) for v in (c, s, 0.0, -s, c, 0.0)]
+        expected = ["LP", "PR"]
+    sc = dr.secondary_capture([source], np.zeros((ROWS, COLUMNS, 3), np.uint8), model=MODEL)
+    path = dr.write_dataset(sc, tmp_path / "sc.dcm")
+    validate(path)
+    ds = pydicom.dcmread(path)
+    assert (ds.PatientOrientation if expected == "" else list(ds.PatientOrientation)) == expected
+
+
 @pytest.mark.parametrize("kind", ["gray", "colour", "ct_slice"])
 def test_two_dimensional_objects(tmp_path, kind):
     """2D sources: a grayscale and a colour secondary capture (no frame of reference) and a single

@@ -743,6 +743,11 @@ def secondary_capture(
     if picture.dtype != np.uint8:
         picture = (np.clip(_finite(picture.astype(np.float64), "overlay"), 0, 1) * 255).round().astype(np.uint8)
     common = _common(kwargs, 904, "anomaly overlay", model)
+    orientation = tuple(patient_orientation or _patient_orientation(ordered[0]))
+    # highdicom accepts one letter per direction only; DICOM also allows an oblique direction's
+    # letters ("LP") and, PatientOrientation being type 2, an empty value where it is unknown (a
+    # radiograph without it): such values are built with a placeholder and then set as they are
+    single_letters = all(value in ("A", "P", "R", "L", "H", "F") for value in orientation)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=ordered[0],
         pixel_array=picture,
@@ -754,8 +759,10 @@ def secondary_capture(
         sop_instance_uid=common["sop_instance_uid"],
         instance_number=common["instance_number"],
         manufacturer=common["manufacturer"],
-        patient_orientation=patient_orientation or _patient_orientation(ordered[0]),
+        patient_orientation=orientation if single_letters else ("L", "P"),
     )
+    if not single_letters:
+        sc.PatientOrientation = list(orientation) if any(orientation) else ""
     _finish(sc, ordered, common, scheme=False)
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.BurnedInAnnotation = "YES"
