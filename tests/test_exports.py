@@ -233,3 +233,69 @@ def test_bundle_inference_with_a_runtime_gives_pytorchs_scores(random_fewshot_mo
     for case, row in rows["torch"].items():
         assert float(rows[runtime][case]["score"]) == pytest.approx(float(row["score"]), abs=TOLERANCE), case
         assert rows[runtime][case]["anomalous"] == row["anomalous"], case
+
+
+# ----------------------------------------------------------------------------- TensorRT (configs/inference_trt.json)
+
+
+def _trt_parser(root: Path, **overrides):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "inference.json"), str(CONFIGS / "inference_trt.json")])
+    parser.update({"bundle_root": str(root), **overrides})
+    return parser
+
+
+def test_the_trt_overlay_compiles_the_frozen_blocks_by_their_real_names(random_fewshot_model, tmp_path, monkeypatch):
+    """The overlay parses over inference.json and hands MONAI's ``trt_compile`` the frozen tower's
+    blocks, each a real submodule of the network (a misspelt path fails here, on any machine),
+    with the precision and the batch sizes of the run."""
+    import monai.networks
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "model.pt").write_bytes(random_fewshot_model.read_bytes())
+    calls = []
+
+    def recording_trt_compile(model, base_path, args=None, submodule=None, logger=None):
+        calls.append((base_path, args, [model.get_submodule(name) for name in submodule]))
+        return model
+
+    monkeypatch.setattr(monai.networks, "trt_compile", recording_trt_compile)
+    parser = _trt_parser(tmp_path, device="$torch.device('cpu')", batch_size=4, trt_precision="fp32")
+    network = parser.get_parsed_content("network")
+    assert isinstance(network, medad.MVFADetector)
+    (base_path, args, blocks), = calls
+    assert blocks == list(network.encoder.tower.blocks) and len(blocks) == 4
+    assert parser.get_parsed_content("trt_submodules")[0] == "encoder.visual.transformer.resblocks.0"
+    assert base_path == str(tmp_path / "models" / "model.pt")
+    assert args == {"precision": "fp32", "dynamic_batchsize": [1, 4, 4]}
+
+
+def _trt_missing() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA device here: TensorRT needs one (the overlay's parsing is tested above)"
+    try:
+        import polygraphy  # noqa: F401
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "TensorRT or polygraphy is not installed (pip install tensorrt polygraphy)"
+    return None
+
+
+@pytest.mark.skipif(_trt_missing() is not None, reason=str(_trt_missing()))
+@pytest.mark.parametrize("precision, bound", [("fp32", 1e-3), ("fp16", 1e-2)])
+def test_the_trt_overlay_scores_as_pytorch(random_fewshot_model, tmp_path, precision, bound):
+    """On a CUDA device with TensorRT: the blocks' engines give PyTorch float32's maps (relative to
+    their range) and scores within ``bound``."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "model.pt").write_bytes(random_fewshot_model.read_bytes())
+    network = _trt_parser(tmp_path, device="$torch.device('cuda')", batch_size=2, trt_precision=precision).get_parsed_content("network")
+    images = torch.rand(2, 3, 112, 112, generator=torch.Generator().manual_seed(1)).cuda()
+    reference = medad.load_detector(random_fewshot_model, device="cuda")
+    with torch.no_grad():
+        expected, final = reference.predict(images), network.predict(images)
+    spread = float(expected.anomaly_map.max() - expected.anomaly_map.min())
+    assert float((final.anomaly_map - expected.anomaly_map).abs().max()) / spread <= bound
+    assert float((final.score - expected.score).abs().max()) <= bound
+    assert any(path.suffix == ".plan" for path in (tmp_path / "models").iterdir())

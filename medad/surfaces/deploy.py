@@ -46,6 +46,7 @@ __all__ = [
     "read_metadata",
     "runtime_network",
     "state_sha256",
+    "trunk_block_names",
 ]
 
 #: ``runtime`` values: PyTorch itself, or an exported graph run by ONNX Runtime or OpenVINO.
@@ -236,6 +237,19 @@ class RuntimeDetector(MVFADetector):
     def predict(self, images: torch.Tensor) -> AnomalyScores:
         """The graph's final maps and image scores."""
         return self._run(images)[0]
+
+
+def trunk_block_names(detector: MVFADetector | nn.Module) -> list[str]:
+    """The frozen tower's blocks as submodule paths of ``detector``, in order
+    (``encoder.visual.transformer.resblocks.0``, ... for open_clip towers,
+    ``encoder.visual.trunk.blocks.0``, ... for timm ones): what ``configs/inference_trt.json``
+    hands MONAI's ``trt_compile``, one TensorRT engine per block (the blocks run one by one
+    between the adapters). Empty for a stand-in that is no detector (the bundle's
+    :class:`medad.surfaces.workflow.MissingModel`)."""
+    if not isinstance(detector, MVFADetector):
+        return []
+    names = {id(module): name for name, module in detector.named_modules()}
+    return [names[id(block)] for block in detector.encoder.tower.blocks]
 
 
 def runtime_network(
