@@ -11,6 +11,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -227,6 +228,8 @@ def test_a_mixed_folder_with_bad_files_finishes_with_a_problem_report(archive, t
     assert [(Path(row["file"]).name, row["reason"].split(" (")[0]) for row in report] == [
         ("empty.png", "empty file"), ("notes.png", "unreadable image")]
     assert "left out 2 of 5 inputs with problems" in log
+    # the progress bar: images (counted in batches of 2) per second and the time left
+    assert re.search(r"\[4/4\] 100%.*\[\d\d:\d\d<\d\d:\d\d, +[\d.]+images/s\]", log), log[-2000:]
     # A rerun of the finished run scores nothing and changes nothing.
     before = outputs(output)
     log = run_bundle_here("inferring", ("inference",), archive["root"], dataset_dir=inputs, output_dir=output,
