@@ -313,6 +313,10 @@ class ArchiveRun(Sequence):
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self.finish)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers started by spawn get a copy of the data list: never the ledger's file
+        return {**self.__dict__, "_ledger": None}
+
     # --- the data list of this process ---------------------------------------------------------
 
     @property
