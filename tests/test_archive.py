@@ -37,6 +37,8 @@ SLOW = {
     "imports": ["$import medad", "$import medad.surfaces.workflow", "$import time", "$import ignite"],
     "run": [
         "@checked_output_format",
+        "@network",
+        "@postprocessing",
         "$medad.surfaces.workflow.run_step(@archive.start)",
         "$@evaluator.add_event_handler(ignite.engine.Events.ITERATION_COMPLETED, lambda engine: time.sleep(0.4))",
         "$medad.surfaces.workflow.run_engine(@evaluator, @run_lock, @archive.publish)",

@@ -180,7 +180,8 @@ inputs = _ending_on_input_errors(list_inputs)
 
 class CheckedData(Sequence):
     """A data list that the run checks when it starts (:func:`checked_items`), the ``data`` of a
-    config's ``Dataset``: training's sources, evaluation's test split, inference's inputs.
+    config's ``Dataset``: training's sources, evaluation's test split (inference checks its
+    inputs case by case in each process: :class:`medad.engine.archive.ArchiveRun`).
 
     Building it (while the configs resolve) reads and writes nothing. :meth:`check`, a step of
     the run (the configs' ``run`` list calls it before the engine starts; ``monai.bundle.load``
@@ -193,7 +194,7 @@ class CheckedData(Sequence):
 
     Args:
         items: data list items (``image``, optionally ``mask``, ``label``, ...).
-        images: instead of ``items``, image paths (inference's inputs): items ``{"image": path}``.
+        images: instead of ``items``, image paths: items ``{"image": path}``.
         on_bad_data: ``"raise"`` or ``"skip"`` (:func:`medad.io.checks.check_items`' ``on_error``).
         report_dir, report_name: where the report of the problems found is written.
         remedy: what the error message tells the user to do (``check_items``' default if ``None``).
