@@ -194,15 +194,13 @@ class CheckedData(Sequence):
 
     Args:
         items: data list items (``image``, optionally ``mask``, ``label``, ...).
-        images: instead of ``items``, image paths: items ``{"image": path}``.
         on_bad_data: ``"raise"`` or ``"skip"`` (:func:`medad.io.checks.check_items`' ``on_error``).
         report_dir, report_name: where the report of the problems found is written.
         remedy: what the error message tells the user to do (``check_items``' default if ``None``).
-        volumes: accept volumes (NIfTI, DICOM), as inference does.
 
     >>> import tempfile
     >>> folder = tempfile.mkdtemp()
-    >>> data = CheckedData(images=[os.path.join(folder, "gone.png")], on_bad_data="raise", report_dir=folder)
+    >>> data = CheckedData([{"image": os.path.join(folder, "gone.png")}], on_bad_data="raise", report_dir=folder)
     >>> data, os.listdir(folder)  # built: nothing read, nothing written
     (CheckedData(1 items, not checked yet), [])
     >>> try:
@@ -214,26 +212,21 @@ class CheckedData(Sequence):
 
     def __init__(
         self,
-        items: Sequence[dict] | None = None,
-        images: Sequence[str | os.PathLike] | None = None,
+        items: Sequence[dict],
         on_bad_data: str = "raise",
         report_dir: str | os.PathLike | None = None,
         report_name: str = "data_problems.csv",
         remedy: str | None = None,
-        volumes: bool = False,
     ) -> None:
-        if (items is None) == (images is None):
-            raise ValueError("CheckedData takes items or images, not both")
-        self.items = list(items) if items is not None else [{"image": str(path)} for path in images]
-        self.on_bad_data, self.report_dir, self.report_name = on_bad_data, report_dir, report_name
-        self.remedy, self.volumes = remedy, bool(volumes)
+        self.items = list(items)
+        self.on_bad_data, self.report_dir, self.report_name, self.remedy = on_bad_data, report_dir, report_name, remedy
         self._kept: list[dict] | None = None
         self._reported = False
 
     def _checked(self, report_dir: str | os.PathLike | None) -> list[dict]:
         remedy = {} if self.remedy is None else {"remedy": self.remedy}
         return checked_items(self.items, on_error=self.on_bad_data, report_dir=report_dir,
-                             report_name=self.report_name, volumes=self.volumes, **remedy)
+                             report_name=self.report_name, **remedy)
 
     def check(self) -> CheckedData:
         """Check the items now, writing the report where problems are found (once per object)."""
