@@ -346,12 +346,13 @@ def scores_of(detector: medad.MVFADetector, images: torch.Tensor, batch_size: in
 
 def decision_parity(reference: AnomalyScores, other: AnomalyScores, thresholds: Thresholds) -> dict:
     """``other`` against ``reference`` (PyTorch float32) on the same images: the largest score and
-    map differences (the map's also relative to the reference maps' range), whether every score
-    is within :data:`EXPORT_SCORE_TOLERANCE`, and the image decisions (``score >= image``) and
-    pixel decisions (``map >= pixel``) that differ at ``thresholds``."""
+    map differences (also relative to the reference's range of each), whether every score is
+    within :data:`EXPORT_SCORE_TOLERANCE`, and the image decisions (``score >= image``) and pixel
+    decisions (``map >= pixel``) that differ at ``thresholds``."""
     score_difference = float((other.score - reference.score).abs().max())
     map_difference = float((other.anomaly_map - reference.anomaly_map).abs().max())
     spread = float(reference.anomaly_map.max() - reference.anomaly_map.min())
+    score_spread = float(reference.score.max() - reference.score.min())
     flips = (other.score >= thresholds.image) != (reference.score >= thresholds.image)
     pixel_flips = (other.anomaly_map >= thresholds.pixel) != (reference.anomaly_map >= thresholds.pixel)
     return {
@@ -359,6 +360,7 @@ def decision_parity(reference: AnomalyScores, other: AnomalyScores, thresholds: 
         "max_abs_score_difference": score_difference,
         "max_abs_map_difference": map_difference,
         "max_map_difference_of_range": map_difference / spread if spread > 0 else None,
+        "max_score_difference_of_range": score_difference / score_spread if score_spread > 0 else None,
         "scores_within_tolerance": score_difference <= EXPORT_SCORE_TOLERANCE,
         "score_tolerance": EXPORT_SCORE_TOLERANCE,
         "flipped_decisions": int(flips.sum()),

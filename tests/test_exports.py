@@ -299,3 +299,41 @@ def test_the_trt_overlay_scores_as_pytorch(random_fewshot_model, tmp_path, preci
     assert float((final.anomaly_map - expected.anomaly_map).abs().max()) / spread <= bound
     assert float((final.score - expected.score).abs().max()) <= bound
     assert any(path.suffix == ".plan" for path in (tmp_path / "models").iterdir())
+
+
+# ----------------------------------------------------------------------------- parity on the golden fixture
+
+#: Largest map and score differences from PyTorch float32 on the golden fixture, relative to the
+#: float32 range of each (its few-shot maps span ~5e4 on two support images): exports are float32
+#: (measured ~9e-6), bf16 and fp16 round the frozen blocks' products (measured 1.05e-2 and 1.4e-3
+#: for the maps; the bounds of tests/test_precision.py).
+GOLDEN_BOUNDS = {"onnxruntime": 1e-4, "openvino": 1e-4, "bf16": 1.5e-2, "fp16": 1e-2}
+
+
+@pytest.mark.parametrize("variant", list(GOLDEN_BOUNDS))
+def test_maps_and_scores_of_each_precision_and_runtime_against_float32_on_the_golden_fixture(
+    tiny_config, tiny_weights, golden, tmp_path, variant
+):
+    def build(precision: str) -> medad.MVFADetector:
+        detector = medad.build_detector(
+            [tiny_config["object"]], tiny_config["object"], model_name=medad.TINY_MODEL_NAME,
+            image_size=tiny_config["image_size"], pretrained=tiny_weights["clip"], levels=tiny_config["features"],
+            checkpoint=tiny_weights["adapters"], precision=precision,
+        )
+        with torch.no_grad():
+            detector.build_memory(golden["support_images"])
+            detector.calibrate(golden["support_images"])
+        return detector
+
+    reference = build("fp32")
+    if variant in ("bf16", "fp16"):  # a model.pt fitted in float32 (memory, calibration), run at that precision
+        network = build(variant)
+        network.load_state_dict(reference.state_dict())
+    else:
+        network = runtime_network(reference, "cpu", variant, export_dir=tmp_path)
+    with torch.no_grad():
+        expected, final = reference.predict(golden["images"]), network.predict(golden["images"])
+    for name in ("anomaly_map", "score"):
+        values, wanted = getattr(final, name).float(), getattr(expected, name)
+        relative = float((values - wanted).abs().max() / (wanted.max() - wanted.min()))
+        assert relative <= GOLDEN_BOUNDS[variant], (name, relative)
