@@ -177,6 +177,8 @@ def export_detector(
             staged += [Path(staging) / _IR, Path(staging) / "model.bin"]
         if "onnx" not in formats:
             staged.remove(onnx_path)
+        # the old metadata goes first: it must never describe graphs it was not written for
+        (folder / _METADATA).unlink(missing_ok=True)
         for path in staged:
             os.replace(path, folder / path.name)
     with atomic_write(folder / _METADATA) as handle:
