@@ -275,3 +275,24 @@ def test_the_ledger_survives_a_torn_last_line(tmp_path):
     again.record({"image": "b.png", "row": {"score": float("nan")}})
     again.close()
     assert list(read_ledger(tmp_path)) == [{"image": "a.png", "row": {"score": 0.5}}, {"image": "b.png", "row": {"score": None}}]
+
+
+def test_an_interrupted_overwrite_keeps_the_earlier_run_and_continues_beside_it(archive, tmp_path):
+    output = tmp_path / "out"
+    shutil.copytree(archive["reference"], output)
+    process = subprocess.Popen(command(archive, output, slow=True, map_format="png", overwrite=True),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / ".out.partial"
+    wait_for_ledger(process, partial, 2)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert outputs(output) == archive["files"]  # the earlier run stays whole until the new one is complete
+    finished = list(read_ledger(partial))
+    assert 2 <= len(finished) < COUNT
+    status, lines = run_bundle_in_process("inferring", ("inference",), archive["root"], dataset_dir=archive["images"],
+                                          output_dir=output, map_format="png", overwrite=True, **SETTINGS)
+    assert status == 0, lines[-30:]
+    assert not partial.exists() and not list(output.glob("*.nii.gz"))
+    assert len(list(output.glob("*_anomaly_map.png"))) == COUNT and len(list(read_ledger(output))) == COUNT
+    assert list(read_ledger(output))[:len(finished)] == finished  # continued, not started afresh
+    assert scores(output / "scores.csv") == scores(archive["reference"] / "scores.csv")
