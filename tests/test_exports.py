@@ -310,27 +310,35 @@ def test_the_trt_overlay_scores_as_pytorch(random_fewshot_model, tmp_path, preci
 GOLDEN_BOUNDS = {"onnxruntime": 1e-4, "openvino": 1e-4, "bf16": 1.5e-2, "fp16": 1e-2}
 
 
+def _golden_detector(tiny_config, tiny_weights, golden, precision: str) -> medad.MVFADetector:
+    detector = medad.build_detector(
+        [tiny_config["object"]], tiny_config["object"], model_name=medad.TINY_MODEL_NAME,
+        image_size=tiny_config["image_size"], pretrained=tiny_weights["clip"], levels=tiny_config["features"],
+        checkpoint=tiny_weights["adapters"], precision=precision,
+    )
+    with torch.no_grad():
+        detector.build_memory(golden["support_images"])
+        detector.calibrate(golden["support_images"])
+    return detector
+
+
+@pytest.fixture(scope="module")
+def golden_reference(tiny_config, tiny_weights, golden, tmp_path_factory) -> tuple[medad.MVFADetector, Path]:
+    """The golden fixture's few-shot detector in float32 and its export (both graphs)."""
+    detector = _golden_detector(tiny_config, tiny_weights, golden, "fp32")
+    return detector, export_detector(detector, tmp_path_factory.mktemp("golden_export"))
+
+
 @pytest.mark.parametrize("variant", list(GOLDEN_BOUNDS))
 def test_maps_and_scores_of_each_precision_and_runtime_against_float32_on_the_golden_fixture(
-    tiny_config, tiny_weights, golden, tmp_path, variant
+    tiny_config, tiny_weights, golden, golden_reference, variant
 ):
-    def build(precision: str) -> medad.MVFADetector:
-        detector = medad.build_detector(
-            [tiny_config["object"]], tiny_config["object"], model_name=medad.TINY_MODEL_NAME,
-            image_size=tiny_config["image_size"], pretrained=tiny_weights["clip"], levels=tiny_config["features"],
-            checkpoint=tiny_weights["adapters"], precision=precision,
-        )
-        with torch.no_grad():
-            detector.build_memory(golden["support_images"])
-            detector.calibrate(golden["support_images"])
-        return detector
-
-    reference = build("fp32")
+    reference, exported = golden_reference
     if variant in ("bf16", "fp16"):  # a model.pt fitted in float32 (memory, calibration), run at that precision
-        network = build(variant)
+        network = _golden_detector(tiny_config, tiny_weights, golden, variant)
         network.load_state_dict(reference.state_dict())
     else:
-        network = runtime_network(reference, "cpu", variant, export_dir=tmp_path)
+        network = runtime_network(reference, "cpu", variant, export_dir=exported)
     with torch.no_grad():
         expected, final = reference.predict(golden["images"]), network.predict(golden["images"])
     for name in ("anomaly_map", "score"):
