@@ -8,9 +8,9 @@ backbone (``medad-tiny``, seeded random weights, 112 px, as ``configs/tiny.json`
 few-shot memory and calibration; the inputs are N PNG files of 128 x 128 generated once per
 ``--work`` folder. Each run writes maps, overlays and ``scores.csv`` into a fresh output folder.
 
-Reported per run: the scoring rate (N over the slowest process's engine time, from Ignite's
-``Engine run finished`` line, so that the ~10 s of imports do not count) and the wall time with
-start-up; the peak resident memory of the largest process (``resource.getrusage`` of the
+Reported per run: the scoring rate (N over the slowest process's input checks plus engine time,
+from the run's ``checked N inputs in S s`` and Ignite's ``Engine run finished`` lines, so that the
+~10 s of imports do not count) and the wall time with start-up; the peak resident memory of the largest process (``resource.getrusage`` of the
 children, measured in a fresh wrapper process per run); and the parallel efficiency, the 2-process
 rate per process over the 1-process rate. The CPU's model name and SIMD flags are printed.
 ``--images 200`` takes about a minute on a quiet 2-core CPU, ``--images 2000`` a few minutes.
@@ -95,13 +95,15 @@ def _measure(command: list[str], env: dict[str, str]) -> dict:
     return json.loads(result.stdout)
 
 
-def _engine_seconds(log: str) -> float:
-    """The slowest process's engine time from Ignite's ``Engine run finished. Time taken: H:M:S.f``."""
+def _seconds(log: str) -> tuple[float, float]:
+    """The slowest process's input checks (``checked N inputs in S s``, :class:`medad.engine.archive.ArchiveRun`)
+    and engine time (Ignite's ``Engine run finished. Time taken: H:M:S.f``) from a run's log."""
+    checks = [float(s) for s in re.findall(r"checked \d+ inputs in ([\d.]+) s", log)]
     times = [int(h) * 3600 + int(m) * 60 + float(s)
              for h, m, s in re.findall(r"Engine run finished\. Time taken: (\d+):(\d+):([\d.]+)", log)]
-    if not times:
-        raise RuntimeError("no 'Engine run finished' line in the run's log:\n" + log[-3000:])
-    return max(times)
+    if not times or not checks:
+        raise RuntimeError("no 'checked ... inputs' or 'Engine run finished' line in the run's log:\n" + log[-3000:])
+    return max(checks), max(times)
 
 
 def _cpu() -> dict:
@@ -137,11 +139,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         measured = _measure(_command(processes, root, inputs, output, args.batch_size, args.workers), env)
         if measured["returncode"] != 0:
             raise RuntimeError(f"{processes}-process run failed:\n{measured['log'][-4000:]}")
-        engine = _engine_seconds(measured["log"])
+        checks, engine = _seconds(measured["log"])
+        scoring = checks + engine
         runs.append({
             "processes": processes,
-            "images_per_s": args.images / engine,
-            "images_per_s_per_process": args.images / engine / processes,
+            "images_per_s": args.images / scoring,
+            "images_per_s_per_process": args.images / scoring / processes,
+            "check_s": checks,
             "engine_s": engine,
             "wall_s": measured["wall_s"],
             "peak_rss_mib": measured["peak_rss_kib"] / 1024,

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -229,7 +230,7 @@ class ArchiveRun(Sequence):
     def _checked(self, paths: Sequence[str]) -> list[dict]:
         """The cases of ``paths`` that pass the input checks; the others are recorded with their
         problems (``skip``) or end the run listing every problem (``raise``)."""
-        kept, problems = [], []
+        kept, problems, start = [], [], time.perf_counter()
         for path in paths:
             try:
                 check_items([{"image": path}], on_error="raise", volumes=self.volumes)
@@ -239,6 +240,7 @@ class ArchiveRun(Sequence):
                 problems.append((path, reasons))
                 continue
             kept.append({"image": path, CASE_KEY: path})
+        logger.info("checked %d inputs in %.3f s", len(paths), time.perf_counter() - start)
         if problems and self.on_bad_data == "raise":
             report = "\n".join(f"  {path}: {reason}" for path, reasons in problems for reason in reasons)
             count = sum(len(reasons) for _, reasons in problems)
