@@ -6,6 +6,7 @@ import contextlib
 import csv
 import gc
 import io
+import logging
 import os
 import runpy
 import shutil
@@ -68,6 +69,14 @@ def run_command_in_process(command: list[str]) -> tuple[int, list[str]]:
     assert command[1:3] == ["-m", "monai.bundle"], command
     argv, stderr, status = sys.argv, io.StringIO(), 0
     sys.argv = command[2:]  # runpy puts the module's file in sys.argv[0], as python -m does
+    # MONAI applies the bundle's logging.conf with logging.config.fileConfig, which closes every
+    # live handler; some (absl's, imported with onnxscript by the export tests) close their stream
+    # unless it is sys.stderr at that moment, which the redirection below changes: the handlers on
+    # this process's stderr (pytest's capture) are pointed at the interpreter's own meanwhile.
+    on_outer = {handler: handler.stream for handler in (reference() for reference in logging._handlerList[:])
+                if handler is not None and vars(handler).get("stream") is sys.stderr}
+    for handler in on_outer:
+        handler.stream = sys.__stderr__
     try:
         with contextlib.redirect_stderr(stderr):
             try:
@@ -86,6 +95,9 @@ def run_command_in_process(command: list[str]) -> tuple[int, list[str]]:
             gc.collect()
     finally:
         sys.argv = argv
+        for handler, stream in on_outer.items():
+            if handler.stream is sys.__stderr__:
+                handler.stream = stream
     return status, stderr.getvalue().strip().splitlines()
 
 
@@ -93,8 +105,6 @@ def _console_handlers() -> list:
     """The plain ``logging.StreamHandler`` of every named logger: MONAI's ``get_logger`` (its
     handlers' loggers, ``monai.handlers.StatsHandler`` among them) gives a logger its own handler
     on ``sys.stdout`` as it is at the logger's creation, and stops it propagating to the root."""
-    import logging
-
     loggers = [logger for logger in logging.root.manager.loggerDict.values() if isinstance(logger, logging.Logger)]
     return [handler for logger in loggers for handler in logger.handlers if type(handler) is logging.StreamHandler]
 
@@ -114,8 +124,6 @@ def run_bundle_logged_in_process(run_id: str, config_names: tuple[str, ...], bun
 def run_command_logged_in_process(command: list[str]) -> tuple[int, str, list[str]]:
     """:func:`run_bundle_logged_in_process` for a ``python -m monai.bundle ...`` command made
     elsewhere: the exit status, the stdout text and the stderr lines."""
-    import logging
-
     root_logger = logging.getLogger()
     handlers, level = root_logger.handlers[:], root_logger.level
     stdout = io.StringIO()
@@ -130,8 +138,9 @@ def run_command_logged_in_process(command: list[str]) -> tuple[int, str, list[st
             status, stderr = run_command_in_process(command)
     finally:
         for handler in _console_handlers():
-            if handler.stream is stdout:  # handlers made during the run: the process's stderr, which outlives this test
-                handler.stream = earlier.get(handler, sys.__stderr__)
+            if handler.stream is stdout:  # handlers made during the run: the process's own stdout, which
+                # outlives this test (and which the next run swaps for its stdout, as above)
+                handler.stream = earlier.get(handler, sys.__stdout__)
         for handler in root_logger.handlers[:]:
             root_logger.removeHandler(handler)
         for handler in handlers:
