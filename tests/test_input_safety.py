@@ -106,14 +106,15 @@ def test_single_frame_colour_dicom_is_scored_as_a_2d_colour_image(tmp_path, tiny
         from pydicom.pixels import convert_color_space
 
         stored = convert_color_space(picture, "RGB", photometric)
-    dicom = write_dicom(tmp_path / "photo.dcm", stored, photometric)
+    (tmp_path / "dicom").mkdir()
+    dicom = write_dicom(tmp_path / "dicom" / "photo.dcm", stored, photometric)
     png = tmp_path / "png" / "photo.png"
     png.parent.mkdir()
     Image.fromarray(picture).save(png)
 
     assert input_kind(dicom) == "image"
-    assert list_inputs(tmp_path / "photo.dcm") == ("image", [str(dicom)])
-    assert list_inputs(tmp_path).kind == "image"  # a folder of colour frames is not a series
+    assert list_inputs(dicom) == ("image", [str(dicom)])
+    assert list_inputs(dicom.parent).kind == "image"  # a folder of colour frames is not a series
     pixels = read_array(dicom)
     assert pixels.shape == picture.shape and pixels.dtype == np.uint8
     assert np.abs(pixels.astype(int) - picture).max() <= (0 if photometric == "RGB" else 2)

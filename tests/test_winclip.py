@@ -6,6 +6,8 @@ Everything runs on the CPU with the seeded random tiny CLIP, offline."""
 
 from __future__ import annotations
 
+import copy
+
 import math
 from types import SimpleNamespace
 
@@ -205,11 +207,13 @@ def test_encoder_levels_and_scales(clip):
 
 def test_encoder_in_bf16_keeps_float32_embeddings(clip, encoder):
     x = images(1, 3)
-    half = WindowEncoder(clip.visual, matmul_dtype=torch.bfloat16)
+    half = WindowEncoder(copy.deepcopy(clip.visual), matmul_dtype=torch.bfloat16)  # lowers its blocks in place
     with torch.no_grad():
         got, expected = half(x), encoder(x)
     assert all(t.dtype == torch.float32 for t in (got.image, got.patches, *got.windows))
     assert F.cosine_similarity(got.image, expected.image).min() > 0.99
+    with pytest.raises(ValueError, match="another tower lowered them in place"):
+        WindowEncoder(half.visual)  # a float32 tower over those bf16 blocks would fail at its first product
 
 
 # ---------------------------------------------------------------------------- the method's scores

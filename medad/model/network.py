@@ -75,6 +75,8 @@ class FrozenTower(nn.Module):
             numbers (see :mod:`medad.model.backbone` ``PRECISIONS``); the blocks' linear and
             attention projections are stored in ``matmul_dtype`` once (:func:`lower_matmul_weights`)
             instead of autocast casting them on every forward, with the same products bit for bit.
+            They are lowered in place: the tower owns ``visual`` from then on, and a tower of
+            another precision over the same module is refused (give it a copy).
 
     Float32 islands: the patch embedding, the adapters, the stream's mixing and the tokens run
     with autocast off (:func:`medad.model.scoring.float32_region`), whatever autocast encloses the
@@ -98,6 +100,13 @@ class FrozenTower(nn.Module):
         self.visual = self.tower.module.requires_grad_(False).eval()
         self.levels = levels
         self.matmul_dtype = matmul_dtype
+        stored = {p.dtype for block in self.tower.blocks for m in block.modules()
+                  if isinstance(m, (nn.Linear, nn.MultiheadAttention)) for p in m.parameters(recurse=False)}
+        if stored - {torch.float32, matmul_dtype}:
+            raise ValueError(
+                f"the tower's blocks hold {sorted(map(str, stored))} weights, not float32: another tower lowered "
+                f"them in place (matmul_dtype); give each FrozenTower of another precision its own copy of the visual tower"
+            )
         if matmul_dtype != torch.float32:
             lower_matmul_weights(self.tower.blocks, matmul_dtype)
         # torch.compile'd _trunk_eager and _adapt_eager once compile_paths ran: explicit attributes
