@@ -2,7 +2,7 @@
 return the final map, the image score and the raw scores within 1e-4 of PyTorch float32 (float32
 kernels of other libraries: sums in another order, measured ~1e-6); the thresholds and the map's
 display range live in ``model.json`` beside the graph; ``runtime`` runs them through
-:func:`medad.predict_input` and (once ``configs/inference.json`` has the key) the bundle."""
+:func:`medad.predict_input` and the bundle."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import medad
+from medad.io.ledger import MANIFEST_NAME
 from medad.model.decision import Thresholds
 from medad.surfaces.deploy import (
     RuntimeDetector,
@@ -28,7 +29,7 @@ from medad.surfaces.deploy import (
     state_sha256,
 )
 
-from helpers import CONFIGS, run_bundle_here
+from helpers import CONFIGS, run_bundle_here, run_bundle_in_process
 
 pytest.importorskip("onnxruntime", reason="the exports need onnx, onnxruntime and onnxscript (medad[test])")
 pytest.importorskip("onnxscript", reason="torch.onnx.export needs onnxscript (medad[test])")
@@ -206,15 +207,10 @@ def test_the_benchmarks_flip_share_is_the_share_of_decisions_that_differ(detecto
 
 # ----------------------------------------------------------------------------- the bundle's runtime key
 
-_WIRED = "runtime" in json.loads((CONFIGS / "inference.json").read_text())
-
-
-@pytest.mark.skipif(not _WIRED, reason="configs/inference.json has no runtime key yet: issue 30 leaves wiring "
-                    "medad.surfaces.deploy.runtime_network into its network to the config's owner")
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
 def test_bundle_inference_with_a_runtime_gives_pytorchs_scores(random_fewshot_model, tmp_path, runtime):
-    """PENDING THE CONFIG: the bundle's ``runtime`` key runs inference through the exported graph
-    (exported into ``export_dir``) with PyTorch's scores and decisions."""
+    """The bundle's ``runtime`` key runs inference through the exported graph (exported into
+    ``export_dir``) with PyTorch's scores and decisions; the manifest records the runtime."""
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     rng = np.random.default_rng(3)
@@ -229,10 +225,24 @@ def test_bundle_inference_with_a_runtime_gives_pytorchs_scores(random_fewshot_mo
         with open(root / "outputs" / "scores.csv", newline="") as handle:
             rows[name] = {Path(row["image"]).name: row for row in csv.DictReader(handle)}
     assert (tmp_path / "export" / "model.json").is_file()
+    assert json.loads((tmp_path / runtime / "outputs" / MANIFEST_NAME).read_text())["settings"]["runtime"] == runtime
     assert set(rows[runtime]) == set(rows["torch"]) == {f"case{index}.png" for index in range(3)}
     for case, row in rows["torch"].items():
         assert float(rows[runtime][case]["score"]) == pytest.approx(float(row["score"]), abs=TOLERANCE), case
         assert rows[runtime][case]["anomalous"] == row["anomalous"], case
+
+
+def test_bundle_refuses_an_unknown_runtime_and_compile_with_an_exported_one(random_fewshot_model, tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "model.pt").write_bytes(random_fewshot_model.read_bytes())
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(inputs / "case.png")
+    status, lines = run_bundle_in_process("inferring", ("inference",), tmp_path, dataset_dir=inputs, runtime="onnx")
+    assert status == 1 and lines[-1] == "medad: runtime must be one of ['torch', 'onnxruntime', 'openvino'], got 'onnx'"
+    status, lines = run_bundle_in_process("inferring", ("inference",), tmp_path, dataset_dir=inputs, runtime="openvino", compile=True)
+    assert status == 1 and "the openvino runtime compiles its graph itself; leave compile false" in lines[-1]
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "models" / "exported").exists()
 
 
 # ----------------------------------------------------------------------------- TensorRT (configs/inference_trt.json)

@@ -38,6 +38,7 @@ from medad.io.discovery import is_dicom_input, list_inputs
 from medad.model.methods import get_method
 from medad.model.network import default_levels
 from medad.engine.resume import check_resumable
+from medad.surfaces.deploy import RUNTIMES, runtime_network
 from medad.io.files import RunLock, discard_unfinished, disk_full, exception_chain
 
 __all__ = [
@@ -154,14 +155,15 @@ def model_detector(
     precision: str = "fp32",
     expect: Mapping[str, Any] | None = None,
     trust_model_paths: bool = False,
+    device: str | torch.device = "cpu",
 ) -> MVFADetector | MissingModel:
     """The ``network_def`` of evaluation and inference: :func:`medad.load_detector` (same
-    arguments), ending the run on a bad or unfitting model file, or a :class:`MissingModel`
+    arguments; ``device`` also decides ``precision: auto``), ending the run on a bad or unfitting model file, or a :class:`MissingModel`
     while ``model`` does not exist, so that the configs resolve without it and the run ends when
     it starts, naming the file."""
     if not os.path.exists(model):
         return MissingModel(model, expect)
-    return _load_model(model, clip_weights, target, precision, expect=expect, trust_model_paths=trust_model_paths)
+    return _load_model(model, clip_weights, target, precision, device, expect=expect, trust_model_paths=trust_model_paths)
 
 
 @_ending_on_input_errors
@@ -627,11 +629,20 @@ def map_range(detector: Any, overlay_range: Sequence[float] | None = None) -> Se
 
 
 @_ending_on_input_errors
-def placed_network(detector: MVFADetector, device: Any, compile: bool = False) -> MVFADetector:
+def placed_network(
+    detector: MVFADetector,
+    device: Any,
+    compile: bool = False,
+    runtime: str = "torch",
+    export_dir: str | os.PathLike | None = None,
+) -> MVFADetector:
     """The ``network`` of every workflow: ``detector`` on ``device``, run through
-    ``torch.compile`` when ``compile`` is true (:meth:`medad.MVFADetector.compile_paths`)."""
+    ``torch.compile`` when ``compile`` is true (:meth:`medad.MVFADetector.compile_paths`); for
+    inference's ``runtime`` ``"onnxruntime"`` or ``"openvino"``, its graph exported into
+    ``export_dir`` and run there (:func:`medad.surfaces.deploy.runtime_network`)."""
     check_choice("compile", compile, [False, True])
-    return detector.to(device).compile_paths(bool(compile))
+    check_choice("runtime", runtime, list(RUNTIMES))
+    return runtime_network(detector, device, runtime, bool(compile), export_dir)
 
 
 def run_engine(engine: Any, lock: RunLock | None = None, then: Callable[[], Any] | None = None) -> None:
