@@ -20,6 +20,7 @@ pytest.importorskip("highdicom")
 
 import nibabel as nib  # noqa: E402
 import pydicom  # noqa: E402
+from PIL import Image  # noqa: E402
 
 import medad  # noqa: E402
 from medad.io import dicom_results as dr  # noqa: E402
@@ -130,9 +131,10 @@ def test_rerun_gives_the_same_uids(both_run):
     assert first == again and len(set(first.values())) == len(first)
 
 
-def test_given_threshold_has_the_given_rule(both_run, tmp_path):
+def test_given_threshold_has_the_given_rule_and_dicom_overlay_stores_the_overlays(both_run, tmp_path):
     root = copy_bundle(both_run["root"], tmp_path / "bundle")
-    _infer(root, both_run["inputs"], both_run["weights"], output_format="dicom", threshold=0.25, overwrite=True)
+    _infer(root, both_run["inputs"], both_run["weights"], output_format="dicom", threshold=0.25, overwrite=True,
+           dicom_overlay=True)
     items = sr_items(pydicom.dcmread(root / "outputs" / "dicom" / "series" / "report.dcm"))
     assert items[dr.ANOMALY_THRESHOLD[0]] == [pytest.approx(0.25)]
     texts = [text for found in items.values() for text in found if isinstance(text, str)]
@@ -141,8 +143,12 @@ def test_given_threshold_has_the_given_rule(both_run, tmp_path):
     outputs = root / "outputs"
     assert not list(outputs.rglob("*.nii*")) and (outputs / "scores.csv").is_file()
     assert sorted(p.name for p in (outputs / "overlays").iterdir()) == ["series_overlay.png", "slice_overlay.png"]
-    for case in CASES:
-        assert sorted(p.name for p in (outputs / "dicom" / case).iterdir()) == sorted(dr.RESULT_FILES.values())
+    for case in CASES:  # the key dicom_overlay: each case's overlay picture as a Secondary Capture too
+        folder = outputs / "dicom" / case
+        assert sorted(p.name for p in folder.iterdir()) == sorted([*dr.RESULT_FILES.values(), dr.OVERLAY_FILE])
+        validate(folder / dr.OVERLAY_FILE)
+        with Image.open(outputs / "overlays" / f"{case}_overlay.png") as picture:
+            np.testing.assert_array_equal(pydicom.dcmread(folder / dr.OVERLAY_FILE).pixel_array, np.asarray(picture.convert("RGB")))
 
 
 def test_python_writes_the_bundles_objects(both_run, tmp_path):
@@ -183,6 +189,8 @@ def test_non_dicom_input_and_misspelt_value_are_refused(fewshot_bundle, bundle_b
     status, stderr = run_bundle_in_process("inferring", ("inference",), root, dataset_dir=images, output_format="dicm", **weights)
     assert status != 0
     assert "output_format must be one of ['nifti', 'dicom', 'both'], got 'dicm'" in stderr[-1]
+    status, stderr = run_bundle_in_process("inferring", ("inference",), root, dataset_dir=images, dicom_overlay=True, **weights)
+    assert status != 0 and "dicom_overlay" in stderr[-1] and "output_format dicom or both" in stderr[-1]
     assert not (root / "outputs").exists() and not list(root.glob(".outputs*partial*"))
 
 

@@ -907,6 +907,11 @@ class SaveDicomResultsd(MapTransform):
         super().__init__(keys)
         if output_format not in OUTPUT_FORMATS:
             raise ValueError(f"output_format must be one of {list(OUTPUT_FORMATS)}, got {output_format!r}")
+        if secondary_capture not in (False, True):
+            raise ValueError(f"secondary_capture (the bundle's dicom_overlay) must be true or false, got {secondary_capture!r}")
+        if secondary_capture and output_format not in ("dicom", "both"):
+            raise ValueError(f"secondary_capture (the bundle's dicom_overlay) stores the overlay with the DICOM results: it needs "
+                             f"output_format dicom or both (DICOM inputs), got {output_format!r}")
         if secondary_capture and overlay_dir is None:
             raise ValueError("secondary_capture needs overlay_dir: the folder of the overlays SaveOverlayd writes")
         if slice_plane not in SLICE_PLANES:
