@@ -447,7 +447,16 @@ def main() -> None:
     parser.add_argument("--parity-images", type=int, default=None,
                         help="generated images of the runtimes' parity (default 256; 64 with --quick)")
     parser.add_argument("--update", action="store_true", help="keep the sections of an existing --output not measured now")
+    parser.add_argument("--archive", type=int, nargs="+", default=None, metavar="N",
+                        help="instead: archive inference over N generated images with 1 and 2 processes "
+                             "(scripts/benchmark_archive.py; e.g. --archive 200 2000)")
     args = parser.parse_args()
+    if args.archive:
+        import benchmark_archive  # beside this script (its folder is on sys.path when run as a script)
+
+        benchmark_archive.main(["--images", *map(str, args.archive), "--output", str(args.output),
+                                *(["--gpu"] if args.device.startswith("cuda") else [])])
+        return
     size = args.image_size
     device = torch.device(args.device)
     batch_sizes = args.batch_sizes or ([1, 8] if args.quick else [1, 8, 32, 64])

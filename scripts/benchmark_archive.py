@@ -13,9 +13,11 @@ from the run's ``checked N inputs in S s`` and Ignite's ``Engine run finished`` 
 ~10 s of imports do not count) and the wall time with start-up; the peak resident memory of the largest process (``resource.getrusage`` of the
 children, measured in a fresh wrapper process per run); and the parallel efficiency, the 2-process
 rate per process over the 1-process rate. The CPU's model name and SIMD flags are printed.
-``--images 200`` takes about a minute on a quiet 2-core CPU, ``--images 2000`` a few minutes.
+``--images 200`` takes about a minute on a quiet 2-core CPU, the default ``--images 200 2000`` a
+few minutes; the JSON's ``peak_rss_ratio`` (memory for the most images over the fewest) and
+``parallel_efficiency`` are the ratios the targets are stated in (:func:`summary`).
 
-Usage: ``python scripts/benchmark_archive.py --images 2000 --output archive.json``
+Usage: ``python scripts/benchmark_archive.py --images 200 2000 --output docs/benchmark_archive.json``
 (``main(argv)`` is what ``scripts/benchmark.py --archive N`` calls).
 """
 
@@ -115,10 +117,37 @@ def _cpu() -> dict:
     return {"model": model, "cores": os.cpu_count(), "simd_flags": simd}
 
 
+def summary(runs: Sequence[dict]) -> dict:
+    """The ratios the issue's targets are stated in, from ``runs`` of one invocation:
+    ``parallel_efficiency`` (per image count, per process count above 1: the rate per process over
+    the 1-process rate) and ``peak_rss_ratio`` (per process count: the peak resident memory of the
+    most images over that of the fewest; 1 means memory does not grow with the images).
+
+    >>> runs = [{"images": 200, "processes": 1, "images_per_s": 30.0, "images_per_s_per_process": 30.0, "peak_rss_mib": 400.0},
+    ...         {"images": 200, "processes": 2, "images_per_s": 57.0, "images_per_s_per_process": 28.5, "peak_rss_mib": 800.0},
+    ...         {"images": 2000, "processes": 1, "images_per_s": 31.0, "images_per_s_per_process": 31.0, "peak_rss_mib": 410.0}]
+    >>> summary(runs)
+    {'parallel_efficiency': {'200': {'2': 0.95}}, 'peak_rss_ratio': {'1': 1.025}}
+    """
+    efficiency: dict[str, dict[str, float]] = {}
+    for run in runs:
+        single = next((r for r in runs if r["images"] == run["images"] and r["processes"] == 1), None)
+        if single is not None and run["processes"] > 1:
+            efficiency.setdefault(str(run["images"]), {})[str(run["processes"])] = round(
+                run["images_per_s_per_process"] / single["images_per_s"], 6)
+    growth: dict[str, float] = {}
+    for processes in sorted({run["processes"] for run in runs}):
+        sized = sorted((r for r in runs if r["processes"] == processes), key=lambda r: r["images"])
+        if len(sized) > 1 and sized[-1]["images"] > sized[0]["images"]:
+            growth[str(processes)] = round(sized[-1]["peak_rss_mib"] / sized[0]["peak_rss_mib"], 6)
+    return {"parallel_efficiency": efficiency, "peak_rss_ratio": growth}
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the benchmark; print and return the result (also written to ``--output`` if given)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=200, help="number of generated images (N)")
+    parser.add_argument("--images", type=int, nargs="+", default=[200, 2000],
+                        help="numbers of generated images (N), each run with every process count")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="process counts to run")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers per process")
@@ -129,35 +158,32 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     cpu = _cpu()
     print(f"CPU: {cpu['model']}, {cpu['cores']} cores; flags: {' '.join(cpu['simd_flags']) or 'none found'}", flush=True)
-    root, inputs = _prepare(args.work, args.images)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     if not args.gpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
     runs = []
-    for processes in args.processes:
-        output = args.work / f"out_{args.images}_{processes}p_{int(time.time())}"
-        measured = _measure(_command(processes, root, inputs, output, args.batch_size, args.workers), env)
-        if measured["returncode"] != 0:
-            raise RuntimeError(f"{processes}-process run failed:\n{measured['log'][-4000:]}")
-        checks, engine = _seconds(measured["log"])
-        scoring = checks + engine
-        runs.append({
-            "processes": processes,
-            "images_per_s": args.images / scoring,
-            "images_per_s_per_process": args.images / scoring / processes,
-            "check_s": checks,
-            "engine_s": engine,
-            "wall_s": measured["wall_s"],
-            "peak_rss_mib": measured["peak_rss_kib"] / 1024,
-        })
-        print(json.dumps(runs[-1]), flush=True)
+    for images in args.images:
+        root, inputs = _prepare(args.work, images)
+        for processes in args.processes:
+            output = args.work / f"out_{images}_{processes}p_{int(time.time())}"
+            measured = _measure(_command(processes, root, inputs, output, args.batch_size, args.workers), env)
+            if measured["returncode"] != 0:
+                raise RuntimeError(f"{processes}-process run over {images} images failed:\n{measured['log'][-4000:]}")
+            checks, engine = _seconds(measured["log"])
+            scoring = checks + engine
+            runs.append({
+                "images": images,
+                "processes": processes,
+                "images_per_s": images / scoring,
+                "images_per_s_per_process": images / scoring / processes,
+                "check_s": checks,
+                "engine_s": engine,
+                "wall_s": measured["wall_s"],
+                "peak_rss_mib": measured["peak_rss_kib"] / 1024,
+            })
+            print(json.dumps(runs[-1]), flush=True)
     result = {"images": args.images, "batch_size": args.batch_size, "workers": args.workers, "threads_per_process": 1,
-              "cpu": cpu, "runs": runs}
-    single = next((run for run in runs if run["processes"] == 1), None)
-    if single is not None:
-        result["parallel_efficiency"] = {
-            str(run["processes"]): run["images_per_s_per_process"] / single["images_per_s"] for run in runs
-            if run["processes"] > 1}
+              "cpu": cpu, "runs": runs, **summary(runs)}
     text = json.dumps(result, indent=2)
     print(text)
     if args.output is not None:

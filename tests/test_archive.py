@@ -296,3 +296,21 @@ def test_an_interrupted_overwrite_keeps_the_earlier_run_and_continues_beside_it(
     assert len(list(output.glob("*_anomaly_map.png"))) == COUNT and len(list(read_ledger(output))) == COUNT
     assert list(read_ledger(output))[:len(finished)] == finished  # continued, not started afresh
     assert scores(output / "scores.csv") == scores(archive["reference"] / "scores.csv")
+
+
+def test_the_archive_benchmarks_ratios_are_its_runs_rates_and_memory():
+    """``scripts/benchmark_archive.py``'s targets (issue 29) as ratios of one invocation's runs,
+    against hand-computed values."""
+    import benchmark_archive
+
+    runs = [
+        {"images": 200, "processes": 1, "images_per_s": 40.0, "images_per_s_per_process": 40.0, "peak_rss_mib": 500.0},
+        {"images": 200, "processes": 2, "images_per_s": 72.0, "images_per_s_per_process": 36.0, "peak_rss_mib": 1000.0},
+        {"images": 2000, "processes": 1, "images_per_s": 42.0, "images_per_s_per_process": 42.0, "peak_rss_mib": 520.0},
+        {"images": 2000, "processes": 2, "images_per_s": 80.0, "images_per_s_per_process": 40.0, "peak_rss_mib": 990.0},
+    ]
+    assert benchmark_archive.summary(runs) == {
+        "parallel_efficiency": {"200": {"2": 0.9}, "2000": {"2": pytest.approx(40 / 42)}},
+        "peak_rss_ratio": {"1": 1.04, "2": 0.99},
+    }
+    assert benchmark_archive.summary(runs[:1]) == {"parallel_efficiency": {}, "peak_rss_ratio": {}}
