@@ -20,7 +20,8 @@ from reproduction import PUBLISHED_DRAWS, Cell, GridOptions, draw_summary, forma
 from test_reproduce import _run_in_process, load_script, prepare_bmad
 
 ROOT = Path(__file__).resolve().parents[1]
-MVFA_SEEDS = ROOT.parent / "shared" / "data" / "mvfa_fewshot_seed"
+#: MVFA's own 4-shot seed files (copied from ../shared/data/mvfa_fewshot_seed: the tests use no file outside the repository)
+MVFA_SEEDS = ROOT / "tests" / "data" / "mvfa_fewshot_seed"
 
 
 def write_sggp_files(folder: Path, dataset_dir: Path, target: str, shot: int, draws: int) -> list[Path]:
