@@ -100,8 +100,7 @@ class FrozenTower(nn.Module):
         self.visual = self.tower.module.requires_grad_(False).eval()
         self.levels = levels
         self.matmul_dtype = matmul_dtype
-        stored = {p.dtype for block in self.tower.blocks for m in block.modules()
-                  if isinstance(m, (nn.Linear, nn.MultiheadAttention)) for p in m.parameters(recurse=False)}
+        stored = {parameter.dtype for parameter in _matmul_parameters(self.tower.blocks)}
         if stored - {torch.float32, matmul_dtype}:
             raise ValueError(
                 f"the tower's blocks hold {sorted(map(str, stored))} weights, not float32: another tower lowered "
@@ -305,11 +304,15 @@ def lower_matmul_weights(blocks: Sequence[nn.Module], dtype: torch.dtype) -> Non
     norms, layer scales and everything outside the blocks keep float32: the residual stream
     and its additions stay float32, and under that autocast the products are the same bit for bit.
     """
-    for block in blocks:
-        for module in block.modules():
-            if isinstance(module, (nn.Linear, nn.MultiheadAttention)):
-                for parameter in module.parameters(recurse=False):
-                    parameter.data = parameter.data.to(dtype)
+    for parameter in _matmul_parameters(blocks):
+        parameter.data = parameter.data.to(dtype)
+
+
+def _matmul_parameters(blocks: Sequence[nn.Module]) -> list[nn.Parameter]:
+    """The weights and biases of the linear and attention projections in ``blocks`` (what
+    :func:`lower_matmul_weights` lowers and :class:`FrozenTower` checks)."""
+    return [parameter for block in blocks for module in block.modules()
+            if isinstance(module, (nn.Linear, nn.MultiheadAttention)) for parameter in module.parameters(recurse=False)]
 
 
 def _check_shapes(module: nn.Module, state: Mapping[str, torch.Tensor], name: str) -> None:
