@@ -314,3 +314,23 @@ def test_the_archive_benchmarks_ratios_are_its_runs_rates_and_memory():
         "peak_rss_ratio": {"1": 1.04, "2": 0.99},
     }
     assert benchmark_archive.summary(runs[:1]) == {"parallel_efficiency": {}, "peak_rss_ratio": {}}
+
+
+def test_precision_auto_is_recorded_as_resolved_so_a_machine_resolving_it_otherwise_is_refused(archive, tmp_path, monkeypatch):
+    """The manifest holds the precision ``auto`` became on this machine, not ``auto``: a rerun (or
+    another process of the run) where it resolves to another precision would change the maps, and
+    is refused naming it."""
+    from medad.model import backbone
+
+    output = tmp_path / "out"
+    shutil.copytree(archive["reference"], output)  # the reference ran in fp32
+    before = outputs(output)
+    monkeypatch.setattr(backbone, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))  # no native bf16: fp32
+    log = run_bundle_here("inferring", ("inference",), archive["root"], dataset_dir=archive["images"],
+                          output_dir=output, precision="auto", **SETTINGS)
+    assert "holds this run complete" in log and outputs(output) == before
+    monkeypatch.setattr(backbone, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))  # native bf16
+    status, lines = run_bundle_in_process("inferring", ("inference",), archive["root"], dataset_dir=archive["images"],
+                                          output_dir=output, precision="auto", **SETTINGS)
+    assert status == 1 and "(settings.precision: 'fp32' -> 'bf16')" in lines[-1], lines[-1]
+    assert outputs(output) == before
