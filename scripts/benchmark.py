@@ -4,9 +4,11 @@ Measures, on the full ViT-L-14-336 at 240 px with random weights (allowed for be
 
 - inference images/s (forward plus zero-shot and few-shot scoring) at several batch sizes, in
   float32 and with bf16 matrix products (autocast), and the parity of bf16 with float32;
-- the device's measured matrix-product peak (a large float32 matmul; bf16 too where timed) and
-  the fraction of it the model's inference achieves (roofline ratio, from the model's counted
-  FLOPs per image);
+- the device's measured matrix-product peaks (large products in float32, and bf16 where timed,
+  through each library PyTorch reaches: on a CPU ``torch.matmul`` and oneDNN, the larger being
+  the peak) and the share of them inference achieves, from the FLOPs counted per image by the
+  dtype they run in: against the peak of the precision's dtype, and against the roofline of a
+  program that mixes dtypes (bf16 blocks, float32 adapters and scoring), see :func:`roofline`;
 - few-shot scoring alone (memory distance maps) per test image at k = 4 and k = 16, exact and
   with the coreset memory of the k = 4 size;
 - training seconds per image: a zero-shot step and a few-shot epoch over the 88-image augmented
@@ -24,7 +26,8 @@ Measures, on the full ViT-L-14-336 at 240 px with random weights (allowed for be
 - with ``--runtimes`` (or ``--runtimes-only``, that section alone), the deployment runtimes side by
   side at one batch size: PyTorch float32, bf16 (and compiled with ``--compile``), the ONNX Runtime
   and OpenVINO exports (:mod:`medad.surfaces.deploy`) and the authors' path; the CPU's flags, the
-  measured float32 and bf16 matrix-product peaks and the share of them each path achieves; and
+  measured float32 and bf16 matrix-product peaks, and the share of them and of the roofline
+  each path achieves; and
   the parity of each (the compiled one is timed only) against PyTorch float32 on generated images
   with and without lesions (256; 64 with ``--quick``): the
   largest score and map differences, whether the scores stay within 1e-3, and the decisions
@@ -39,6 +42,7 @@ run does not measure are kept) and prints it.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import multiprocessing
@@ -46,12 +50,16 @@ import platform
 import resource
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import medad
 from medad.model.augment import augment_fewshot
@@ -232,20 +240,88 @@ def parity(fp32: medad.MVFADetector, low: medad.MVFADetector, device: torch.devi
     }
 
 
-def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, repeats: int, n: int = 2048) -> float:
-    """The device's sustained matrix-product rate: ``n x n`` by ``n x n`` products in ``dtype``."""
+def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, repeats: int, n: int = 2048) -> dict[str, float]:
+    """The device's sustained matrix-product rate in ``dtype`` (``n x n`` by ``n x n``), through
+    each library PyTorch reaches: ``torch.matmul`` and, on a CPU, oneDNN's linear
+    (``torch.utils.mkldnn``). They differ: on AMD CPUs PyTorch's float32 ``matmul`` runs MKL's
+    AVX2 kernels, at about half of what oneDNN reaches with AVX-512 (measured on a Zen 5 EPYC:
+    177 against 408 GFLOP/s); the device's peak is the larger."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n**3 / timed(lambda: a @ b, device, repeats) / 1e9
+    rates = {"torch.matmul": 2 * n**3 / timed(lambda: a @ b, device, repeats) / 1e9}
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        from torch.utils import mkldnn
+
+        linear = nn.Linear(n, n, bias=False).eval()
+        linear.weight.data = b.T.contiguous().float()
+        with warnings.catch_warnings():  # its modules are TorchScript, whose script_method is deprecated
+            warnings.simplefilter("ignore", FutureWarning)
+            onednn = mkldnn.to_mkldnn(linear, dtype)
+        a_onednn = a.to_mkldnn()  # in oneDNN's layout: the products alone are timed
+        with torch.no_grad():
+            rates["oneDNN"] = 2 * n**3 / timed(lambda: onednn(a_onednn), device, repeats, warmup=3) / 1e9
+    return rates
 
 
-def inference_gflop_per_image(detector: medad.MVFADetector, size: int, device: torch.device) -> float:
-    """FLOPs of one image's inference (forward and scoring), counted by PyTorch's FlopCounterMode."""
-    from torch.utils.flop_counter import FlopCounterMode
+class FlopsByDtype(FlopCounterMode):
+    """PyTorch's FLOP counter that also sums each operator's FLOPs by the dtype it computes in
+    (its output's), and counts the CPU's fused attention as its CUDA twin is counted (PyTorch's
+    table leaves ``_scaled_dot_product_flash_attention_for_cpu`` out)."""
 
-    counter = FlopCounterMode(display=False)
+    def __init__(self) -> None:
+        super().__init__(display=False, custom_mapping={
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+                lambda query, key, value, *args, out_shape=None, **kwargs: sdpa_flop_count(query, key, value)})
+        self.by_dtype: collections.Counter[str] = collections.Counter()
+
+    def _count_flops(self, func_packet, out, args, kwargs):
+        # FlopCounterMode's per-operator hook (private; its formulas take the operator's arguments)
+        if func_packet in self.flop_registry:
+            dtype = next(leaf.dtype for leaf in tree_leaves(out) if isinstance(leaf, torch.Tensor))
+            self.by_dtype[str(dtype).removeprefix("torch.")] += self.flop_registry[func_packet](*args, **kwargs, out_val=out)
+        return super()._count_flops(func_packet, out, args, kwargs)
+
+
+def inference_gflop_per_image(detector: medad.MVFADetector, size: int, device: torch.device) -> dict[str, float]:
+    """GFLOPs of one image's inference (forward and scoring) by the dtype of the products
+    (``{"float32": ..., "bfloat16": ...}``): with bf16 precision, the frozen blocks' products are
+    bf16 and the float32 islands (patch embedding, adapters, scoring) float32."""
+    counter = FlopsByDtype()
     with counter, torch.inference_mode():
         detector.predict(torch.rand(1, 3, size, size, device=device))
-    return counter.get_total_flops() / 1e9
+    return {dtype: flops / 1e9 for dtype, flops in counter.by_dtype.items()}
+
+
+def roofline(flops: dict[str, dict[str, float]], peaks: dict[str, dict[str, float]], rates: dict[str, float],
+             precision_of: Callable[[str], str]) -> dict:
+    """Where each timed path stands against the device's measured peaks.
+
+    Args:
+        flops: per precision, its GFLOPs per image by dtype (:func:`inference_gflop_per_image`).
+        peaks: per dtype, GFLOP/s by library (:func:`matmul_peak_gflops`); the largest is the peak.
+        rates: images/s per timed path; ``precision_of`` names the precision each one runs.
+
+    ``fraction_of_peak`` divides a path's FLOP rate by the peak of its precision's dtype (bf16's
+    for bf16 precision). A program that mixes dtypes cannot reach that: its roofline is the rate at
+    which each dtype's FLOPs run at that dtype's peak, ``1 / sum(flops_d / peak_d)`` images/s
+    (``roofline_images_per_second``), and ``fraction_of_roofline`` is a path's rate over it.
+    """
+    best = {dtype: max(by_library.values()) for dtype, by_library in peaks.items()}
+    main_dtype = {precision: max(by_dtype, key=by_dtype.get) for precision, by_dtype in flops.items()}
+    bound = {precision: 1 / sum(gflop / best[dtype] for dtype, gflop in by_dtype.items())
+             for precision, by_dtype in flops.items()}
+    return {
+        "gflop_per_image": {precision: sum(by_dtype.values()) for precision, by_dtype in flops.items()},
+        "gflop_per_image_by_dtype": flops,
+        "matmul_peak_gflops": best,
+        "matmul_peak_gflops_by_library": peaks,
+        "roofline_images_per_second": bound,
+        "roofline_fraction_of_peak": {
+            precision: bound[precision] * sum(flops[precision].values()) / best[main_dtype[precision]] for precision in flops},
+        "fraction_of_peak": {
+            name: rate * sum(flops[precision_of(name)].values()) / best[main_dtype[precision_of(name)]]
+            for name, rate in rates.items()},
+        "fraction_of_roofline": {name: rate / bound[precision_of(name)] for name, rate in rates.items()},
+    }
 
 
 def fewshot_scoring(detector: medad.MVFADetector, size: int, device: torch.device, repeats: int) -> dict:
@@ -410,13 +486,11 @@ def runtime_section(model: str, size: int, batch: int, parity_images: int, repea
     if reference:
         rates["authors_fp32_batch_1"] = 1 / timed(lambda: reference_scores(fp32, images[:1]), device, repeats)
     result["images_per_second"] = rates
-    gflop = inference_gflop_per_image(fp32, size, device)
-    peaks = {name: matmul_peak_gflops(device, PRECISIONS[name], max(repeats, 3)) for name in ("fp32", "bf16")}
-    result["gflop_per_image"] = gflop
-    result["matmul_peak_gflops"] = peaks
-    result["fraction_of_peak"] = {
-        name: gflop * rate / peaks["bf16" if "bf16" in name else "fp32"] for name, rate in rates.items()
-    }
+    flops = {"fp32": inference_gflop_per_image(fp32, size, device),
+             "bf16": inference_gflop_per_image(networks["torch_bf16"], size, device)}
+    peaks = {str(PRECISIONS[name]).removeprefix("torch."): matmul_peak_gflops(device, PRECISIONS[name], max(repeats, 3))
+             for name in ("fp32", "bf16")}
+    result.update(roofline(flops, peaks, rates, lambda name: "bf16" if "bf16" in name else "fp32"))
     generated, _ = lesion_images(parity_images, seed=5, size=size)
     expected = scores_of(fp32, generated, batch)
     result["parity_vs_torch_fp32"] = {
@@ -525,18 +599,12 @@ def main() -> None:
         report["reference_precision"] = "fp16 autocast (the authors' test loop)" if device.type == "cuda" else "fp32"
         report["reference_inference_seconds_per_image"] = timed(lambda: reference_scores(fp32, image), device, repeats)
 
-    # Roofline: the share of the device's matrix-product peak that inference achieves.
-    gflop = inference_gflop_per_image(fp32, size, device)
-    peaks = {name: matmul_peak_gflops(device, PRECISIONS[name], repeats) for name in detectors}
-    report["roofline"] = {
-        "gflop_per_image": gflop,
-        "matmul_peak_gflops": peaks,
-        "ratio": {
-            name: gflop * max(rates.values()) / peaks[name.removesuffix("_compiled")]
-            for name, rates in report["inference_images_per_second"].items()
-            if name.removesuffix("_compiled") in peaks
-        },
-    }
+    # Roofline: the share of the device's matrix-product peaks that inference achieves (best batch).
+    flops = {name: inference_gflop_per_image(detector, size, device) for name, detector in detectors.items()}
+    dtypes = {dtype for by_dtype in flops.values() for dtype in by_dtype}
+    peaks = {dtype: matmul_peak_gflops(device, getattr(torch, dtype), repeats) for dtype in sorted(dtypes)}
+    best_rates = {name: max(rates.values()) for name, rates in report["inference_images_per_second"].items()}
+    report["roofline"] = roofline(flops, peaks, best_rates, lambda name: name.removesuffix("_compiled"))
     with torch.inference_mode():
         report["fewshot_scoring_seconds_per_image"] = fewshot_scoring(fp32, size, device, repeats)
 
