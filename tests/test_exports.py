@@ -355,3 +355,35 @@ def test_maps_and_scores_of_each_precision_and_runtime_against_float32_on_the_go
         values, wanted = getattr(final, name).float(), getattr(expected, name)
         relative = float((values - wanted).abs().max() / (wanted.max() - wanted.min()))
         assert relative <= GOLDEN_BOUNDS[variant], (name, relative)
+
+
+def test_runs_sharing_an_export_dir_export_once_and_run_the_same_graph(detector, images, tmp_path, monkeypatch):
+    """Two callers at once on one ``export_dir`` (as the ranks of a torchrun inference are): one
+    exports while the other waits on the folder's lock, then finds the graph and compiles it."""
+    import threading
+
+    from medad.surfaces import deploy
+
+    exports = []
+
+    def counted_export(*args, **kwargs):
+        exports.append(threading.get_ident())
+        return export_detector(*args, **kwargs)
+
+    monkeypatch.setattr(deploy, "export_detector", counted_export)
+    networks, errors = [], []
+
+    def place() -> None:
+        try:
+            networks.append(runtime_network(detector, "cpu", "onnxruntime", export_dir=tmp_path))
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+            errors.append(error)
+
+    threads = [threading.Thread(target=place) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(exports) == 1 and len(networks) == 2
+    first, second = (network.predict(images) for network in networks)
+    assert torch.equal(first.score, second.score) and torch.equal(first.anomaly_map, second.anomaly_map)

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock
 from torch import nn
 
 from medad.io.files import atomic_write, strict_json
@@ -54,6 +55,7 @@ RUNTIMES = ("torch", "onnxruntime", "openvino")
 #: The version of ``model.json``'s layout.
 EXPORT_FORMAT = 1
 _ONNX, _IR, _METADATA = "model.onnx", "model.xml", "model.json"
+_EXPORT_LOCK = ".export.lock"
 
 
 def output_names(detector: MVFADetector) -> tuple[str, ...]:
@@ -266,6 +268,8 @@ def runtime_network(
     :class:`RuntimeDetector` on the graph in ``export_dir``, exported there first
     (:func:`export_detector`) unless its ``model.json`` records this very model
     (:func:`state_sha256`); ``export_dir`` ``None``: a temporary folder, removed once compiled.
+    Processes sharing ``export_dir`` (the ranks of a torchrun inference) take turns on a file
+    lock in it: the first exports, the others compile the graph it wrote.
     A stand-in that is no detector (the bundle's :class:`medad.surfaces.workflow.MissingModel`)
     comes back placed as it is: the run ends naming the missing file when it starts.
 
@@ -285,10 +289,14 @@ def runtime_network(
     try:
         wanted = ["onnx", "openvino"] if runtime == "openvino" else ["onnx"]
         graph = folder / (_IR if runtime == "openvino" else _ONNX)
-        current = (folder / _METADATA).exists() and graph.exists() and read_metadata(folder)["model_sha256"] == state_sha256(detector)
-        if not current:
-            export_detector(detector, folder, wanted)
-        return RuntimeDetector(detector, _session(folder, runtime, device), runtime)
+        folder.mkdir(parents=True, exist_ok=True)
+        # Processes sharing export_dir (the ranks of a torchrun inference) take turns: the first
+        # exports, the others find its model.json and compile the same graph.
+        with FileLock(folder / _EXPORT_LOCK):
+            current = (folder / _METADATA).exists() and graph.exists() and read_metadata(folder)["model_sha256"] == state_sha256(detector)
+            if not current:
+                export_detector(detector, folder, wanted)
+            return RuntimeDetector(detector, _session(folder, runtime, device), runtime)
     finally:
         if temporary is not None:
             shutil.rmtree(temporary, ignore_errors=True)
