@@ -48,6 +48,7 @@ import json
 import multiprocessing
 import platform
 import resource
+import sys
 import tempfile
 import time
 import warnings
@@ -63,7 +64,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import medad
 from medad.model.augment import augment_fewshot
-from medad.model.backbone import PRECISIONS, cpu_flags
+from medad.model.backbone import PRECISIONS, cpu_flags, resolve_precision
 from medad.model.decision import Thresholds
 from medad.model.methods import AnomalyScores
 from medad.surfaces.deploy import export_detector, runtime_network
@@ -238,6 +239,26 @@ def parity(fp32: medad.MVFADetector, low: medad.MVFADetector, device: torch.devi
         "image_auroc_difference": abs(auroc["fp32"]["image"] - auroc["low"]["image"]),
         "pixel_auroc_difference": abs(auroc["fp32"]["pixel"] - auroc["low"]["pixel"]),
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (Linux), else what :mod:`platform` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def native_precisions(device: torch.device) -> list[str]:
+    """The precisions timed by default: float32, bf16 where ``device`` multiplies it natively
+    (what ``precision: auto`` picks, :func:`medad.model.backbone.resolve_precision`, which logs
+    why), and fp16 on CUDA."""
+    return ["fp32", *(["bf16"] if resolve_precision("auto", device) == "bf16" else []),
+            *(["fp16"] if device.type == "cuda" else [])]
 
 
 def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, repeats: int, n: int = 2048) -> dict[str, float]:
@@ -451,12 +472,10 @@ def runtime_section(model: str, size: int, batch: int, parity_images: int, repea
                     reference: bool) -> dict:
     """The deployment runtimes on the CPU, side by side (see the module docstring)."""
     device = torch.device("cpu")
-    flags = cpu_flags()
-    result: dict = {
-        "cpu_flags": sorted(flags.intersection(REPORTED_CPU_FLAGS)),
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "batch_size": batch,
-    }
+    result: dict = {"batch_size": batch}
+    low_precision = "bf16" in native_precisions(device)
+    if not low_precision:
+        result["bf16"] = "not timed: no native bf16 products on this CPU (its flags are in cpu_flags)"
     fp32 = build(model, size, "fp32", device)
     support, support_masks = lesion_images(8, seed=3, size=size)
     labels = (support_masks.flatten(1).amax(1) > 0).long()
@@ -467,7 +486,7 @@ def runtime_section(model: str, size: int, batch: int, parity_images: int, repea
                             "pixel": thresholds.pixel, "pixel_rule": thresholds.pixel_rule}
     networks: dict[str, medad.MVFADetector] = {"torch_fp32": fp32}
     for name, compiled in (("torch_bf16", False), ("torch_bf16_compiled", True)):
-        if compiled and not compile:
+        if not low_precision or (compiled and not compile):
             continue
         low = build(model, size, "bf16", device)
         low.load_state_dict(fp32.state_dict())
@@ -486,11 +505,12 @@ def runtime_section(model: str, size: int, batch: int, parity_images: int, repea
     if reference:
         rates["authors_fp32_batch_1"] = 1 / timed(lambda: reference_scores(fp32, images[:1]), device, repeats)
     result["images_per_second"] = rates
-    flops = {"fp32": inference_gflop_per_image(fp32, size, device),
-             "bf16": inference_gflop_per_image(networks["torch_bf16"], size, device)}
+    timed_precisions = ("fp32", "bf16") if low_precision else ("fp32",)
+    flops = {name: inference_gflop_per_image(networks[f"torch_{name}"], size, device) for name in timed_precisions}
     peaks = {str(PRECISIONS[name]).removeprefix("torch."): matmul_peak_gflops(device, PRECISIONS[name], max(repeats, 3))
-             for name in ("fp32", "bf16")}
+             for name in timed_precisions}
     result.update(roofline(flops, peaks, rates, lambda name: "bf16" if "bf16" in name else "fp32"))
+    print("matmul peaks (GFLOP/s):", json.dumps(peaks), flush=True)
     generated, _ = lesion_images(parity_images, seed=5, size=size)
     expected = scores_of(fp32, generated, batch)
     result["parity_vs_torch_fp32"] = {
@@ -513,8 +533,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time inference through torch.compile")
     parser.add_argument("--profile", action="store_true", help="profile the top operators of inference at the largest batch")
     parser.add_argument(
-        "--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"],
-        help="backbone precisions to time (CPUs without bf16 instructions run bf16 matrices very slowly)",
+        "--precisions", nargs="+", default=None, choices=["fp32", "bf16", "fp16"],
+        help="backbone precisions to time (default: those the device multiplies natively, see native_precisions; "
+             "CPUs without bf16 instructions run bf16 matrices very slowly)",
     )
     parser.add_argument("--runtimes", action="store_true", help="add the deployment runtimes' section (CPU)")
     parser.add_argument("--runtimes-only", action="store_true", help="the deployment runtimes' section alone")
@@ -545,6 +566,12 @@ def main() -> None:
         "model": f"{args.model} at {size} px, random weights",
         "mode": "quick" if args.quick else "full",
     })
+    report["command"] = " ".join(["python", *sys.argv])
+    if device.type == "cpu":
+        report["cpu_model"] = cpu_model()
+        report["cpu_flags"] = sorted(cpu_flags().intersection(REPORTED_CPU_FLAGS))
+        report["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        print("CPU flags:", " ".join(report["cpu_flags"]), "| PyTorch's kernels:", report["torch_cpu_capability"], flush=True)
     if args.runtimes or args.runtimes_only:
         import onnxruntime
         import openvino
@@ -560,7 +587,8 @@ def main() -> None:
             write_report(report, args.output)
             return
     # float32 is always built: the authors' path and the parity check are measured against it.
-    detectors = {name: build(args.model, size, name, device) for name in dict.fromkeys(["fp32", *args.precisions])}
+    precisions = args.precisions or native_precisions(device)
+    detectors = {name: build(args.model, size, name, device) for name in dict.fromkeys(["fp32", *precisions])}
     fp32 = detectors["fp32"]
     support, support_masks = lesion_images(8, seed=3, size=size)
     # MVFA's memory: k normal images x 11 augmentations (k = 4; k = 1 in quick mode)
@@ -605,6 +633,7 @@ def main() -> None:
     peaks = {dtype: matmul_peak_gflops(device, getattr(torch, dtype), repeats) for dtype in sorted(dtypes)}
     best_rates = {name: max(rates.values()) for name, rates in report["inference_images_per_second"].items()}
     report["roofline"] = roofline(flops, peaks, best_rates, lambda name: name.removesuffix("_compiled"))
+    print("matmul peaks (GFLOP/s):", json.dumps(peaks), flush=True)
     with torch.inference_mode():
         report["fewshot_scoring_seconds_per_image"] = fewshot_scoring(fp32, size, device, repeats)
 

@@ -38,3 +38,12 @@ def test_the_roofline_of_a_mixed_program_runs_each_dtype_at_its_own_peak():
     assert result["fraction_of_roofline"] == {"torch_bf16": pytest.approx(0.5), "torch_fp32": pytest.approx(0.5),
                                               "onnxruntime": pytest.approx(1.0)}
     assert result["gflop_per_image"] == {"bf16": 10.0, "fp32": 10.0}
+
+
+def test_the_benchmark_times_bf16_by_default_only_where_the_cpu_multiplies_it_natively(monkeypatch):
+    from medad.model import backbone
+
+    monkeypatch.setattr(backbone, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    assert benchmark.native_precisions(torch.device("cpu")) == ["fp32"]
+    monkeypatch.setattr(backbone, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert benchmark.native_precisions(torch.device("cpu")) == ["fp32", "bf16"]

@@ -387,3 +387,20 @@ def test_runs_sharing_an_export_dir_export_once_and_run_the_same_graph(detector,
     assert not errors and len(exports) == 1 and len(networks) == 2
     first, second = (network.predict(images) for network in networks)
     assert torch.equal(first.score, second.score) and torch.equal(first.anomaly_map, second.anomaly_map)
+
+
+def test_the_runtimes_benchmark_leaves_bf16_out_on_a_cpu_without_native_bf16(monkeypatch):
+    """``scripts/benchmark.py``'s runtimes section, end to end on the tiny model: without native
+    bf16 it times float32 PyTorch and both exports, says why bf16 is missing, and its roofline
+    is float32's alone."""
+    import benchmark  # scripts/benchmark.py
+    from medad.model import backbone
+
+    monkeypatch.setattr(backbone, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    result = benchmark.runtime_section(medad.TINY_MODEL_NAME, 112, batch=2, parity_images=4, repeats=1,
+                                       compile=False, reference=False)
+    assert set(result["images_per_second"]) == {"torch_fp32", "onnxruntime", "openvino"}
+    assert result["bf16"].startswith("not timed: no native bf16")
+    assert set(result["gflop_per_image_by_dtype"]) == {"fp32"} and set(result["matmul_peak_gflops"]) == {"float32"}
+    assert set(result["parity_vs_torch_fp32"]) == {"onnxruntime", "openvino"}
+    assert all(parity["scores_within_tolerance"] for parity in result["parity_vs_torch_fp32"].values())
