@@ -265,8 +265,8 @@ def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, repeats: int, n
     """The device's sustained matrix-product rate in ``dtype`` (``n x n`` by ``n x n``), through
     each library PyTorch reaches: ``torch.matmul`` and, on a CPU, oneDNN's linear
     (``torch.utils.mkldnn``). They differ: on AMD CPUs PyTorch's float32 ``matmul`` runs MKL's
-    AVX2 kernels, at about half of what oneDNN reaches with AVX-512 (measured on a Zen 5 EPYC:
-    177 against 408 GFLOP/s); the device's peak is the larger."""
+    AVX2 kernels, at about half of what oneDNN reaches with AVX-512 (on a Zen 5 EPYC, 183 against
+    386 GFLOP/s: ``docs/benchmark_runtimes_cpu.json``); the device's peak is the larger."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     rates = {"torch.matmul": 2 * n**3 / timed(lambda: a @ b, device, repeats) / 1e9}
     if device.type == "cpu" and torch.backends.mkldnn.is_available():
