@@ -64,7 +64,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import medad
 from medad.model.augment import augment_fewshot
-from medad.model.backbone import PRECISIONS, cpu_flags, resolve_precision
+from medad.model.backbone import cpu_flags, resolve_precision
 from medad.model.decision import Thresholds
 from medad.model.methods import AnomalyScores
 from medad.surfaces.deploy import export_detector, runtime_network
@@ -281,6 +281,13 @@ def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, repeats: int, n
         with torch.no_grad():
             rates["oneDNN"] = 2 * n**3 / timed(lambda: onednn(a_onednn), device, repeats, warmup=3) / 1e9
     return rates
+
+
+def measured_peaks(flops: dict[str, dict[str, float]], device: torch.device, repeats: int) -> dict[str, dict[str, float]]:
+    """:func:`matmul_peak_gflops` of each dtype that ``flops`` (per precision, GFLOPs by dtype
+    name, :func:`inference_gflop_per_image`) counts, keyed by that name."""
+    dtypes = sorted({dtype for by_dtype in flops.values() for dtype in by_dtype})
+    return {dtype: matmul_peak_gflops(device, getattr(torch, dtype), repeats) for dtype in dtypes}
 
 
 class FlopsByDtype(FlopCounterMode):
@@ -507,8 +514,7 @@ def runtime_section(model: str, size: int, batch: int, parity_images: int, repea
     result["images_per_second"] = rates
     timed_precisions = ("fp32", "bf16") if low_precision else ("fp32",)
     flops = {name: inference_gflop_per_image(networks[f"torch_{name}"], size, device) for name in timed_precisions}
-    peaks = {str(PRECISIONS[name]).removeprefix("torch."): matmul_peak_gflops(device, PRECISIONS[name], max(repeats, 3))
-             for name in timed_precisions}
+    peaks = measured_peaks(flops, device, max(repeats, 3))
     result.update(roofline(flops, peaks, rates, lambda name: "bf16" if "bf16" in name else "fp32"))
     print("matmul peaks (GFLOP/s):", json.dumps(peaks), flush=True)
     generated, _ = lesion_images(parity_images, seed=5, size=size)
@@ -629,8 +635,7 @@ def main() -> None:
 
     # Roofline: the share of the device's matrix-product peaks that inference achieves (best batch).
     flops = {name: inference_gflop_per_image(detector, size, device) for name, detector in detectors.items()}
-    dtypes = {dtype for by_dtype in flops.values() for dtype in by_dtype}
-    peaks = {dtype: matmul_peak_gflops(device, getattr(torch, dtype), repeats) for dtype in sorted(dtypes)}
+    peaks = measured_peaks(flops, device, repeats)
     best_rates = {name: max(rates.values()) for name, rates in report["inference_images_per_second"].items()}
     report["roofline"] = roofline(flops, peaks, best_rates, lambda name: name.removesuffix("_compiled"))
     print("matmul peaks (GFLOP/s):", json.dumps(peaks), flush=True)
